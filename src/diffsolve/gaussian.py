@@ -1,0 +1,173 @@
+r"""Gaussian data :math:`\mathcal N(\mu, U\Lambda U^\top)`: exact denoiser and exact
+probability-flow ODE solution under any schedule.
+
+With :math:`U` a :math:`D\times r` orthonormal basis (:math:`r \le D`; the complement
+:math:`P_\perp = I - UU^\top` carries no variance) and
+:math:`x_t = \alpha_t x_0 + \sigma_t\epsilon`:
+
+.. math::
+
+    \mathbb E[x_0 \mid x_t] = \mu + U\,\mathrm{diag}\!\Big(\frac{\alpha_t\lambda_k}
+        {\alpha_t^2\lambda_k + \sigma_t^2}\Big) U^\top (x_t - \alpha_t\mu),
+
+and the probability-flow ODE from :math:`(x_T, T)` has the closed-form solution
+(Wang & Vastola 2023, arXiv 2311.10892; ``reference/accelerations.md`` §1)
+
+.. math::
+
+    x_t = \alpha_t\mu + \sum_k \sqrt{\frac{\alpha_t^2\lambda_k+\sigma_t^2}
+        {\alpha_T^2\lambda_k+\sigma_T^2}}\; c_k u_k + \frac{\sigma_t}{\sigma_T} P_\perp
+        (x_T - \alpha_T\mu), \qquad c_k = u_k^\top(x_T - \alpha_T\mu).
+
+This is the test oracle for every solver's order and the engine of analytic teleportation.
+All linear algebra runs in float64; results come back in the input's dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from diffsolve.model import Prediction
+from diffsolve.schedule import NoiseSchedule
+
+_F64 = torch.float64
+
+
+class GaussianModel:
+    """Data distributed as :math:`\\mathcal N(\\mu, U\\,\\mathrm{diag}(\\lambda)\\,U^\\top)`.
+
+    Args:
+        mean: :math:`\\mu`, shaped like one sample (any shape; flattened internally).
+        eigvals: :math:`\\lambda_k \\ge 0`, shape ``(r,)``.
+        eigvecs: :math:`U`, shape ``(D, r)`` with orthonormal columns.
+    """
+
+    def __init__(self, mean: Tensor, eigvals: Tensor, eigvecs: Tensor) -> None:
+        self.shape = tuple(mean.shape)
+        self.mean = mean.detach().to(_F64).flatten()
+        self.eigvals = eigvals.detach().to(_F64).flatten()
+        self.eigvecs = eigvecs.detach().to(_F64)
+        d, r = self.eigvecs.shape if self.eigvecs.ndim == 2 else (-1, -1)
+        if d != self.mean.numel() or r != self.eigvals.numel():
+            raise ValueError(
+                f"GaussianModel: eigvecs must have shape (D, r) = ({self.mean.numel()}, "
+                f"{self.eigvals.numel()}), got {tuple(self.eigvecs.shape)}"
+            )
+        if (self.eigvals < 0).any() or not torch.isfinite(self.eigvals).all():
+            raise ValueError("GaussianModel: eigenvalues must be finite and >= 0")
+        gram = self.eigvecs.T @ self.eigvecs
+        if not torch.allclose(gram, torch.eye(r, dtype=_F64), atol=1e-8):
+            raise ValueError("GaussianModel: eigenvector columns must be orthonormal")
+
+    # ---- construction ------------------------------------------------------------------
+    @classmethod
+    def from_covariance(cls, mean: Tensor, covariance: Tensor) -> GaussianModel:
+        """Full-rank model from a :math:`D\\times D` covariance (eigendecomposed in float64)."""
+        cov = covariance.detach().to(_F64)
+        eigvals, eigvecs = torch.linalg.eigh(0.5 * (cov + cov.T))
+        return cls(mean, eigvals.clamp(min=0.0), eigvecs)
+
+    @classmethod
+    def fit(cls, data: Tensor, rank: int | None = None) -> GaussianModel:
+        """Fit mean and top-``rank`` principal components (all if ``None``) to ``data``
+        shaped ``(N, *sample_shape)``."""
+        x = data.detach().to(_F64).flatten(1)
+        mean = x.mean(0)
+        centred = x - mean
+        cov = centred.T @ centred / max(x.shape[0] - 1, 1)
+        eigvals, eigvecs = torch.linalg.eigh(0.5 * (cov + cov.T))
+        order = torch.argsort(eigvals, descending=True)[: rank or eigvals.numel()]
+        return cls(mean.reshape(data.shape[1:]), eigvals[order].clamp(min=0), eigvecs[:, order])
+
+    @classmethod
+    def random(
+        cls,
+        shape: Sequence[int],
+        rank: int | None = None,
+        seed: int = 0,
+        eig_range: tuple[float, float] = (0.05, 2.0),
+    ) -> GaussianModel:
+        """A random test model: mean in [-0.5, 0.5], eigenvalues log-uniform in ``eig_range``."""
+        g = torch.Generator().manual_seed(seed)
+        d = 1
+        for s in shape:
+            d *= s
+        r = rank or d
+        mean = torch.rand(tuple(shape), generator=g, dtype=_F64) - 0.5
+        q, _ = torch.linalg.qr(torch.randn(d, r, generator=g, dtype=_F64))
+        lo, hi = torch.log(torch.tensor(eig_range, dtype=_F64))
+        eigvals = torch.exp(lo + (hi - lo) * torch.rand(r, generator=g, dtype=_F64))
+        return cls(mean, eigvals, q)
+
+    # ---- quantities --------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        """Data dimension :math:`D`."""
+        return self.mean.numel()
+
+    def covariance(self) -> Tensor:
+        """:math:`U\\Lambda U^\\top` (float64, ``(D, D)``)."""
+        return (self.eigvecs * self.eigvals) @ self.eigvecs.T
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """Draw ``n`` samples (float64)."""
+        z = torch.randn(n, self.eigvals.numel(), generator=generator, dtype=_F64)
+        x = self.mean + (z * self.eigvals.sqrt()) @ self.eigvecs.T
+        return x.reshape(n, *self.shape)
+
+    def denoise(self, x: Tensor, alpha: float, sigma: float) -> Tensor:
+        """Exact posterior mean :math:`\\mathbb E[x_0 \\mid x_t = x]` at
+        :math:`(\\alpha, \\sigma)`."""
+        y = x.detach().to(_F64).flatten(1) - alpha * self.mean
+        gain = alpha * self.eigvals / (alpha**2 * self.eigvals + sigma**2)
+        x0 = self.mean + ((y @ self.eigvecs) * gain) @ self.eigvecs.T
+        return x0.reshape(x.shape).to(x.dtype)
+
+    def solution(
+        self, x_start: Tensor, t_start: float, t_end: float | Tensor, schedule: NoiseSchedule
+    ) -> Tensor:
+        """Exact probability-flow ODE solution from ``(x_start, t_start)`` to ``t_end``.
+
+        ``t_end`` may be a 1-D tensor of times; the result then has a leading time axis.
+        """
+        times = torch.as_tensor(t_end, dtype=_F64)
+        scalar = times.ndim == 0
+        times = times.reshape(-1)
+        a_T, s_T = float(schedule.alpha(t_start)), float(schedule.sigma(t_start))
+        y = x_start.detach().to(_F64).flatten(1) - a_T * self.mean
+        coords = y @ self.eigvecs  # c_k, (B, r)
+        perp = y - coords @ self.eigvecs.T  # P_perp (x_T - alpha_T mu)
+        a_t, s_t = schedule.alpha(times), schedule.sigma(times)  # (n,)
+        var_T = a_T**2 * self.eigvals + s_T**2
+        scale = torch.sqrt((a_t[:, None] ** 2 * self.eigvals + s_t[:, None] ** 2) / var_T)
+        out = (
+            a_t[:, None, None] * self.mean
+            + (coords[None] * scale[:, None, :]) @ self.eigvecs.T
+            + (s_t / s_T)[:, None, None] * perp[None]
+        )
+        out = out.reshape(times.numel(), *x_start.shape).to(x_start.dtype)
+        return out[0] if scalar else out
+
+    def denoiser(self, schedule: NoiseSchedule) -> GaussianDenoiser:
+        """This model as a :class:`~diffsolve.model.Denoiser` under ``schedule``."""
+        return GaussianDenoiser(self, schedule)
+
+
+class GaussianDenoiser:
+    """The exact denoiser of a :class:`GaussianModel`, usable by every solver."""
+
+    def __init__(self, model: GaussianModel, schedule: NoiseSchedule) -> None:
+        self.gaussian = model
+        self.schedule = schedule
+        self._cache: dict[float, tuple[float, float]] = {}
+
+    def __call__(self, x: Tensor, t: float) -> Prediction:
+        coefficients = self._cache.get(t)
+        if coefficients is None:
+            coefficients = (float(self.schedule.alpha(t)), float(self.schedule.sigma(t)))
+            self._cache[t] = coefficients
+        alpha, sigma = coefficients
+        return Prediction.from_x0(x, self.gaussian.denoise(x, alpha, sigma), alpha, sigma, t)

@@ -1,0 +1,47 @@
+"""DDIM, deterministic (Song, Meng & Ermon 2021, "Denoising Diffusion Implicit Models")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import Tensor
+
+from diffsolve.schedule import NoiseSchedule
+from diffsolve.solvers.base import (
+    GridValues,
+    MultistepPlan,
+    MultistepStep,
+    Solver,
+    Update,
+    check_order,
+)
+
+
+@dataclass(frozen=True)
+class DDIM(Solver):
+    r"""DDIM with :math:`\eta = 0`: re-noise the data prediction to the next time,
+
+    .. math::
+
+        x_t = \alpha_t \hat x_0 + \sigma_t \hat\epsilon
+            = \frac{\sigma_t}{\sigma_s} x_s + \alpha_t\,(1 - e^{-h})\,\hat x_0,
+        \qquad h = \lambda_t - \lambda_s,
+
+    which is the first-order exponential integrator in either data or noise space, and the
+    Euler method on :math:`(x/\alpha, \sigma/\alpha)`. One model evaluation per step.
+    """
+
+    order: int = 1
+    name: ClassVar[str] = "ddim"
+
+    def __post_init__(self) -> None:
+        check_order(self.order, (1,), "DDIM")
+
+    def build_plan(self, schedule: NoiseSchedule, grid: Tensor) -> MultistepPlan:
+        v = GridValues.of(schedule, grid)
+        steps = []
+        for i in range(len(v.t) - 1):
+            e = v.exp_step("data", i, i + 1)
+            steps.append(MultistepStep(v.t[i], v.t[i + 1], Update(e.a, (e.coef(0),), "x0")))
+        return MultistepPlan(schedule, grid, tuple(steps), memory=1)
