@@ -1,0 +1,70 @@
+import math
+
+import pytest
+import torch
+
+from diffsolve import EDM, VPDiscrete, grids
+
+from conftest import SCHEDULES
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+@pytest.mark.parametrize("kind", sorted(grids.GRIDS))
+def test_generators_land_exactly_on_both_ends(name, kind):
+    s = SCHEDULES[name]()
+    g = grids.make_grid(s, 12, kind)
+    assert g.dtype == torch.float64 and g.numel() == 13
+    assert (g[0].item(), g[-1].item()) == s.default_range
+    assert (g[1:] < g[:-1]).all()
+
+
+def test_logsnr_grid_is_uniform_in_lambda():
+    s = VPDiscrete.from_diffusers()
+    lam = s.lambda_(grids.logsnr_uniform(s, 10))
+    torch.testing.assert_close(lam[1:] - lam[:-1], torch.full((10,), float(lam[1] - lam[0]), dtype=torch.float64))
+
+
+def test_karras_grid_on_edm_is_the_paper_formula():
+    s = EDM()
+    g = grids.karras(s, 18, rho=7)
+    i = torch.arange(19, dtype=torch.float64)
+    expected = (80 ** (1 / 7) + i / 18 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
+    torch.testing.assert_close(g, expected, rtol=1e-12, atol=0)
+
+
+def test_append_zero_and_quadratic():
+    s = VPDiscrete.from_diffusers()
+    g = grids.append_zero(s, grids.time_quadratic(s, 4))
+    assert g[-1] == 0 and g.numel() == 6
+    assert math.isclose(float(grids.time_quadratic(s, 4)[2]), ((1 + 0.001**0.5) / 2) ** 2)
+
+
+@pytest.mark.parametrize(
+    ("grid", "message"),
+    [
+        ([0.9, 0.5, 0.7], "strictly decreasing"),
+        ([0.9, 0.5, 0.5, 0.1], "duplicate time point t=0.5 at index 1"),
+        ([1.5, 0.5], r"must lie in \[0, 1.0\]"),
+        ([0.5, -0.1], r"must lie in \[0, 1.0\]"),
+        ([0.5, float("nan")], "finite"),
+        ([0.5], "at least 2 time points"),
+        ([0.9, 0.0, 0.0], "duplicate"),
+    ],
+)
+def test_bad_grids_raise_clear_errors(grid, message):
+    with pytest.raises(ValueError, match=message):
+        grids.custom(VPDiscrete.from_diffusers(), grid)
+
+
+def test_bad_generator_arguments():
+    s = VPDiscrete.from_diffusers()
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        grids.logsnr_uniform(s, 0)
+    with pytest.raises(ValueError, match="t_start must be greater than t_end"):
+        grids.time_uniform(s, 4, t_start=0.1, t_end=0.5)
+    with pytest.raises(ValueError, match="grid kind must be one of"):
+        grids.make_grid(s, 4, "fibonacci")
+    with pytest.raises(ValueError, match="t_end must be > 0"):
+        grids.logsnr_uniform(s, 4, t_end=0.0)
+    with pytest.raises(ValueError, match="rho must be > 0"):
+        grids.karras(s, 4, rho=0)
