@@ -1,0 +1,5 @@
+"""``python -m diffsolve`` runs the command line."""
+
+from diffsolve.cli import main
+
+main()

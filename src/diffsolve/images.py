@@ -1,0 +1,46 @@
+"""Image grids of samples (PNG), written atomically."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def to_uint8(samples: Tensor) -> np.ndarray:
+    """Map samples in ``[-1, 1]`` to ``uint8`` images ``(N, H, W, C)``."""
+    x = samples.detach().float().cpu().clamp(-1, 1)
+    x = ((x + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def save_grid(
+    samples: Tensor, path: str | Path, nrow: int | None = None, scale: int = 4, pad: int = 1
+) -> Path:
+    """Save ``samples`` ``(N, C, H, W)`` in ``[-1, 1]`` as one PNG grid (nearest upscaling)."""
+    from PIL import Image
+
+    images = to_uint8(samples)
+    n, h, w, c = images.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    ncol = math.ceil(n / nrow)
+    cell_h, cell_w = h * scale + pad, w * scale + pad
+    canvas = np.full((ncol * cell_h + pad, nrow * cell_w + pad, c), 255, dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, col = divmod(i, nrow)
+        big = image.repeat(scale, 0).repeat(scale, 1)
+        canvas[pad + r * cell_h : pad + r * cell_h + h * scale,
+               pad + col * cell_w : pad + col * cell_w + w * scale] = big
+    mode = "L" if c == 1 else "RGB"
+    picture = Image.fromarray(canvas[..., 0] if c == 1 else canvas, mode=mode)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as tmp:
+        picture.save(tmp, format="PNG")
+    os.replace(tmp.name, path)
+    return path
