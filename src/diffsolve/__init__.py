@@ -13,16 +13,31 @@ from diffsolve.schedule import (
     VPLinear,
     schedule_from_config,
 )
-from diffsolve.solvers import DDIM, DPMSolver, DPMSolverPP, Solver, fast_orders
+from diffsolve.solvers import (
+    DDIM,
+    DEIS,
+    DPMSolver,
+    DPMSolverAdaptive,
+    DPMSolverPP,
+    Euler,
+    Heun,
+    Solver,
+    UniPC,
+    fast_orders,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DDIM",
+    "DEIS",
     "EDM",
     "DPMSolver",
+    "DPMSolverAdaptive",
     "DPMSolverPP",
+    "Euler",
     "GaussianModel",
+    "Heun",
     "ModelWrapper",
     "NoiseSchedule",
     "Prediction",
@@ -30,6 +45,7 @@ __all__ = [
     "SampleOutput",
     "Solver",
     "StepInfo",
+    "UniPC",
     "VPCosine",
     "VPDiscrete",
     "VPLinear",

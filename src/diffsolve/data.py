@@ -18,7 +18,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-__all__ = ["NUM_TRAIN", "NUM_TOTAL", "load_digit_labels", "load_digits"]
+__all__ = ["NUM_TOTAL", "NUM_TRAIN", "load_digit_labels", "load_digits"]
 
 NUM_TOTAL = 1797
 NUM_TRAIN = 1400

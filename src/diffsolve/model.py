@@ -245,10 +245,21 @@ class ModelWrapper:
             return conversion_for(self.prediction, alpha, sigma)
         t_var = torch.tensor(float(t), dtype=torch.float64, requires_grad=True)
         alpha, sigma = _alpha_sigma(self.schedule, t_var)
-        d_alpha, d_sigma = (
-            float(torch.autograd.grad(v, t_var, retain_graph=True)[0]) for v in (alpha, sigma)
+        d_alpha, d_sigma = _derivatives(alpha, sigma, t_var)
+        return conversion_for(
+            "flow", float(alpha.detach()), float(sigma.detach()), d_alpha, d_sigma
         )
-        return conversion_for("flow", float(alpha), float(sigma), d_alpha, d_sigma)
+
+
+def _derivatives(alpha: Tensor, sigma: Tensor, t: Tensor) -> tuple[float, float]:
+    r""":math:`(\dot\alpha, \dot\sigma)` at ``t`` by autograd (zero where constant)."""
+
+    def d(v: Tensor) -> float:
+        if not v.requires_grad:
+            return 0.0
+        return float(torch.autograd.grad(v, t, retain_graph=True)[0])
+
+    return d(alpha), d(sigma)
 
 
 def _alpha_sigma(schedule: NoiseSchedule, t: float | Tensor) -> tuple[Tensor, Tensor]:

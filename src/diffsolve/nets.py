@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn import functional as fn
 
 __all__ = ["DigitsUNet", "build_network", "load_network"]
 
@@ -32,14 +32,12 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     half = dim // 2
     compute_dtype = torch.promote_types(t.dtype, torch.float32)
     freqs = torch.exp(
-        -math.log(max_period)
-        * torch.arange(half, dtype=compute_dtype, device=t.device)
-        / half
+        -math.log(max_period) * torch.arange(half, dtype=compute_dtype, device=t.device) / half
     )
     args = t.to(compute_dtype)[:, None] * freqs[None, :]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
     if dim % 2:
-        emb = F.pad(emb, (0, 1))
+        emb = fn.pad(emb, (0, 1))
     return emb
 
 
@@ -52,9 +50,7 @@ def _norm(channels: int, groups: int) -> nn.GroupNorm:
 class ResBlock(nn.Module):
     """Residual block: GN-SiLU-conv, add (scale, shift) from the embedding, GN-SiLU-conv."""
 
-    def __init__(
-        self, in_ch: int, out_ch: int, emb_dim: int, groups: int, dropout: float
-    ) -> None:
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int, dropout: float) -> None:
         """Create a block mapping ``in_ch`` to ``out_ch`` channels."""
         super().__init__()
         self.norm1 = _norm(in_ch, groups)
@@ -69,10 +65,10 @@ class ResBlock(nn.Module):
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         """Apply the block to ``x`` (B, C, H, W) given the embedding ``emb`` (B, E)."""
-        h = self.conv1(F.silu(self.norm1(x)))
-        scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+        h = self.conv1(fn.silu(self.norm1(x)))
+        scale, shift = self.emb(fn.silu(emb))[:, :, None, None].chunk(2, dim=1)
         h = self.norm2(h) * (1 + scale) + shift
-        h = self.conv2(self.dropout(F.silu(h)))
+        h = self.conv2(self.dropout(fn.silu(h)))
         return self.skip(x) + h
 
 
@@ -98,7 +94,9 @@ class SelfAttention(nn.Module):
         qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, d, h * w)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # (B, heads, d, N)
         logits = torch.matmul(q.transpose(-1, -2), k) * (d**-0.5)  # (B, heads, N, N)
-        attn = torch.softmax(logits.float(), dim=-1).to(v.dtype)
+        # Softmax in at least float32 (half-precision logits can overflow in exp).
+        attn = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+        attn = attn.to(v.dtype)
         out = torch.matmul(v, attn.transpose(-1, -2))  # (B, heads, d, N)
         return x + self.proj(out.reshape(b, c, h, w))
 
@@ -244,7 +242,7 @@ class DigitsUNet(nn.Module):
             h = torch.cat([h, skips.pop()], dim=1)
             for layer in block:
                 h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(fn.silu(self.norm_out(h)))
 
 
 _NETWORK_CLASSES: dict[str, type[nn.Module]] = {"DigitsUNet": DigitsUNet}
