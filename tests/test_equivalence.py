@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import SCHEDULES, noise
 from diffsolve import (
     DDIM,
     DEIS,
@@ -13,8 +14,6 @@ from diffsolve import (
     grids,
     sample,
 )
-
-from conftest import SCHEDULES, noise
 
 FIRST_ORDER = {
     "euler": Euler(),
@@ -41,8 +40,9 @@ def test_first_order_methods_are_ddim(name, kind, schedule_name, gaussian):
     schedule = SCHEDULES[schedule_name]()
     grid = grids.make_grid(schedule, 7, kind)
     ddim = run(DDIM(), schedule, gaussian, grid)
-    torch.testing.assert_close(run(FIRST_ORDER[name], schedule, gaussian, grid), ddim,
-                               rtol=0, atol=1e-10)
+    torch.testing.assert_close(
+        run(FIRST_ORDER[name], schedule, gaussian, grid), ddim, rtol=0, atol=1e-10
+    )
 
 
 @pytest.mark.parametrize("schedule_name", list(SCHEDULES))

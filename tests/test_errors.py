@@ -56,8 +56,11 @@ def test_bad_configuration(make, message):
 )
 def test_fewer_steps_than_the_order_needs(solver, steps):
     grid = grids.logsnr_uniform(SCHEDULE, steps)
-    with pytest.raises(ValueError, match=rf"grid has {steps} step\(s\) but this configuration "
-                                         rf"needs at least {solver.order}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"grid has {steps} step\(s\) but this configuration "
+        rf"needs at least {solver.order}",
+    ):
         solver.plan(SCHEDULE, grid)
 
 

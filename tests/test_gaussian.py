@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from diffsolve import GaussianModel
-
 from conftest import SCHEDULES, noise
+from diffsolve import GaussianModel
 
 
 def _derivative(f, t: float, eps: float = 1e-6):
@@ -39,8 +38,9 @@ def test_solution_is_a_flow():
     g = GaussianModel.random((6,), rank=4, seed=5)
     x0 = noise(schedule)
     mid = g.solution(x0, 1.0, 0.4, schedule)
-    torch.testing.assert_close(g.solution(mid, 0.4, 0.01, schedule),
-                               g.solution(x0, 1.0, 0.01, schedule))
+    torch.testing.assert_close(
+        g.solution(mid, 0.4, 0.01, schedule), g.solution(x0, 1.0, 0.01, schedule)
+    )
     torch.testing.assert_close(g.solution(x0, 1.0, 1.0, schedule), x0)
     many = g.solution(x0, 1.0, torch.tensor([0.4, 0.01], dtype=torch.float64), schedule)
     assert many.shape == (2, *x0.shape)
@@ -49,8 +49,10 @@ def test_solution_is_a_flow():
 
 def test_denoiser_is_the_posterior_mean():
     """Monte-Carlo check of E[x0 | x_t] on a 2-D Gaussian."""
-    g = GaussianModel.from_covariance(torch.tensor([0.3, -0.2], dtype=torch.float64),
-                                      torch.tensor([[1.0, 0.6], [0.6, 0.5]], dtype=torch.float64))
+    g = GaussianModel.from_covariance(
+        torch.tensor([0.3, -0.2], dtype=torch.float64),
+        torch.tensor([[1.0, 0.6], [0.6, 0.5]], dtype=torch.float64),
+    )
     gen = torch.Generator().manual_seed(0)
     x0 = g.sample(400_000, gen)
     a, s = 0.8, 0.6

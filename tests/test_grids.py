@@ -3,9 +3,8 @@ import math
 import pytest
 import torch
 
-from diffsolve import EDM, VPDiscrete, grids
-
 from conftest import SCHEDULES
+from diffsolve import EDM, VPDiscrete, grids
 
 
 @pytest.mark.parametrize("name", list(SCHEDULES))
@@ -21,7 +20,8 @@ def test_generators_land_exactly_on_both_ends(name, kind):
 def test_logsnr_grid_is_uniform_in_lambda():
     s = VPDiscrete.from_diffusers()
     lam = s.lambda_(grids.logsnr_uniform(s, 10))
-    torch.testing.assert_close(lam[1:] - lam[:-1], torch.full((10,), float(lam[1] - lam[0]), dtype=torch.float64))
+    step = torch.full((10,), float(lam[1] - lam[0]), dtype=torch.float64)
+    torch.testing.assert_close(lam[1:] - lam[:-1], step)
 
 
 def test_karras_grid_on_edm_is_the_paper_formula():

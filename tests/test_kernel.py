@@ -57,7 +57,8 @@ def test_taylor_weights_are_exact_on_polynomials():
     w = taylor_weights(e, nodes)
     for degree in range(3):  # D(tau) = tau^degree  ->  integral = degree! coef(degree)
         exact = math.factorial(degree) * e.coef(degree)
-        assert sum(wj * tj**degree for wj, tj in zip(w, nodes)) == pytest.approx(exact, rel=1e-12)
+        integral = sum(wj * tj**degree for wj, tj in zip(w, nodes, strict=True))
+        assert integral == pytest.approx(exact, rel=1e-12)
 
 
 def test_vandermonde_rejects_duplicate_nodes():

@@ -3,10 +3,9 @@
 import pytest
 import torch
 
+from conftest import SCHEDULES
 from diffsolve import GaussianModel, ModelWrapper, VPDiscrete
 from diffsolve.model import normalize_prediction
-
-from conftest import SCHEDULES
 
 
 def network_for(gaussian: GaussianModel, schedule, prediction: str, time_of):

@@ -17,9 +17,8 @@ import math
 import numpy as np
 import pytest
 
-from diffsolve import grids, sample
-
 from conftest import SCHEDULES, make_solvers, noise
+from diffsolve import grids, sample
 
 STEPS = (40, 80, 160)
 LAMBDA_END = 0.5

@@ -27,13 +27,23 @@ from diffsolve import (
     sample,
 )
 from diffsolve.core import solve_vandermonde
-from diffsolve.solvers.base import GridValues, MultistepPlan, MultistepStep, Update, multistep_orders
+from diffsolve.solvers.base import (
+    GridValues,
+    MultistepPlan,
+    MultistepStep,
+    Update,
+    multistep_orders,
+)
 from diffsolve.solvers.dpm_solver import ei_weights
 
 diffusers = pytest.importorskip("diffusers")
 
-CONFIG = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4,
-          "beta_end": 0.02}
+CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "linear",
+    "beta_start": 1e-4,
+    "beta_end": 0.02,
+}
 # The same schedule, bit for bit: diffusers keeps alphas_cumprod in float32.
 SCHEDULE = VPDiscrete(diffusers.DDPMScheduler(**CONFIG).alphas_cumprod)
 GAUSSIAN = GaussianModel.random((1, 4, 4), seed=3)
@@ -108,11 +118,19 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 )
 def test_dpm_solver_2m(algorithm, solver_type, cls, final, steps, net):
     theirs, grid = run_diffusers(
-        diffusers.DPMSolverMultistepScheduler, steps, NETWORKS[net], solver_order=2,
-        algorithm_type=algorithm, solver_type=solver_type, final_sigmas_type=final,
+        diffusers.DPMSolverMultistepScheduler,
+        steps,
+        NETWORKS[net],
+        solver_order=2,
+        algorithm_type=algorithm,
+        solver_type=solver_type,
+        final_sigmas_type=final,
     )
-    solver = cls(2, solver_type="taylor" if solver_type == "heun" else "midpoint",
-                 lower_order_final=steps < 15)
+    solver = cls(
+        2,
+        solver_type="taylor" if solver_type == "heun" else "midpoint",
+        lower_order_final=steps < 15,
+    )
     assert rel_err(ours(solver, grid, NETWORKS[net]), theirs) <= 1e-5
 
 
@@ -124,8 +142,12 @@ def test_unipc(variant, order, steps, net):
     # bh1 with diffusers' default final_sigmas_type="zero" returns NaN (see below)
     final = "zero" if variant == "bh2" else "sigma_min"
     theirs, grid = run_diffusers(
-        diffusers.UniPCMultistepScheduler, steps, NETWORKS[net], solver_order=order,
-        solver_type=variant, final_sigmas_type=final,
+        diffusers.UniPCMultistepScheduler,
+        steps,
+        NETWORKS[net],
+        solver_order=order,
+        solver_type=variant,
+        final_sigmas_type=final,
     )
     assert rel_err(ours(UniPC(order, variant), grid, NETWORKS[net]), theirs) <= 1e-5
 
@@ -144,7 +166,11 @@ def test_deis(order, steps, net):
 def test_unipc_bh1_final_zero_deviation():
     """diffusers' bh1 with a final sigma of 0 multiplies B(h) = -inf by a zero correction."""
     theirs, grid = run_diffusers(
-        diffusers.UniPCMultistepScheduler, 10, gaussian_eps, solver_order=2, solver_type="bh1",
+        diffusers.UniPCMultistepScheduler,
+        10,
+        gaussian_eps,
+        solver_order=2,
+        solver_type="bh1",
         final_sigmas_type="zero",
     )
     result = ours(UniPC(2, "bh1"), grid, gaussian_eps)
@@ -173,7 +199,10 @@ def diffusers_3m_plan(grid: torch.Tensor) -> MultistepPlan:
 @pytest.mark.parametrize("steps", [5, 10, 20])
 def test_dpm_solver_3m_differs_from_diffusers_by_the_second_derivative_weight(steps):
     theirs, grid = run_diffusers(
-        diffusers.DPMSolverMultistepScheduler, steps, gaussian_eps, solver_order=3,
+        diffusers.DPMSolverMultistepScheduler,
+        steps,
+        gaussian_eps,
+        solver_order=3,
         final_sigmas_type="sigma_min",
     )
     model = ModelWrapper(gaussian_eps, SCHEDULE, "epsilon")

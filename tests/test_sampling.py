@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import SCHEDULES, noise
 from diffsolve import (
     DDIM,
     DEIS,
@@ -17,8 +18,6 @@ from diffsolve import (
     sample,
 )
 from diffsolve.sampling import CountingDenoiser
-
-from conftest import SCHEDULES, noise
 
 SCHEDULE = VPLinear()
 
@@ -59,8 +58,12 @@ def test_lands_exactly_on_grid_and_reports_intermediates(schedule_name, gaussian
     grid = grids.karras(schedule, 5)
     seen = []
     out = sample(
-        gaussian.denoiser(schedule), noise(schedule), DPMSolverPP(2), grid,
-        callback=seen.append, return_intermediates=True,
+        gaussian.denoiser(schedule),
+        noise(schedule),
+        DPMSolverPP(2),
+        grid,
+        callback=seen.append,
+        return_intermediates=True,
     )
     assert out.times == grid.tolist()
     assert len(out.intermediates) == 6 and out.intermediates[-1] is not None
@@ -93,7 +96,10 @@ def test_output_dtype_follows_input_and_state_is_at_least_float32(dtype, gaussia
     grid = grids.logsnr_uniform(SCHEDULE, 6)
     seen = []
     out = sample(
-        gaussian.denoiser(SCHEDULE), noise(SCHEDULE).to(dtype), DPMSolverPP(2), grid,
+        gaussian.denoiser(SCHEDULE),
+        noise(SCHEDULE).to(dtype),
+        DPMSolverPP(2),
+        grid,
         callback=lambda info: seen.append(info.x.dtype),
     )
     assert out.x.dtype == dtype
@@ -112,8 +118,12 @@ def test_fast_orders_spend_the_budget(gaussian):
         orders = fast_orders(nfe, 3)
         assert sum(orders) == nfe
         grid = grids.logsnr_uniform(SCHEDULE, len(orders))
-        out = sample(gaussian.denoiser(SCHEDULE), noise(SCHEDULE),
-                     DPMSolver(3, method="singlestep", orders=orders), grid)
+        out = sample(
+            gaussian.denoiser(SCHEDULE),
+            noise(SCHEDULE),
+            DPMSolver(3, method="singlestep", orders=orders),
+            grid,
+        )
         assert out.nfe == nfe
     assert fast_orders(10, 3) == (3, 3, 3, 1)
     assert fast_orders(9, 3) == (3, 3, 2, 1)

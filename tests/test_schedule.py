@@ -3,9 +3,8 @@ import math
 import pytest
 import torch
 
-from diffsolve import EDM, RectifiedFlow, VPCosine, VPDiscrete, VPLinear, schedule_from_config
-
 from conftest import SCHEDULES
+from diffsolve import EDM, RectifiedFlow, VPCosine, VPDiscrete, VPLinear, schedule_from_config
 
 
 @pytest.mark.parametrize("name", list(SCHEDULES))

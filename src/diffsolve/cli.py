@@ -31,22 +31,47 @@ def list_solvers() -> None:
 
 
 @main.command("sample")
-@click.option("--model", "model_name", default="digits", metavar="NAME|DIR",
-              help="Demo model (digits, digits-cond, digits-flow, gaussian, gmm) or a folder.")
-@click.option("--solver", default=DEFAULT_SOLVER, type=click.Choice(sorted(SOLVERS)),
-              metavar="NAME", help="Solver (see `diffsolve solvers`).")
+@click.option(
+    "--model",
+    "model_name",
+    default="digits",
+    metavar="NAME|DIR",
+    help="Demo model (digits, digits-cond, digits-flow, gaussian, gmm) or a folder.",
+)
+@click.option(
+    "--solver",
+    default=DEFAULT_SOLVER,
+    type=click.Choice(sorted(SOLVERS)),
+    metavar="NAME",
+    help="Solver (see `diffsolve solvers`).",
+)
 @click.option("--nfe", default=10, type=click.IntRange(2, 1000), help="Model evaluations.")
-@click.option("--grid", "grid_kind", default=None,
-              type=click.Choice(["logsnr", "time_uniform", "time_quadratic", "karras"]),
-              help="Step grid (default: the solver's).")
+@click.option(
+    "--grid",
+    "grid_kind",
+    default=None,
+    type=click.Choice(["logsnr", "time_uniform", "time_quadratic", "karras"]),
+    help="Step grid (default: the solver's).",
+)
 @click.option("--seeds", default="0-63", metavar="LIST", help="Seeds, e.g. 0-63 or 0,5,9-12.")
 @click.option("--batch-size", default=64, type=click.IntRange(1, None), help="Samples per batch.")
-@click.option("--out", "out_dir", default="samples", type=click.Path(file_okay=False),
-              help="Output folder (grid.png, samples.npz).")
+@click.option(
+    "--out",
+    "out_dir",
+    default="samples",
+    type=click.Path(file_okay=False),
+    help="Output folder (grid.png, samples.npz).",
+)
 @click.option("--device", default="cpu", help="torch device.")
 def sample_command(
-    model_name: str, solver: str, nfe: int, grid_kind: str | None, seeds: str,
-    batch_size: int, out_dir: str, device: str,
+    model_name: str,
+    solver: str,
+    nfe: int,
+    grid_kind: str | None,
+    seeds: str,
+    batch_size: int,
+    out_dir: str,
+    device: str,
 ) -> None:
     """Sample a model and write a PNG grid and the samples (.npz) to --out."""
     from tqdm.auto import tqdm
@@ -83,8 +108,13 @@ def sample_command(
     out_path.mkdir(parents=True, exist_ok=True)
     save_grid(samples, out_path / "grid.png")
     _save_npz(out_path / "samples.npz", samples=samples.numpy(), seeds=np.array(seed_list))
-    meta = {"model": model_name, "solver": solver, "nfe": spent, "seeds": seeds,
-            "grid": [float(t) for t in grid]}
+    meta = {
+        "model": model_name,
+        "solver": solver,
+        "nfe": spent,
+        "seeds": seeds,
+        "grid": [float(t) for t in grid],
+    }
     (out_path / "sample.json").write_text(json.dumps(meta, indent=2))
     click.echo(f"{len(seed_list)} samples, {spent} NFE each, {solver} → {out_path / 'grid.png'}")
 

@@ -212,8 +212,10 @@ class GaussianMixtureModel:
             weights.append(float(len(xc)))
             means.append(xc.mean(0))
             centred = xc - xc.mean(0)
-            covs.append(centred.T @ centred / max(len(xc) - 1, 1)
-                        + shrinkage * torch.eye(x.shape[1], dtype=_F64))
+            covs.append(
+                centred.T @ centred / max(len(xc) - 1, 1)
+                + shrinkage * torch.eye(x.shape[1], dtype=_F64)
+            )
         means_t = torch.stack(means).reshape(len(classes), *data.shape[1:])
         return cls(torch.tensor(weights, dtype=_F64), means_t, torch.stack(covs))
 

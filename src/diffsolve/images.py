@@ -34,8 +34,10 @@ def save_grid(
     for i, image in enumerate(images):
         r, col = divmod(i, nrow)
         big = image.repeat(scale, 0).repeat(scale, 1)
-        canvas[pad + r * cell_h : pad + r * cell_h + h * scale,
-               pad + col * cell_w : pad + col * cell_w + w * scale] = big
+        canvas[
+            pad + r * cell_h : pad + r * cell_h + h * scale,
+            pad + col * cell_w : pad + col * cell_w + w * scale,
+        ] = big
     mode = "L" if c == 1 else "RGB"
     picture = Image.fromarray(canvas[..., 0] if c == 1 else canvas, mode=mode)
     path = Path(path)

@@ -192,7 +192,8 @@ class ModelWrapper:
         self.time_input = _resolve_time_input(time_input, schedule)
         self.model_kwargs = dict(model_kwargs or {})
         self.model_dtype = model_dtype
-        self._cache: dict[float, tuple[Conversion, float]] = {}
+        self._conversions: dict[float, Conversion] = {}
+        self._model_times: dict[float, float] = {}
 
     def with_kwargs(self, **model_kwargs: Any) -> ModelWrapper:
         """A copy that passes extra keyword arguments (e.g. ``class_labels``)."""
@@ -207,32 +208,35 @@ class ModelWrapper:
 
     def model_time(self, t: float) -> float:
         """The network's own time input for solver time ``t``."""
-        return self._coefficients(t)[1]
+        model_t = self._model_times.get(t)
+        if model_t is None:
+            model_t = self._model_times[t] = float(self.time_input(t))
+        return model_t
 
     def conversion(self, t: float) -> Conversion:
-        """The output-to-(x0, eps) map at solver time ``t``."""
-        return self._coefficients(t)[0]
+        """The output-to-(x0, eps) map at solver time ``t`` (cached per ``t``)."""
+        conversion = self._conversions.get(t)
+        if conversion is None:
+            conversion = self._conversions[t] = self._conversion(t)
+        return conversion
 
     def __call__(self, x: Tensor, t: float) -> Prediction:
-        conversion, model_t = self._coefficients(t)
+        return Prediction(x, self.forward(x, t), self.conversion(t), t)
+
+    def forward(self, x: Tensor, t: float) -> Tensor:
+        """The network's raw output at solver time ``t``, in ``x``'s dtype (no range check
+        beyond the time map itself: peers may evaluate where λ is infinite, e.g. flow t = 1)."""
+        model_t = self.model_time(t)
         dtype = self.model_dtype or x.dtype
         t_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         t_in = torch.full((x.shape[0],), model_t, dtype=t_dtype, device=x.device)
-        out = self.model(x.to(dtype), t_in, **self.model_kwargs)
-        out = _unwrap_output(out)
+        out = _unwrap_output(self.model(x.to(dtype), t_in, **self.model_kwargs))
         if out.shape != x.shape:
             raise ValueError(
                 f"model output shape {tuple(out.shape)} does not match its input "
                 f"{tuple(x.shape)}; a model must return a tensor shaped like x"
             )
-        return Prediction(x, out.to(x.dtype), conversion, t)
-
-    def _coefficients(self, t: float) -> tuple[Conversion, float]:
-        cached = self._cache.get(t)
-        if cached is None:
-            cached = (self._conversion(t), float(self.time_input(t)))
-            self._cache[t] = cached
-        return cached
+        return out.to(x.dtype)
 
     def _conversion(self, t: float) -> Conversion:
         if not 0.0 < t <= self.schedule.t_max * (1 + 1e-12):

@@ -71,19 +71,29 @@ SOLVERS: dict[str, SolverSpec] = {
         _multistep("ddim", "DDIM (eta = 0), first order", DDIM),
         _multistep("euler", "Euler on (x/alpha, sigma/alpha), first order (= DDIM)", Euler),
         SolverSpec(
-            "heun", "Heun, EDM Algorithm 1, 2 NFE per step, Karras grid", lambda nfe: Heun(),
-            lambda nfe: (nfe + 1) // 2, grid="karras",
+            "heun",
+            "Heun, EDM Algorithm 1, 2 NFE per step, Karras grid",
+            lambda nfe: Heun(),
+            lambda nfe: (nfe + 1) // 2,
+            grid="karras",
         ),
-        _multistep("dpm-solver-2m", "DPM-Solver multistep, order 2 (noise prediction)",
-                   lambda: DPMSolver(2)),
-        _multistep("dpm-solver-3m", "DPM-Solver multistep, order 3 (noise prediction)",
-                   lambda: DPMSolver(3)),
-        _singlestep("dpm-solver-fast", "DPM-Solver-fast: single-step order 3 mix (noise)",
-                    DPMSolver, 3),
-        _multistep("dpm-solver++-2m", "DPM-Solver++(2M), midpoint form",
-                   lambda: DPMSolverPP(2)),
-        _multistep("dpm-solver++-3m", "DPM-Solver++(3M), exact third order",
-                   lambda: DPMSolverPP(3)),
+        _multistep(
+            "dpm-solver-2m",
+            "DPM-Solver multistep, order 2 (noise prediction)",
+            lambda: DPMSolver(2),
+        ),
+        _multistep(
+            "dpm-solver-3m",
+            "DPM-Solver multistep, order 3 (noise prediction)",
+            lambda: DPMSolver(3),
+        ),
+        _singlestep(
+            "dpm-solver-fast", "DPM-Solver-fast: single-step order 3 mix (noise)", DPMSolver, 3
+        ),
+        _multistep("dpm-solver++-2m", "DPM-Solver++(2M), midpoint form", lambda: DPMSolverPP(2)),
+        _multistep(
+            "dpm-solver++-3m", "DPM-Solver++(3M), exact third order", lambda: DPMSolverPP(3)
+        ),
         _singlestep("dpm-solver++-2s", "DPM-Solver++(2S), single-step", DPMSolverPP, 2),
         _singlestep("dpm-solver++-3s", "DPM-Solver++(3S), single-step", DPMSolverPP, 3),
         _multistep("unipc-bh1-2", "UniPC bh1, order 2 + corrector", lambda: UniPC(2, "bh1")),

@@ -45,8 +45,9 @@ def noise_for_seeds(
     """Standard normal noise of ``shape`` per seed, one CPU generator per seed (as EDM's
     ``StackedRandomGenerator``), stacked along a new batch axis and scaled by ``scale``."""
     rows = [
-        torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s)),
-                    dtype=torch.float32)
+        torch.randn(
+            tuple(shape), generator=torch.Generator().manual_seed(int(s)), dtype=torch.float32
+        )
         for s in seeds
     ]
     return (torch.stack(rows) * scale).to(device=device, dtype=dtype)
