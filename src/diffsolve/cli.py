@@ -119,6 +119,91 @@ def sample_command(
     click.echo(f"{len(seed_list)} samples, {spent} NFE each, {solver} → {out_path / 'grid.png'}")
 
 
+@main.command("bench")
+@click.option("--model", "model_name", default="digits", metavar="NAME|DIR", help="Model.")
+@click.option(
+    "--nfe",
+    "nfe_list",
+    default="5,6,8,10,12,15,20",
+    metavar="LIST",
+    help="Comma-separated NFE budgets.",
+)
+@click.option(
+    "--solvers",
+    default=None,
+    metavar="LIST",
+    help="Comma-separated contestants: solver names (`diffsolve solvers`), NAME@GRID, "
+    "NAME@diffusers-grid, diffusers:PEER. Default: ours, every peer, twins.",
+)
+@click.option(
+    "--samples", default=512, type=click.IntRange(2, None), help="Samples (same noise for all)."
+)
+@click.option("--seed", default=0, type=click.IntRange(0, None), help="First seed.")
+@click.option(
+    "--reference-steps",
+    default=500,
+    type=click.IntRange(50, None),
+    help="Steps of the two reference solves.",
+)
+@click.option(
+    "--json",
+    "json_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Write all results as JSON.",
+)
+@click.option(
+    "--plot",
+    "plot_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Write a PNG plot of RMSE against NFE.",
+)
+@click.option("--device", default="cpu", help="torch device.")
+@click.option("--no-overhead", is_flag=True, help="Skip the null-model overhead measurement.")
+def bench_command(
+    model_name: str,
+    nfe_list: str,
+    solvers: str | None,
+    samples: int,
+    seed: int,
+    reference_steps: int,
+    json_path: str | None,
+    plot_path: str | None,
+    device: str,
+    no_overhead: bool,
+) -> None:
+    """Measure solvers against diffusers' schedulers: RMSE to a reference, FD, speed."""
+    from diffsolve.bench import BenchConfig, run_bench
+    from diffsolve.bench.report import format_table, plot, write_json
+
+    try:
+        nfes = [int(n) for n in nfe_list.split(",") if n.strip()]
+    except ValueError:
+        raise click.UsageError(f"--nfe: expected integers like 5,6,8, got {nfe_list!r}") from None
+    if not nfes or min(nfes) < 2:
+        raise click.UsageError("--nfe: give at least one budget, each >= 2")
+    config = BenchConfig(
+        model=model_name,
+        nfes=nfes,
+        samples=samples,
+        seed=seed,
+        solvers=[s.strip() for s in solvers.split(",")] if solvers else None,
+        reference_steps=reference_steps,
+        device=device,
+        overhead=not no_overhead,
+    )
+    try:
+        result = run_bench(config)
+    except (ValueError, FileNotFoundError) as err:
+        raise click.UsageError(str(err)) from None
+    click.echo(format_table(result))
+    if json_path:
+        write_json(result, json_path)
+    if plot_path:
+        plot(result, plot_path)
+
+
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
     """Write an .npz atomically (temporary file + rename): never a half-written file."""
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as tmp:

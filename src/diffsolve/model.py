@@ -247,9 +247,10 @@ class ModelWrapper:
         if self.prediction != "flow":
             alpha, sigma = (float(v) for v in _alpha_sigma(self.schedule, t))
             return conversion_for(self.prediction, alpha, sigma)
-        t_var = torch.tensor(float(t), dtype=torch.float64, requires_grad=True)
-        alpha, sigma = _alpha_sigma(self.schedule, t_var)
-        d_alpha, d_sigma = _derivatives(alpha, sigma, t_var)
+        with torch.inference_mode(False), torch.enable_grad():
+            t_var = torch.tensor(float(t), dtype=torch.float64, requires_grad=True)
+            alpha, sigma = _alpha_sigma(self.schedule, t_var)
+            d_alpha, d_sigma = _derivatives(alpha, sigma, t_var)
         return conversion_for(
             "flow", float(alpha.detach()), float(sigma.detach()), d_alpha, d_sigma
         )

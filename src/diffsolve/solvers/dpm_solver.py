@@ -56,10 +56,12 @@ SINGLESTEP_NODES: dict[int, tuple[float, ...]] = {1: (), 2: (0.5,), 3: (1 / 3, 2
 def fast_orders(nfe: int, order: int = 3) -> tuple[int, ...]:
     """The "DPM-Solver-fast" order mix for a budget of ``nfe`` evaluations (Lu et al. 2022,
     §3.4): order-``order`` steps, with lower orders absorbing the remainder, e.g.
-    ``nfe = 10, order = 3 → (3, 3, 3, 1)``. Build the grid with ``len(orders)`` steps."""
+    ``nfe = 10, order = 3 → (3, 3, 3, 1)``; budgets below ``order`` use order ``nfe``.
+    Build the grid with ``len(orders)`` steps."""
     check_order(order, (1, 2, 3), "fast_orders")
-    if not isinstance(nfe, int) or nfe < order:
-        raise ValueError(f"nfe must be an integer >= order ({order}), got {nfe!r}")
+    if not isinstance(nfe, int) or isinstance(nfe, bool) or nfe < 1:
+        raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
+    order = min(order, nfe)
     if order == 1:
         return (1,) * nfe
     if order == 2:

@@ -1,0 +1,80 @@
+"""The bench on the analytic Gaussian model: schema, failures reported, twins match peers."""
+
+import json
+
+import pytest
+import torch
+
+from diffsolve.bench import BenchConfig, run_bench
+from diffsolve.bench.report import format_table, plot, write_json
+from diffsolve.bench.runner import contestants
+from diffsolve.models import digits_schedule
+from diffsolve.registry import SOLVERS, setup_solver
+
+pytest.importorskip("diffusers")
+
+
+@pytest.fixture(scope="module")
+def result():
+    config = BenchConfig(
+        model="gaussian",
+        nfes=(5, 8),
+        samples=32,
+        reference_steps=60,
+        overhead=False,
+        solvers=[
+            "dpm-solver++-2m",
+            "unipc-bh2-3@logsnr",
+            "diffusers:dpm-2m",
+            "diffusers:unipc-bh1",
+            "dpm-solver++-2m@diffusers-grid",
+        ],
+    )
+    return run_bench(config)
+
+
+def test_rows_and_json_schema(result, tmp_path):
+    write_json(result, tmp_path / "bench.json")
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["model"] == "gaussian"
+    assert 0 <= data["reference_agreement"] < 1e-3
+    assert len(data["results"]) == 10
+    for row in data["results"]:
+        assert {"solver", "source", "nfe", "rmse", "fd", "seconds", "overhead_us"} <= set(row)
+        assert row["source"] in ("diffsolve", "diffusers")
+
+
+def test_failed_peer_is_reported_not_raised(result):
+    bh1 = [r for r in result.results if r.solver == "diffusers:unipc-bh1"]
+    assert all(r.failed and "non-finite" in r.error for r in bh1)  # diffusers' bh1 + "zero"
+    assert "failed at NFE 5,8" in format_table(result)
+
+
+def test_twin_reproduces_the_diffusers_rmse(result):
+    rows = {(r.solver, r.nfe): r for r in result.results}
+    for nfe in (5, 8):
+        ours = rows[("dpm-solver++-2m@diffusers-grid", nfe)].rmse
+        theirs = rows[("diffusers:dpm-2m", nfe)].rmse
+        assert ours == pytest.approx(theirs, rel=5e-4)  # 3 significant digits
+
+
+def test_plot_is_written(result, tmp_path):
+    plot(result, tmp_path / "rmse.png")
+    assert (tmp_path / "rmse.png").stat().st_size > 1000
+
+
+def test_unknown_contestant_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown contestant 'dpm-solver-9m'"):
+        contestants(["dpm-solver-9m"], digits_schedule(), False)
+    with pytest.raises(ValueError, match="no diffusers twin"):
+        contestants(["deis-3@diffusers-grid"], digits_schedule(), False)
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+@pytest.mark.parametrize("nfe", [3, 5, 6, 10])
+def test_registry_spends_exactly_the_budget(name, nfe):
+    schedule = digits_schedule()
+    solver, grid = setup_solver(name, schedule, nfe)
+    spent = solver.plan(schedule, grid).nfe
+    assert spent == nfe or (name == "heun" and nfe % 2 == 0 and spent == nfe - 1)
+    assert grid[-1] == 0 and torch.all(grid[1:] < grid[:-1])
