@@ -102,6 +102,9 @@ def sample(
             f"x_start must have a non-empty batch dimension, got shape {tuple(x_start.shape)}"
         )
     out_dtype = x_start.dtype
+    reset = getattr(model, "reset", None)
+    if callable(reset):  # stateful model wrappers (e.g. APG momentum) start every run afresh
+        reset()
     counter = CountingDenoiser(model)
     state: State = plan.init(x_start.to(state_dtype(out_dtype)))
     result = SampleOutput(x=x_start, nfe=0)
