@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 
 import click
-import numpy as np
-import torch
 
 from diffsolve.registry import SOLVERS
 
@@ -53,16 +48,32 @@ def list_solvers() -> None:
     type=click.Choice(["logsnr", "time_uniform", "time_quadratic", "karras"]),
     help="Step grid (default: the solver's).",
 )
-@click.option("--seeds", default="0-63", metavar="LIST", help="Seeds, e.g. 0-63 or 0,5,9-12.")
-@click.option("--batch-size", default=64, type=click.IntRange(1, None), help="Samples per batch.")
+@click.option("--seeds", default="0-63", metavar="LIST", help="Seeds, e.g. 0-49999 or 0,5,9-12.")
+@click.option(
+    "--batch-size",
+    default=64,
+    type=click.IntRange(1, None),
+    help="Samples per model call (does not change the samples).",
+)
+@click.option(
+    "--shard-size",
+    default=1000,
+    type=click.IntRange(1, None),
+    help="Seeds per shard file (shard-<first seed>.npz).",
+)
 @click.option(
     "--out",
     "out_dir",
     default="samples",
     type=click.Path(file_okay=False),
-    help="Output folder (grid.png, samples.npz).",
+    help="Output folder: shards, sample.json, samples.npz, grid.png. Rerun to resume.",
 )
-@click.option("--device", default="cpu", help="torch device.")
+@click.option(
+    "--merge/--no-merge",
+    default=True,
+    help="Merge the shards into samples.npz when all are done.",
+)
+@click.option("--device", default="cpu", help="torch device (cuda: one GPU per torchrun rank).")
 def sample_command(
     model_name: str,
     solver: str,
@@ -70,53 +81,73 @@ def sample_command(
     grid_kind: str | None,
     seeds: str,
     batch_size: int,
+    shard_size: int,
     out_dir: str,
+    merge: bool,
     device: str,
 ) -> None:
-    """Sample a model and write a PNG grid and the samples (.npz) to --out."""
-    from tqdm.auto import tqdm
+    """Sample a model into --out: shard files, a manifest, samples.npz and grid.png.
 
-    from diffsolve.images import save_grid
-    from diffsolve.models import load_model
-    from diffsolve.registry import setup_solver
-    from diffsolve.sampling import sample
-    from diffsolve.seeds import noise_for_seeds, parse_seeds
+    A sample depends only on its seed (one random generator per seed), not on --batch-size
+    nor on the number of processes. Under `torchrun --nproc_per_node R -m diffsolve sample`
+    rank r takes shards r::R. Rerunning the same command resumes: valid shards are kept,
+    missing or corrupt ones recomputed; a folder made with other settings is refused.
+    """
+    from diffsolve.scale import RunConfig, SamplingError, distributed, run_sampling
 
+    config = RunConfig(
+        model=model_name,
+        solver=solver,
+        nfe=nfe,
+        grid=grid_kind,
+        seeds=seeds,
+        out_dir=out_dir,
+        batch_size=batch_size,
+        shard_size=shard_size,
+        device=device,
+        merge=merge,
+    )
     try:
-        seed_list = parse_seeds(seeds)
-        model = load_model(model_name, device=device)
-        method, grid = setup_solver(solver, model.schedule, nfe, grid_kind)
+        with distributed() as dist:
+            report = run_sampling(config, dist, progress=True)
     except (ValueError, FileNotFoundError) as err:
         raise click.UsageError(str(err)) from None
-    plan = method.plan(model.schedule, grid)
-    scale = model.schedule.init_noise_sigma(float(grid[0]))
-    batches = [seed_list[i : i + batch_size] for i in range(0, len(seed_list), batch_size)]
-    results, spent = [], 0
-    with torch.inference_mode(), tqdm(total=len(seed_list), desc="sampling", unit="img") as bar:
-        for batch in batches:
-            x = noise_for_seeds(batch, model.data_shape, scale, device)
-            denoiser = model.denoiser
-            if model.num_classes:
-                labels = torch.tensor(batch, device=device) % model.num_classes
-                denoiser = model.conditional(labels)
-            out = sample(denoiser, x, method, plan=plan)
-            spent = out.nfe
-            results.append(out.x.float().cpu())
-            bar.update(len(batch))
-    samples = torch.cat(results)
-    out_path = Path(out_dir)
-    out_path.mkdir(parents=True, exist_ok=True)
-    save_grid(samples, out_path / "grid.png")
-    _save_npz(out_path / "samples.npz", samples=samples.numpy(), seeds=np.array(seed_list))
-    meta = {
-        "model": model_name,
-        "solver": solver,
-        "nfe": spent,
-        "seeds": seeds,
-        "grid": [float(t) for t in grid],
-    }
-    (out_path / "sample.json").write_text(json.dumps(meta, indent=2))
-    click.echo(f"{len(seed_list)} samples, {spent} NFE each, {solver} → {out_path / 'grid.png'}")
+    except SamplingError as err:
+        raise click.ClickException(str(err)) from None
+    for path, reason in report.recomputed.items():
+        click.echo(f"recomputed {path.name}: {reason}", err=True)
+    if dist.rank != 0:
+        return
+    m = report.manifest
+    done = f"{len(report.computed)} shard(s) computed, {len(report.skipped)} kept"
+    if dist.world_size > 1:
+        done += " on rank 0"
+    target = report.grid_png or report.merged or Path(out_dir)
+    click.echo(f"{m.num_seeds} samples, {m.nfe} NFE each, {solver} ({done}) → {target}")
+
+
+@main.command("merge")
+@click.option(
+    "--out",
+    "out_dir",
+    default="samples",
+    type=click.Path(file_okay=False, exists=True),
+    help="Folder of a `diffsolve sample` run.",
+)
+def merge_command(out_dir: str) -> None:
+    """Merge a run's shards into samples.npz (every seed once, sorted).
+
+    Fails, naming them, if seeds are missing, duplicated or a shard is corrupt.
+    """
+    from diffsolve.scale import SamplingError, merge_shards, read_manifest
+
+    try:
+        path = merge_shards(out_dir)
+    except SamplingError as err:
+        raise click.ClickException(str(err)) from None
+    manifest = read_manifest(out_dir)
+    count = manifest.num_seeds if manifest else 0
+    click.echo(f"merged {count} samples → {path}")
 
 
 @main.command("bench")
@@ -202,13 +233,6 @@ def bench_command(
         write_json(result, json_path)
     if plot_path:
         plot(result, plot_path)
-
-
-def _save_npz(path: Path, **arrays: np.ndarray) -> None:
-    """Write an .npz atomically (temporary file + rename): never a half-written file."""
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as tmp:
-        np.savez(tmp, **arrays)
-    os.replace(tmp.name, path)
 
 
 if __name__ == "__main__":  # pragma: no cover

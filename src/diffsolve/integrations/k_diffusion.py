@@ -1,0 +1,138 @@
+r"""k-diffusion-style entry points: sample a denoiser :math:`D(x, \sigma)` on a σ list.
+
+k-diffusion, ComfyUI and EDM call a model in the EDM convention: :math:`x = x_0 + \sigma n`
+and ``model(x, sigma * s_in, **extra_args)`` returns :math:`\hat x_0` (Karras et al. 2022).
+That is diffsolve's :class:`~diffsolve.EDM` schedule (:math:`\alpha = 1`, :math:`\sigma = t`)
+with a :class:`~diffsolve.ModelWrapper` predicting ``"x0"`` from time input ``"sigma"``; the
+σ list is the step grid itself (a trailing 0 makes the last step return :math:`\hat x_0`, as in
+k-diffusion). So every fixed-grid diffsolve solver runs on k-diffusion's σ lists::
+
+    from diffsolve.integrations.k_diffusion import sample_denoiser
+
+    x = sample_denoiser(denoiser, noise * sigmas[0], sigmas, solver="unipc-bh2-3")
+
+Nothing here imports k-diffusion. Differences from k-diffusion's ``sample_*`` functions: no
+progress bar unless ``disable=False`` (library code has no side effects), and the callback's
+``x`` is the sample *after* the step (k-diffusion passes the one before it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from diffsolve.model import ModelWrapper
+from diffsolve.registry import SOLVERS
+from diffsolve.sampling import StepInfo, sample
+from diffsolve.schedule import EDM
+from diffsolve.solvers import DPMSolverPP, Solver
+
+__all__ = ["edm_schedule_for", "make_sampler", "resolve_solver", "sample_denoiser"]
+
+KCallback = Callable[[dict[str, Any]], None]
+KSampler = Callable[..., Tensor]
+
+
+def _sigmas(sigmas: Tensor | Sequence[float]) -> Tensor:
+    s = torch.as_tensor(sigmas).detach().to("cpu", torch.float64).flatten()
+    if s.numel() < 2:
+        raise ValueError(f"sigmas: need at least 2 noise levels (1 step), got {s.numel()}")
+    if not torch.isfinite(s).all() or (s < 0).any():
+        raise ValueError("sigmas: noise levels must be finite and >= 0")
+    if not (s[1:] < s[:-1]).all():
+        raise ValueError("sigmas: noise levels must be strictly decreasing (noisy to clean)")
+    return s
+
+
+def edm_schedule_for(sigmas: Tensor | Sequence[float]) -> EDM:
+    """The :class:`~diffsolve.EDM` schedule spanning a σ list (its range: the largest σ and
+    the smallest positive one)."""
+    s = _sigmas(sigmas)
+    sigma_max = float(s[0])
+    positive = s[s > 0]
+    sigma_min = float(positive.min())
+    if not sigma_min < sigma_max:  # a single positive level: [sigma_max, 0]
+        sigma_min = sigma_max / 2
+    return EDM(sigma_min=sigma_min, sigma_max=sigma_max)
+
+
+def resolve_solver(solver: Solver | str, steps: int) -> Solver:
+    """A :class:`~diffsolve.solvers.Solver`, or a registry name (``diffsolve solvers``)
+    configured for a grid of ``steps`` steps."""
+    if isinstance(solver, Solver):
+        return solver
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be a Solver or one of {sorted(SOLVERS)}, got {solver!r}")
+    spec = SOLVERS[solver]
+    for nfe in range(max(2, steps), 3 * steps + 2):
+        if spec.steps(nfe) == steps:
+            return spec.build(nfe)
+    raise ValueError(f"solver {solver!r} cannot run on a grid of {steps} step(s)")
+
+
+def sample_denoiser(
+    model: Callable[..., Tensor],
+    x: Tensor,
+    sigmas: Tensor | Sequence[float],
+    extra_args: Mapping[str, Any] | None = None,
+    callback: KCallback | None = None,
+    disable: bool | None = None,
+    *,
+    solver: Solver | str | None = None,
+) -> Tensor:
+    r"""Solve the probability-flow ODE of a k-diffusion denoiser with a diffsolve solver.
+
+    Args:
+        model: ``model(x, sigma, **extra_args) -> x0`` with ``sigma`` of shape ``(B,)``.
+        x: The initial sample at ``sigmas[0]`` (noise already scaled: ``randn * sigmas[0]``).
+        sigmas: Strictly decreasing noise levels, the step grid; may end with 0.
+        extra_args: Keyword arguments for every model call (e.g. ``cond``).
+        callback: Called after every step with k-diffusion's dict ``{"x", "i", "sigma",
+            "sigma_hat", "denoised"}`` (``x`` after the step).
+        disable: Show a progress bar only when ``False``.
+        solver: A :class:`~diffsolve.solvers.Solver` or a registry name; default
+            DPM-Solver++(2M) (:class:`~diffsolve.DPMSolverPP`, order 2).
+
+    Returns:
+        The sample at ``sigmas[-1]``, in ``x``'s dtype.
+    """
+    s = _sigmas(sigmas)
+    schedule = edm_schedule_for(s)
+    method = resolve_solver(DPMSolverPP(2) if solver is None else solver, s.numel() - 1)
+    denoiser = ModelWrapper(model, schedule, "x0", "sigma", model_kwargs=extra_args)
+    step_callback = None if callback is None else _k_callback(callback, s)
+    return sample(denoiser, x, method, s, callback=step_callback, progress=disable is False).x
+
+
+def _k_callback(callback: KCallback, sigmas: Tensor) -> Callable[[StepInfo], None]:
+    def call(info: StepInfo) -> None:
+        i = info.step - 1
+        sigma = float(sigmas[i])
+        callback(
+            {"x": info.x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": info.denoised}
+        )
+
+    return call
+
+
+def make_sampler(solver: Solver | str) -> KSampler:
+    """A function with k-diffusion's sampler signature
+    ``(model, x, sigmas, extra_args=None, callback=None, disable=None)`` running ``solver``
+    (for tools that accept a k-diffusion sampler function)."""
+
+    def sampler(
+        model: Callable[..., Tensor],
+        x: Tensor,
+        sigmas: Tensor | Sequence[float],
+        extra_args: Mapping[str, Any] | None = None,
+        callback: KCallback | None = None,
+        disable: bool | None = None,
+    ) -> Tensor:
+        return sample_denoiser(model, x, sigmas, extra_args, callback, disable, solver=solver)
+
+    name = solver if isinstance(solver, str) else type(solver).__name__
+    sampler.__name__ = f"sample_diffsolve_{name}".replace("-", "_").replace("+", "p")
+    return sampler
