@@ -586,7 +586,7 @@ class DiffsolveUniPCScheduler(DiffsolveScheduler):
         solver_type: str = "bh2",
         predict_x0: bool = True,
         use_corrector: bool = True,
-        disable_corrector: list[int] | tuple[int, ...] = (),
+        disable_corrector: list[int] | None = None,
     ) -> None:
         self._setup()
 
@@ -598,7 +598,7 @@ class DiffsolveUniPCScheduler(DiffsolveScheduler):
             corrector=c.use_corrector,
             predict="data" if c.predict_x0 else "noise",
             lower_order_final=c.lower_order_final,
-            disable_corrector=tuple(c.disable_corrector),
+            disable_corrector=tuple(c.disable_corrector or ()),
         )
 
 

@@ -1,0 +1,317 @@
+"""The diffusers scheduler adapter and the k-diffusion entry point equal diffsolve's own loop.
+
+* every scheduler's diffusers-style loop equals :func:`diffsolve.sample` on the same grid;
+* the exported ``digits-diffusers`` DDPMPipeline run with our schedulers equals ``sample()`` of
+  the ``digits`` demo on the same per-seed noise;
+* ``set_timesteps`` leaves no stale state; steps follow an internal counter;
+* configs round-trip and accept diffusers' DDPM keys.
+"""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from diffsolve import (
+    DDIM,
+    DEIS,
+    EDM,
+    DPMSolverPP,
+    GaussianModel,
+    ModelWrapper,
+    RectifiedFlow,
+    UniPC,
+    VPDiscrete,
+    sample,
+)
+from diffsolve.models import demo_path, load_model
+from diffsolve.registry import nfe_grid
+from diffsolve.seeds import noise_for_seeds
+
+diffusers = pytest.importorskip("diffusers")
+
+from diffsolve.integrations.diffusers import (  # noqa: E402
+    DiffsolveDDIMScheduler,
+    DiffsolveDEISScheduler,
+    DiffsolveDPMSolverPPScheduler,
+    DiffsolveUniPCScheduler,
+    digits_unet_to_diffusers,
+    shift_flow_times,
+)
+from diffsolve.integrations.k_diffusion import make_sampler, sample_denoiser  # noqa: E402
+
+SCHEDULE = VPDiscrete.from_diffusers("linear", 1e-4, 0.02, 1000)
+GAUSSIAN = GaussianModel.random((1, 4, 4), seed=3)
+DEMO = demo_path("digits-diffusers")
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """On shared, oversubscribed CPUs torch's intra-op threads can be ~100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def vp_eps(x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    """An analytic epsilon-network at (fractional) training timesteps."""
+    t = float(SCHEDULE.t_of_timestep(float(torch.as_tensor(timestep).flatten()[0])))
+    a, s = float(SCHEDULE.alpha(t)), float(SCHEDULE.sigma(t))
+    return (x - a * GAUSSIAN.denoise(x, a, s)) / s
+
+
+def flow_velocity(x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    """An analytic rectified-flow network, u = eps - x0, at time input 1000 t."""
+    t = float(torch.as_tensor(timestep).flatten()[0]) / 1000
+    x0 = GAUSSIAN.denoise(x, 1 - t, t)
+    return (x - (1 - t) * x0) / t - x0
+
+
+def x_start(n: int = 6) -> torch.Tensor:
+    return torch.randn(n, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+def loop(scheduler, net, x: torch.Tensor) -> torch.Tensor:
+    """diffusers' denoising loop."""
+    for t in scheduler.timesteps:
+        x_in = scheduler.scale_model_input(x, t)
+        x = scheduler.step(net(x_in, t), t, x).prev_sample
+    return x
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+CASES = {
+    "ddim": (DiffsolveDDIMScheduler, {}, DDIM()),
+    "dpm++2m": (DiffsolveDPMSolverPPScheduler, {}, DPMSolverPP(2)),
+    "dpm++3m-heun": (
+        DiffsolveDPMSolverPPScheduler,
+        {"solver_order": 3, "solver_type": "heun"},
+        DPMSolverPP(3, solver_type="taylor"),
+    ),
+    "unipc-bh1-3": (
+        DiffsolveUniPCScheduler,
+        {"solver_order": 3, "solver_type": "bh1"},
+        UniPC(3, "bh1"),
+    ),
+    "unipc-bh2-noise": (
+        DiffsolveUniPCScheduler,
+        {"predict_x0": False, "disable_corrector": [2]},
+        UniPC(2, "bh2", predict="noise", disable_corrector=(2,)),
+    ),
+    "deis-3": (DiffsolveDEISScheduler, {"solver_order": 3}, DEIS(3)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_scheduler_loop_equals_sample(case):
+    cls, options, solver = CASES[case]
+    scheduler = cls(**options)
+    scheduler.set_timesteps(8)
+    grid = nfe_grid(SCHEDULE, 8, "time_quadratic")
+    assert torch.equal(scheduler.timesteps, (grid[:-1] * 1000 - 1).float())
+    ours = sample(ModelWrapper(vp_eps, SCHEDULE, "epsilon"), x_start(), solver, grid).x
+    assert rel_err(loop(scheduler, vp_eps, x_start()), ours) <= 1e-6
+
+
+def test_flow_scheduler_equals_sample():
+    scheduler = DiffsolveUniPCScheduler(
+        use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0, solver_order=3
+    )
+    scheduler.set_timesteps(8)
+    flow = RectifiedFlow()
+    grid = shift_flow_times(nfe_grid(flow, 8, "time_quadratic"), 3.0, flow.t_max)
+    assert float(grid[0]) == pytest.approx(flow.t_max) and float(grid[-1]) == 0.0
+    assert torch.allclose(scheduler.timesteps.double(), 1000 * grid[:-1], rtol=1e-6)
+    assert torch.allclose(scheduler.sigmas.double(), grid, rtol=1e-6)
+    model = ModelWrapper(flow_velocity, flow, "flow", time_input=lambda t: 1000 * t)
+    ours = sample(model, x_start() * flow.t_max, UniPC(3), grid).x
+    assert rel_err(loop(scheduler, flow_velocity, x_start() * flow.t_max), ours) <= 1e-6
+
+
+def test_set_timesteps_leaves_no_stale_state():
+    scheduler = DiffsolveUniPCScheduler(solver_order=3)
+    scheduler.set_timesteps(10)
+    loop(scheduler, vp_eps, x_start())
+    scheduler.set_timesteps(6)  # abandon a loop after 3 steps
+    x = x_start()
+    for t in scheduler.timesteps[:3]:
+        x = scheduler.step(vp_eps(x, t), t, x).prev_sample
+    scheduler.set_timesteps(7)
+    fresh = DiffsolveUniPCScheduler(solver_order=3)
+    fresh.set_timesteps(7)
+    assert torch.equal(loop(scheduler, vp_eps, x_start()), loop(fresh, vp_eps, x_start()))
+
+
+def test_custom_timesteps_and_sigmas():
+    scheduler = DiffsolveDPMSolverPPScheduler()
+    custom = [999, 799, 599, 399, 199, 0]
+    scheduler.set_timesteps(timesteps=custom)
+    assert scheduler.timesteps.tolist() == custom
+    grid = torch.tensor([(t + 1) / 1000 for t in custom] + [0.0], dtype=torch.float64)
+    ours = sample(ModelWrapper(vp_eps, SCHEDULE, "epsilon"), x_start(), DPMSolverPP(2), grid).x
+    assert rel_err(loop(scheduler, vp_eps, x_start()), ours) <= 1e-6
+    by_sigma = DiffsolveDPMSolverPPScheduler()
+    by_sigma.set_timesteps(sigmas=SCHEDULE.edm_sigma(grid[:-1]))
+    assert torch.allclose(by_sigma.timesteps, scheduler.timesteps, atol=1e-3)
+
+
+def test_steps_follow_the_counter_and_errors_are_clear():
+    scheduler = DiffsolveUniPCScheduler()
+    x = x_start()
+    with pytest.raises(ValueError, match=r"call set_timesteps\(\) before step"):
+        scheduler.step(x, 999, x)
+    with pytest.raises(ValueError, match="duplicate time point"):
+        scheduler.set_timesteps(timesteps=[999, 500, 500, 10])
+    with pytest.raises(ValueError, match="exactly one of"):
+        scheduler.set_timesteps(5, timesteps=[999, 500])
+    scheduler.set_timesteps(4)
+    t0, t1 = scheduler.timesteps[:2]
+    with pytest.raises(ValueError, match="expected timestep 999"):
+        scheduler.step(vp_eps(x, t1), t1, x)
+    loop(scheduler, vp_eps, x)
+    assert scheduler.step_index == 4
+    with pytest.raises(ValueError, match="all 4 steps are done"):
+        scheduler.step(x, t0, x)
+    with pytest.raises(ValueError, match="model_output has shape"):
+        scheduler.set_timesteps(4)
+        scheduler.step(x[:, :, :2], t0, x)
+
+
+def test_img2img_begin_index_restarts_the_plan():
+    scheduler = DiffsolveDPMSolverPPScheduler(solver_order=3)
+    scheduler.set_timesteps(10)
+    scheduler.set_begin_index(4)
+    x = scheduler.add_noise(x_start(), x_start(), scheduler.timesteps[4])
+    out = x
+    for t in scheduler.timesteps[4:]:
+        out = scheduler.step(vp_eps(out, t), t, out).prev_sample
+    grid = nfe_grid(SCHEDULE, 10, "time_quadratic")[4:]
+    ours = sample(ModelWrapper(vp_eps, SCHEDULE, "epsilon"), x, DPMSolverPP(3), grid).x
+    assert rel_err(out, ours) <= 1e-6
+
+
+def test_add_noise_scale_and_init_sigma():
+    scheduler = DiffsolveDDIMScheduler()
+    x0, noise = x_start(3), x_start(3).flip(0)
+    ts = torch.tensor([999, 499, 0])
+    t = SCHEDULE.t_of_timestep(ts.double())
+    a, s = SCHEDULE.alpha(t).view(-1, 1, 1, 1), SCHEDULE.sigma(t).view(-1, 1, 1, 1)
+    assert torch.allclose(scheduler.add_noise(x0, noise, ts), a * x0 + s * noise)
+    assert scheduler.scale_model_input(x0, 999) is x0
+    scheduler.set_timesteps(5)
+    assert scheduler.init_noise_sigma == pytest.approx(float(SCHEDULE.sigma(1.0)))
+
+
+def test_config_round_trip_and_ddpm_keys(tmp_path):
+    scheduler = DiffsolveUniPCScheduler(solver_order=3, solver_type="bh1", grid="logsnr")
+    scheduler.save_config(tmp_path)
+    again = DiffsolveUniPCScheduler.from_pretrained(tmp_path)
+    public = [k for k in scheduler.config if not k.startswith("_")]
+    assert {k: again.config[k] for k in public} == {k: scheduler.config[k] for k in public}
+    assert again.config.solver_type == "bh1" and again.config.grid == "logsnr"
+    ddpm = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_end=0.012)
+    swapped = DiffsolveDPMSolverPPScheduler.from_config({**ddpm.config, "made_up_key": 1})
+    assert swapped.config.beta_schedule == "scaled_linear" and swapped.config.beta_end == 0.012
+    assert swapped.schedule == VPDiscrete.from_diffusers("scaled_linear", 1e-4, 0.012, 1000)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"prediction_type": "nope"}, "prediction must be one of"),
+        ({"solver_type": "bh3"}, "variant must be one of"),
+        ({"grid": "weird"}, "grid must be one of"),
+        ({"solver_order": 4}, "order must be one of"),
+        ({"beta_schedule": "sigmoid"}, "beta_schedule must be one of"),
+        ({"trained_betas": [0.1, 0.2]}, "trained_betas has 2 values"),
+    ],
+)
+def test_bad_options_are_value_errors(options, message):
+    with pytest.raises(ValueError, match=message):
+        DiffsolveUniPCScheduler(**options)
+
+
+# ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pipeline():
+    pipe = diffusers.DiffusionPipeline.from_pretrained(DEMO)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_exported_unet_equals_digits_network(pipeline):
+    net = load_model("digits").network
+    x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for t in (0.0, 37.5, 999.0):
+            ts = torch.full((8,), t)
+            assert (net(x, ts) - pipeline.unet(x, ts).sample).abs().max() <= 1e-5
+    converted = digits_unet_to_diffusers(net)
+    assert dict(converted.config)["block_out_channels"] == [32, 32, 32]
+
+
+@pytest.mark.parametrize(
+    ("cls", "solver"),
+    [(DiffsolveUniPCScheduler, UniPC(2, "bh2")), (DiffsolveDPMSolverPPScheduler, DPMSolverPP(2))],
+)
+def test_pipeline_equals_sample(pipeline, cls, solver):
+    """DDPMPipeline + our scheduler == diffsolve's sample() on the same per-seed noise."""
+    assert type(pipeline).__name__ == "DDPMPipeline"
+    pipeline.scheduler = cls.from_config(pipeline.scheduler.config)
+    seeds = [0, 1, 2, 3]
+    generators = [torch.Generator().manual_seed(s) for s in seeds]  # = noise_for_seeds
+    images = pipeline(
+        batch_size=4, generator=generators, num_inference_steps=10, output_type="pt"
+    ).images
+    model = load_model("digits")
+    grid = nfe_grid(model.schedule, 10, "time_quadratic")
+    noise = noise_for_seeds(seeds, model.data_shape)
+    ours = sample(model.denoiser, noise, solver, grid).x
+    assert (images - (ours / 2 + 0.5).clamp(0, 1)).abs().max() <= 1e-5
+    same_net = ModelWrapper(pipeline.unet, model.schedule, "epsilon")
+    ours_same_net = sample(same_net, noise, solver, grid).x
+    assert (images - (ours_same_net / 2 + 0.5).clamp(0, 1)).abs().max() <= 1e-6
+
+
+# ---------------------------------------------------------------------------------------
+VECTOR_GAUSSIAN = GaussianModel.random((6,), seed=1)
+
+
+def edm_denoiser(x: torch.Tensor, sigma: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """k-diffusion's contract: D(x, sigma * s_in) -> x0 (EDM: x = x0 + sigma n)."""
+    return scale * VECTOR_GAUSSIAN.denoise(x, 1.0, float(sigma[0]))
+
+
+def test_k_diffusion_entry_point_equals_sample():
+    rho, n = 7.0, 24
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    sigmas = (80 ** (1 / rho) + ramp * (0.002 ** (1 / rho) - 80 ** (1 / rho))) ** rho
+    sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 80
+    seen = []
+    out = sample_denoiser(
+        edm_denoiser, x, sigmas, {"scale": 1.0}, seen.append, solver="unipc-bh2-3"
+    )
+    schedule = EDM(0.002, 80.0)
+    ours = sample(VECTOR_GAUSSIAN.denoiser(schedule), x, UniPC(3, "bh2"), sigmas).x
+    assert rel_err(out, ours) <= 1e-10
+    assert [d["i"] for d in seen] == list(range(n)) and seen[0]["sigma"] == pytest.approx(80)
+    exact = VECTOR_GAUSSIAN.solution(x, 80.0, 0.0, schedule)
+    assert rel_err(out, exact) <= 1e-2
+    heun = make_sampler("heun")(edm_denoiser, x, sigmas)
+    assert rel_err(heun, exact) <= 3e-2
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        sample_denoiser(edm_denoiser, x, sigmas.flip(0))
+
+
+def test_core_does_not_import_diffusers():
+    code = (
+        "import sys, diffsolve, diffsolve.cli, diffsolve.scale, diffsolve.integrations, "
+        "diffsolve.integrations.k_diffusion; assert 'diffusers' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
