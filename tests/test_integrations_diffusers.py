@@ -224,7 +224,7 @@ def test_config_round_trip_and_ddpm_keys(tmp_path):
     ("options", "message"),
     [
         ({"prediction_type": "nope"}, "prediction must be one of"),
-        ({"solver_type": "bh3"}, "variant must be one of"),
+        ({"solver_type": "bh3"}, "solver_type must be one of"),
         ({"grid": "weird"}, "grid must be one of"),
         ({"solver_order": 4}, "order must be one of"),
         ({"beta_schedule": "sigmoid"}, "beta_schedule must be one of"),
@@ -241,6 +241,7 @@ def test_bad_options_are_value_errors(options, message):
 def pipeline():
     pipe = diffusers.DiffusionPipeline.from_pretrained(DEMO)
     pipe.set_progress_bar_config(disable=True)
+    pipe.ddpm_config = dict(pipe.scheduler.config)
     return pipe
 
 
@@ -255,27 +256,76 @@ def test_exported_unet_equals_digits_network(pipeline):
     assert dict(converted.config)["block_out_channels"] == [32, 32, 32]
 
 
-@pytest.mark.parametrize(
-    ("cls", "solver"),
-    [(DiffsolveUniPCScheduler, UniPC(2, "bh2")), (DiffsolveDPMSolverPPScheduler, DPMSolverPP(2))],
-)
-def test_pipeline_equals_sample(pipeline, cls, solver):
-    """DDPMPipeline + our scheduler == diffsolve's sample() on the same per-seed noise."""
-    assert type(pipeline).__name__ == "DDPMPipeline"
-    pipeline.scheduler = cls.from_config(pipeline.scheduler.config)
-    seeds = [0, 1, 2, 3]
-    generators = [torch.Generator().manual_seed(s) for s in seeds]  # = noise_for_seeds
-    images = pipeline(
-        batch_size=4, generator=generators, num_inference_steps=10, output_type="pt"
+def run_pipeline(pipe, cls, seeds, steps, **options):
+    """The stock DDPMPipeline with our scheduler; one generator per seed (noise_for_seeds)."""
+    assert type(pipe).__name__ == "DDPMPipeline"
+    pipe.scheduler = cls.from_config(pipe.ddpm_config, **options)
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    return pipe(
+        batch_size=len(seeds), generator=generators, num_inference_steps=steps, output_type="pt"
     ).images
+
+
+def to_image(x: torch.Tensor) -> torch.Tensor:
+    return (x / 2 + 0.5).clamp(0, 1)  # what DDPMPipeline returns
+
+
+SEEDS = [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("cls", "options", "solver"),
+    [
+        (DiffsolveUniPCScheduler, {}, UniPC(2, "bh2")),
+        (DiffsolveUniPCScheduler, {"solver_order": 3, "solver_type": "bh1"}, UniPC(3, "bh1")),
+        (DiffsolveDPMSolverPPScheduler, {}, DPMSolverPP(2)),
+    ],
+)
+def test_pipeline_equals_sample(pipeline, cls, options, solver):
+    """DDPMPipeline + our scheduler == diffsolve's sample() on the same per-seed noise."""
+    images = run_pipeline(pipeline, cls, SEEDS, 10, **options)
     model = load_model("digits")
     grid = nfe_grid(model.schedule, 10, "time_quadratic")
-    noise = noise_for_seeds(seeds, model.data_shape)
-    ours = sample(model.denoiser, noise, solver, grid).x
-    assert (images - (ours / 2 + 0.5).clamp(0, 1)).abs().max() <= 1e-5
+    noise = noise_for_seeds(SEEDS, model.data_shape)
     same_net = ModelWrapper(pipeline.unet, model.schedule, "epsilon")
-    ours_same_net = sample(same_net, noise, solver, grid).x
-    assert (images - (ours_same_net / 2 + 0.5).clamp(0, 1)).abs().max() <= 1e-6
+    assert (images - to_image(sample(same_net, noise, solver, grid).x)).abs().max() <= 1e-6
+    # the demo's own DigitsUNet: float32 round-off of the converted network only
+    ours = sample(model.denoiser, noise, solver, grid).x
+    assert (images - to_image(ours)).abs().max() <= 1e-5
+
+
+def test_pipeline_equals_sample_in_float64():
+    """In float64 the exported pipeline equals sample() of the original DigitsUNet to
+    round-off. UNet2DModel computes its sinusoidal time embedding in float32, so the
+    DigitsUNet is given its time input in float32 as well."""
+    pipe = diffusers.DiffusionPipeline.from_pretrained(DEMO, dtype=torch.float64)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.ddpm_config = dict(pipe.scheduler.config)
+    images = run_pipeline(pipe, DiffsolveUniPCScheduler, SEEDS, 6, solver_order=3)
+    model = load_model("digits", dtype=torch.float64)
+    noise = torch.cat(  # what the pipeline draws: one float64 randn per generator
+        [
+            torch.randn(
+                1,
+                *model.data_shape,
+                generator=torch.Generator().manual_seed(s),
+                dtype=torch.float64,
+            )
+            for s in SEEDS
+        ]
+    )
+    net = model.network
+    denoiser = ModelWrapper(lambda x, t: net(x, t.float()), model.schedule, "epsilon")
+    ours = sample(denoiser, noise, UniPC(3), nfe_grid(model.schedule, 6, "time_quadratic")).x
+    assert (images - to_image(ours)).abs().max() <= 1e-10
+
+
+def test_from_config_swaps_between_diffsolve_schedulers():
+    unipc = DiffsolveUniPCScheduler(solver_type="bh1", solver_order=3)
+    dpm = DiffsolveDPMSolverPPScheduler.from_config(unipc.config)
+    assert dpm.config.solver_type == "midpoint" and dpm.config.solver_order == 3
+    back = DiffsolveUniPCScheduler.from_config(dpm.config)
+    assert back.config.solver_type == "bh2"
 
 
 # ---------------------------------------------------------------------------------------

@@ -84,6 +84,8 @@ __all__ = [
 
 _F64 = torch.float64
 GRID_KINDS = tuple(grids.GRIDS)
+#: ``solver_type`` values of diffusers' and diffsolve's multistep schedulers.
+_SOLVER_TYPES = ("midpoint", "heun", "taylor", "logrho", "bh1", "bh2")
 
 
 # ---------------------------------------------------------------------------------------
@@ -251,6 +253,17 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         self._state: MultistepState | None = None
         self._last_output: Tensor | None = None
         self._begin_index = 0
+
+    def _adopt_solver_type(self, value: str, allowed: Sequence[str], default: str) -> None:
+        """Check ``solver_type``. A value that belongs to a sibling scheduler (a config taken
+        over with ``from_config`` from, say, UniPC's ``bh2`` into DPM-Solver++) becomes this
+        scheduler's default, as diffusers does; anything else is an error."""
+        if value in allowed:
+            return
+        if value in _SOLVER_TYPES:
+            self.register_to_config(solver_type=default)
+            return
+        check_choice(value, allowed, "solver_type")
 
     def build_solver(self, num_steps: int) -> Solver:
         """The multistep solver for a grid of ``num_steps`` steps (subclasses)."""
@@ -546,7 +559,7 @@ class DiffsolveDPMSolverPPScheduler(DiffsolveScheduler):
         solver_order: int = 2,
         solver_type: str = "midpoint",
     ) -> None:
-        check_choice(solver_type, ("midpoint", "taylor", "heun"), "solver_type")
+        self._adopt_solver_type(solver_type, ("midpoint", "taylor", "heun"), "midpoint")
         self._setup()
 
     def build_solver(self, num_steps: int) -> Solver:
@@ -588,6 +601,7 @@ class DiffsolveUniPCScheduler(DiffsolveScheduler):
         use_corrector: bool = True,
         disable_corrector: list[int] | None = None,
     ) -> None:
+        self._adopt_solver_type(solver_type, ("bh1", "bh2"), "bh2")
         self._setup()
 
     def build_solver(self, num_steps: int) -> Solver:
