@@ -365,3 +365,13 @@ def test_core_does_not_import_diffusers():
         "diffsolve.integrations.k_diffusion; assert 'diffusers' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_single_step_solvers_are_refused():
+    class SingleStep(DiffsolveDPMSolverPPScheduler):
+        def build_solver(self, num_steps):
+            return DPMSolverPP(2, method="singlestep")
+
+    scheduler = SingleStep()
+    with pytest.raises(ValueError, match="one model evaluation per step"):
+        scheduler.set_timesteps(6)

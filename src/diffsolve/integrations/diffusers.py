@@ -68,7 +68,7 @@ from diffsolve.registry import SOLVERS, nfe_grid
 from diffsolve.sampling import state_dtype
 from diffsolve.schedule import NoiseSchedule, RectifiedFlow, VPDiscrete
 from diffsolve.solvers import DDIM, DEIS, DPMSolverPP, Solver, UniPC
-from diffsolve.solvers.base import MultistepPlan, MultistepState, check_choice
+from diffsolve.solvers.base import Plan, State, check_choice
 
 __all__ = [
     "DiffsolveDDIMScheduler",
@@ -84,6 +84,8 @@ __all__ = [
 
 _F64 = torch.float64
 GRID_KINDS = tuple(grids.GRIDS)
+#: Grid kind when neither the config nor the registry names one.
+DEFAULT_GRID = "time_quadratic"
 #: ``solver_type`` values of diffusers' and diffsolve's multistep schedulers.
 _SOLVER_TYPES = ("midpoint", "heun", "taylor", "logrho", "bh1", "bh2")
 
@@ -249,8 +251,8 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = torch.empty(0)
         self.sigmas = torch.empty(0)
         self._grid: Tensor | None = None
-        self._plan: MultistepPlan | None = None
-        self._state: MultistepState | None = None
+        self._plan: Plan | None = None
+        self._state: State | None = None
         self._last_output: Tensor | None = None
         self._begin_index = 0
 
@@ -341,7 +343,8 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         n = num_inference_steps
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got {n!r}")
-        kind = self.config.grid or SOLVERS[self.registry_name].grid
+        spec = SOLVERS.get(self.registry_name)
+        kind = self.config.grid or (spec.grid if spec is not None else DEFAULT_GRID)
         grid = nfe_grid(self.schedule, n, kind)
         if self.config.use_flow_sigmas:
             shift = float(np.exp(mu)) if mu is not None else float(self.config.flow_shift)
@@ -382,10 +385,11 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         assert self._grid is not None
         grid = self._grid[begin_index:]
         plan = self.build_solver(grid.numel() - 1).plan(self.schedule, grid)
-        if not isinstance(plan, MultistepPlan):
+        if plan.num_steps is None or plan.nfe != plan.num_steps:
             raise ValueError(
-                f"{type(self).__name__}: the solver must be multistep (one model evaluation "
-                f"per step) to run as a diffusers scheduler; got {type(plan).__name__}"
+                f"{type(self).__name__}: the solver must take one model evaluation per step "
+                f"(a multistep method) to run as a diffusers scheduler; its plan "
+                f"{type(plan).__name__} takes {plan.nfe} for {plan.num_steps} steps"
             )
         self._plan, self._state, self._last_output = plan, None, None
         self._begin_index = begin_index
@@ -442,7 +446,6 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
             state = replace(state, x=sample.to(state.x.dtype))
         self._check_timestep(timestep, state.step)
         new = plan.step(_ReplayModel(self._wrapper, output.to(state.x.dtype)), state)
-        assert isinstance(new, MultistepState)
         self._state = new
         prev = new.x.to(sample.dtype)
         self._last_output = prev
