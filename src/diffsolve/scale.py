@@ -490,7 +490,12 @@ def run_sampling(
         raise ValueError(f"batch_size must be a positive integer, got {config.batch_size!r}")
     device = dist.device(config.device)
     model = load_model(config.model, device=device)
-    method, grid = setup_solver(config.solver, model.schedule, config.nfe, config.grid)
+    spec = SOLVERS.get(config.solver)
+    # solvers built from model statistics (DPM-Solver-v3's EMS) need the loaded model
+    needs_model = {"model": model} if getattr(spec, "needs_model", False) else {}
+    method, grid = setup_solver(
+        config.solver, model.schedule, config.nfe, config.grid, **needs_model
+    )
     plan = method.plan(model.schedule, grid)
     model_id = config.model
     if model_id not in DEMO_MODELS:
@@ -501,7 +506,7 @@ def run_sampling(
         solver=config.solver,
         nfe=int(plan.nfe),
         nfe_budget=config.nfe,
-        grid=config.grid or SOLVERS[config.solver].grid,
+        grid=config.grid or _default_grid_kind(spec, config.nfe),
         grid_t=tuple(float(t) for t in grid),
         seeds=format_seeds(seeds),
         num_seeds=len(seeds),
@@ -529,6 +534,11 @@ def run_sampling(
         if _is_image(manifest.data_shape):
             report.grid_png = _overview(out_dir, shards, manifest)
     return report
+
+
+def _default_grid_kind(spec: Any, nfe: int) -> str:
+    """The registry's grid kind for a solver (a name, or ``nfe -> name``)."""
+    return spec.grid(nfe) if callable(spec.grid) else spec.grid
 
 
 def _prepare_folder(out_dir: Path, manifest: RunManifest, dist: Distributed) -> None:

@@ -344,7 +344,10 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got {n!r}")
         spec = SOLVERS.get(self.registry_name)
-        kind = self.config.grid or (spec.grid if spec is not None else DEFAULT_GRID)
+        kind = self.config.grid
+        if kind is None and spec is not None:  # the registry's kind: a name or nfe -> name
+            kind = spec.grid(n) if callable(spec.grid) else spec.grid
+        kind = kind or DEFAULT_GRID
         grid = nfe_grid(self.schedule, n, kind)
         if self.config.use_flow_sigmas:
             shift = float(np.exp(mu)) if mu is not None else float(self.config.flow_shift)
