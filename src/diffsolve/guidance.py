@@ -168,11 +168,27 @@ def _broadcast_batch(value: Tensor, batch: int, name: str) -> Tensor:
     )
 
 
+def _per_sample(value: Any, batch: int, device: torch.device, name: str) -> Any:
+    """Broadcast the tensors in a (nested) network argument to ``batch`` entries on
+    ``device``."""
+    if isinstance(value, Tensor):
+        return _broadcast_batch(value, batch, name).to(device)
+    if isinstance(value, Mapping):
+        prefix = f"{name}." if name else ""
+        return {k: _per_sample(v, batch, device, prefix + k) for k, v in value.items()}
+    return value
+
+
 def _batch_kwargs(
-    uncond: Mapping[str, Any], cond: Mapping[str, Any], batch: int | None, prefix: str = ""
+    uncond: Mapping[str, Any],
+    cond: Mapping[str, Any],
+    batch: int | None,
+    device: torch.device | None = None,
+    prefix: str = "",
 ) -> dict[str, Any]:
     """Stack the unconditional and conditional keyword arguments along the batch
-    (unconditional first); non-tensor values must agree. ``batch=None`` only validates."""
+    (unconditional first) on ``device``; non-tensor values must agree. ``batch=None`` only
+    validates."""
     if set(uncond) != set(cond):
         raise ValueError(
             f"cond_kwargs and uncond_kwargs must have the same keys, got {sorted(cond)} and "
@@ -184,11 +200,10 @@ def _batch_kwargs(
         if isinstance(u, Tensor) and isinstance(c, Tensor):
             if batch is None:
                 continue
-            out[key] = torch.cat(
-                [_broadcast_batch(u, batch, name), _broadcast_batch(c, batch, name)]
-            )
+            pair = [_broadcast_batch(u, batch, name), _broadcast_batch(c, batch, name)]
+            out[key] = torch.cat(pair).to(device)
         elif isinstance(u, Mapping) and isinstance(c, Mapping):
-            out[key] = _batch_kwargs(u, c, batch, name + ".")
+            out[key] = _batch_kwargs(u, c, batch, device, name + ".")
         elif isinstance(u, Tensor) or isinstance(c, Tensor) or u != c:
             raise ValueError(
                 f"conditioning {name!r}: the conditional and unconditional values can only "
@@ -223,30 +238,28 @@ class _GuidedPair(_Wrapper):
         self.cond_kwargs = dict(cond_kwargs)
         self.uncond_kwargs = dict(uncond_kwargs)
         _batch_kwargs(self.uncond_kwargs, self.cond_kwargs, None)  # validate keys and types
-        self._pairs: dict[int, ModelWrapper] = {}
-        self._conds: dict[int, ModelWrapper] = {}
+        self._wrappers: dict[tuple[bool, int, torch.device], ModelWrapper] = {}
 
-    def _wrapper(self, batch: int, paired: bool) -> ModelWrapper:
-        cache = self._pairs if paired else self._conds
-        wrapper = cache.get(batch)
+    def _wrapper(self, x: Tensor, paired: bool) -> ModelWrapper:
+        """The network wrapper with the conditioning for ``x``'s batch size and device
+        (built once per batch size and device)."""
+        key = (paired, x.shape[0], x.device)
+        wrapper = self._wrappers.get(key)
         if wrapper is None:
             if paired:
-                kwargs = _batch_kwargs(self.uncond_kwargs, self.cond_kwargs, batch)
+                kwargs = _batch_kwargs(self.uncond_kwargs, self.cond_kwargs, x.shape[0], x.device)
             else:
-                kwargs = {
-                    k: _broadcast_batch(v, batch, k) if isinstance(v, Tensor) else v
-                    for k, v in self.cond_kwargs.items()
-                }
-            wrapper = cache[batch] = self.model.with_kwargs(**kwargs)
+                kwargs = _per_sample(self.cond_kwargs, x.shape[0], x.device, "")
+            wrapper = self._wrappers[key] = self.model.with_kwargs(**kwargs)
         return wrapper
 
     def cond_output(self, x: Tensor, t: float) -> Tensor:
         """Raw conditional network output (one call)."""
-        return self._wrapper(x.shape[0], paired=False).forward(x, t)
+        return self._wrapper(x, paired=False).forward(x, t)
 
     def pair_outputs(self, x: Tensor, t: float) -> tuple[Tensor, Tensor]:
         """Raw ``(conditional, unconditional)`` outputs from one batched network call."""
-        out = self._wrapper(x.shape[0], paired=True).forward(torch.cat([x, x]), t)
+        out = self._wrapper(x, paired=True).forward(torch.cat([x, x]), t)
         out_u, out_c = out.chunk(2)
         return out_c, out_u
 
