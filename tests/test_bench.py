@@ -8,7 +8,7 @@ import torch
 from diffsolve.bench import BenchConfig, run_bench
 from diffsolve.bench.report import format_table, plot, write_json
 from diffsolve.bench.runner import contestants
-from diffsolve.models import digits_schedule
+from diffsolve.models import digits_schedule, load_model
 from diffsolve.registry import SOLVERS, setup_solver
 
 pytest.importorskip("diffusers")
@@ -65,16 +65,17 @@ def test_plot_is_written(result, tmp_path):
 
 def test_unknown_contestant_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown contestant 'dpm-solver-9m'"):
-        contestants(["dpm-solver-9m"], digits_schedule(), False)
+        contestants(["dpm-solver-9m"], load_model("gaussian"))
     with pytest.raises(ValueError, match="no diffusers twin"):
-        contestants(["deis-3@diffusers-grid"], digits_schedule(), False)
+        contestants(["deis-3@diffusers-grid"], load_model("gaussian"))
 
 
 @pytest.mark.parametrize("name", sorted(SOLVERS))
 @pytest.mark.parametrize("nfe", [3, 5, 6, 10])
 def test_registry_spends_exactly_the_budget(name, nfe):
-    schedule = digits_schedule()
-    solver, grid = setup_solver(name, schedule, nfe)
+    model = load_model("gaussian")  # ships EMS for DPM-Solver-v3
+    schedule = model.schedule
+    solver, grid = setup_solver(name, schedule, nfe, model=model)
     spent = solver.plan(schedule, grid).nfe
     assert spent == nfe or (name == "heun" and nfe % 2 == 0 and spent == nfe - 1)
     assert grid[-1] == 0 and torch.all(grid[1:] < grid[:-1])

@@ -121,7 +121,7 @@ class GaussianModel:
     def denoise(self, x: Tensor, alpha: float, sigma: float) -> Tensor:
         """Exact posterior mean :math:`\\mathbb E[x_0 \\mid x_t = x]` at
         :math:`(\\alpha, \\sigma)`."""
-        y = x.detach().to(_F64).flatten(1) - alpha * self.mean
+        y = x.to(_F64).flatten(1) - alpha * self.mean
         gain = alpha * self.eigvals / (alpha**2 * self.eigvals + sigma**2)
         x0 = self.mean + ((y @ self.eigvecs) * gain) @ self.eigvecs.T
         return x0.reshape(x.shape).to(x.dtype)
@@ -175,6 +175,12 @@ class GaussianDenoiser:
         alpha, sigma = coefficients
         return Prediction.from_x0(x, self.gaussian.denoise(x, alpha, sigma), alpha, sigma, t)
 
+    def differentiable_eps(self, x: Tensor, t: Tensor) -> Tensor:
+        r""":math:`\hat\epsilon(x, t)`, differentiable in ``x`` and a float64 0-dim ``t``."""
+        log_alpha, log_sigma = self.schedule.log_alpha_sigma(t)
+        alpha, sigma = torch.exp(log_alpha), torch.exp(log_sigma)
+        return (x - alpha * self.gaussian.denoise(x, alpha, sigma)) / sigma
+
 
 class GaussianMixtureModel:
     r"""A mixture :math:`\sum_c \pi_c\,\mathcal N(\mu_c, \Sigma_c)` with its exact denoiser.
@@ -221,7 +227,7 @@ class GaussianMixtureModel:
 
     def denoise(self, x: Tensor, alpha: float, sigma: float) -> Tensor:
         """Exact posterior mean :math:`\\mathbb E[x_0 \\mid x_t = x]`."""
-        y = x.detach().to(_F64).flatten(1)  # (B, D)
+        y = x.to(_F64).flatten(1)  # (B, D)
         var = alpha**2 * self.eigvals + sigma**2  # (C, D)
         centred = y[None] - alpha * self.means[:, None, :]  # (C, B, D)
         coords = centred @ self.eigvecs  # (C, B, D) in each component's eigenbasis

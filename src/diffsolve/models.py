@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from diffsolve.ems.stats import EMS, load_ems, model_fingerprint
 from diffsolve.gaussian import GaussianMixtureModel, GaussianModel
 from diffsolve.model import Denoiser, ModelWrapper
 from diffsolve.schedule import NoiseSchedule, VPDiscrete, schedule_from_config
@@ -50,6 +51,24 @@ class LoadedModel:
     network: nn.Module | None = None
     num_classes: int | None = None
     analytic: GaussianModel | GaussianMixtureModel | None = field(default=None, repr=False)
+    folder: Path | None = None
+
+    @property
+    def ems_path(self) -> Path | None:
+        """Where this model's DPM-Solver-v3 statistics live (``<folder>/ems.safetensors``)."""
+        return None if self.folder is None else self.folder / "ems.safetensors"
+
+    def load_ems(self, path: str | Path | None = None) -> EMS:
+        """Load and check the model's EMS (default: :attr:`ems_path`)."""
+        target = Path(path) if path is not None else self.ems_path
+        if target is None or not target.is_file():
+            raise ValueError(
+                f"model {self.name!r} has no EMS file ({target}); compute one with "
+                f"`diffsolve ems --model {self.name} --out {target or 'ems.safetensors'}`"
+            )
+        ems = load_ems(target)
+        ems.check_compatible(self.schedule, self.data_shape, model_fingerprint(self.denoiser))
+        return ems
 
     def conditional(self, class_labels: Tensor) -> Denoiser:
         """The denoiser conditioned on ``class_labels`` (shape ``(B,)``)."""
@@ -108,6 +127,7 @@ def load_model(
         config=config,
         network=network,
         num_classes=conditioning.get("num_classes"),
+        folder=folder,
     )
 
 
@@ -141,4 +161,5 @@ def _load_analytic(name: str) -> LoadedModel:
         data_shape=tuple(data.shape[1:]),
         config=config,
         analytic=analytic,
+        folder=demo_path(name),
     )

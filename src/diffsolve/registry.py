@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import Tensor
 
@@ -35,6 +36,15 @@ from diffsolve.solvers import (
     UniPC,
     fast_orders,
 )
+from diffsolve.solvers.dpm_solver_v3 import DPMSolverV3
+
+if TYPE_CHECKING:
+    from diffsolve.models import LoadedModel
+
+
+def _v3(nfe: int, model: LoadedModel) -> Solver:
+    """DPM-Solver-v3 with the settings measured best on the demo models (BENCHMARKS.md)."""
+    return DPMSolverV3(model.load_ems(), order=3, corrector=True)
 
 
 @dataclass(frozen=True)
@@ -44,16 +54,18 @@ class SolverSpec:
     Attributes:
         name: Registry key (CLI ``--solver``).
         description: One line for ``diffsolve solvers``.
-        build: ``nfe -> Solver`` (single-step methods pick their order mix from the budget).
+        build: ``nfe -> Solver`` (single-step methods pick their order mix from the budget);
+            with ``needs_model``, ``(nfe, model) -> Solver`` (DPM-Solver-v3 loads the model's EMS).
         steps: ``nfe -> number of grid steps``, including the final step to ``t = 0``.
-        grid: Default grid kind (see :data:`diffsolve.grids.GRIDS`).
+        grid: Default grid kind (see :data:`diffsolve.grids.GRIDS`), or ``nfe -> kind``.
     """
 
     name: str
     description: str
     build: Callable[[int], Solver]
     steps: Callable[[int], int]
-    grid: str = "time_quadratic"
+    grid: str | Callable[[int], str] = "time_quadratic"
+    needs_model: bool = False
 
 
 def _multistep(
@@ -114,6 +126,13 @@ SOLVERS: dict[str, SolverSpec] = {
         _multistep("unipc-bh2-3", "UniPC bh2, order 3 + corrector", lambda: UniPC(3, "bh2")),
         _multistep("deis-2", "DEIS tAB, order 2", lambda: DEIS(2)),
         _multistep("deis-3", "DEIS tAB, order 3", lambda: DEIS(3)),
+        SolverSpec(
+            "dpm-solver-v3",
+            "DPM-Solver-v3 with the model's EMS (order 3 + corrector)",
+            _v3,
+            lambda nfe: nfe,
+            needs_model=True,
+        ),  # type: ignore[arg-type]
     )
 }
 
@@ -125,14 +144,26 @@ def setup_solver(
     grid: str | None = None,
     t_start: float | None = None,
     t_end: float | None = None,
+    model: LoadedModel | None = None,
 ) -> tuple[Solver, Tensor]:
-    """The solver ``name`` and a grid spending ``nfe`` model evaluations on ``schedule``."""
+    """The solver ``name`` and a grid spending ``nfe`` model evaluations on ``schedule``.
+
+    ``model`` is needed by solvers that use model statistics (DPM-Solver-v3 picks up the
+    model's shipped EMS file).
+    """
     if name not in SOLVERS:
         raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {name!r}")
     if not isinstance(nfe, int) or nfe < 2:
         raise ValueError(f"nfe must be an integer >= 2, got {nfe!r}")
     spec = SOLVERS[name]
-    return spec.build(nfe), nfe_grid(schedule, spec.steps(nfe), grid or spec.grid, t_start, t_end)
+    if spec.needs_model:
+        if model is None:
+            raise ValueError(f"solver {name!r} needs the model (its statistics); pass model=")
+        solver = spec.build(nfe, model)  # type: ignore[call-arg]
+    else:
+        solver = spec.build(nfe)
+    kind = grid or (spec.grid(nfe) if callable(spec.grid) else spec.grid)
+    return solver, nfe_grid(schedule, spec.steps(nfe), kind, t_start, t_end)
 
 
 def nfe_grid(

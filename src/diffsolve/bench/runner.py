@@ -15,9 +15,9 @@ from diffsolve import grids
 from diffsolve.bench.peers import Peer, default_peers, null_overhead
 from diffsolve.bench.timing import TimedModel, synchronize
 from diffsolve.metrics import frechet_distance
+from diffsolve.models import LoadedModel
 from diffsolve.registry import SOLVERS, setup_solver
 from diffsolve.sampling import sample
-from diffsolve.schedule import NoiseSchedule
 from diffsolve.seeds import noise_for_seeds
 from diffsolve.solvers import DPMSolverPP, Solver, UniPC
 
@@ -96,9 +96,9 @@ class Contestant:
     run: Callable[[TimedModel, Tensor, int], tuple[Tensor, int, float]]
 
 
-def _ours(name: str, grid_kind: str | None = None) -> Contestant:
+def _ours(name: str, loaded: LoadedModel, grid_kind: str | None = None) -> Contestant:
     def run(model: TimedModel, x: Tensor, nfe: int) -> tuple[Tensor, int, float]:
-        solver, grid = setup_solver(name, model.schedule, nfe, grid_kind)
+        solver, grid = setup_solver(name, model.schedule, nfe, grid_kind, model=loaded)
         return _run_solver(solver, grid, model, x)
 
     label = name if grid_kind is None else f"{name}@{grid_kind}"
@@ -133,13 +133,12 @@ TWIN_SOLVERS: dict[str, Callable[[int], Solver]] = {
 }
 
 
-def contestants(
-    names: Sequence[str] | None, schedule: NoiseSchedule, conditional: bool
-) -> list[Contestant]:
+def contestants(names: Sequence[str] | None, loaded: LoadedModel) -> list[Contestant]:
     """Resolve contestant names: ``NAME`` (registry), ``NAME@GRID`` (grid override),
     ``NAME@diffusers-grid`` (on its diffusers twin's grid), ``diffusers:PEER``. ``None`` gives
     the default line-up: our solvers, every diffusers peer, and the twins."""
-    peers = {p.name: p for p in default_peers(schedule, conditional)}
+    schedule = loaded.schedule
+    peers = {p.name: p for p in default_peers(schedule, bool(loaded.num_classes))}
     if names is None:
         names = [
             *DEFAULT_SOLVERS,
@@ -163,7 +162,7 @@ def contestants(
         elif base in SOLVERS:
             if grid_kind and grid_kind not in grids.GRIDS:
                 raise ValueError(f"{name}: grid must be one of {sorted(grids.GRIDS)}")
-            out.append(_ours(base, grid_kind or None))
+            out.append(_ours(base, loaded, grid_kind or None))
         else:
             raise ValueError(
                 f"unknown contestant {name!r}: use a solver from `diffsolve "
@@ -222,7 +221,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
         fd_reference=frechet_distance(reference.cpu(), test),
         fd_train=frechet_distance(load_digits("train"), test),
     )
-    runs = contestants(config.solvers, loaded.schedule, bool(loaded.num_classes))
+    runs = contestants(config.solvers, loaded)
     bar = tqdm(total=len(runs) * len(config.nfes), desc=f"bench {config.model}", unit="run")
     for contestant in runs:
         for nfe in config.nfes:

@@ -1,6 +1,6 @@
 """Shared numerical kernels: φ-functions and exponential-integrator weight solves."""
 
 from diffsolve.core.expint import ExpStep, solve_vandermonde, taylor_weights
-from diffsolve.core.phi import phi
+from diffsolve.core.phi import phi, phi_tensor
 
-__all__ = ["ExpStep", "phi", "solve_vandermonde", "taylor_weights"]
+__all__ = ["ExpStep", "phi", "phi_tensor", "solve_vandermonde", "taylor_weights"]

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import math
 
+import torch
+from torch import Tensor
+
 _SERIES_RADIUS = 1.0
 _SERIES_TERMS = 24  # 1/24! ~ 1.6e-24: far below float64 resolution for |z| < 1
 
@@ -42,3 +45,21 @@ def phi(k: int, z: float) -> float:
     for j in range(1, k):
         value = (value - 1.0 / math.factorial(j)) / z
     return value
+
+
+def phi_tensor(k: int, z: Tensor) -> Tensor:
+    """Elementwise :math:`\\varphi_k(z)` of a float64 tensor (series for ``|z| < 1``)."""
+    if k < 1:
+        raise ValueError(f"phi_tensor: k must be >= 1, got {k}")
+    small = z.abs() < _SERIES_RADIUS
+    zs = torch.where(small, z, torch.zeros_like(z))
+    series = torch.zeros_like(z)
+    term = torch.full_like(z, 1.0 / math.factorial(k))
+    for j in range(_SERIES_TERMS):
+        series = series + term
+        term = term * zs / (j + k + 1)
+    zl = torch.where(small, torch.ones_like(z), z)
+    closed = torch.expm1(zl) / zl
+    for j in range(1, k):
+        closed = (closed - 1.0 / math.factorial(j)) / zl
+    return torch.where(small, series, closed)

@@ -1,0 +1,194 @@
+"""DPM-Solver-v3: degenerate statistics are DPM-Solver++, orders, closed-form EMS, estimator,
+files and errors."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SCHEDULES, noise
+from diffsolve import EDM, DPMSolverPP, GaussianModel, VPDiscrete, VPLinear, grids, sample
+from diffsolve.ems import EMS, load_ems
+from diffsolve.ems.compute import compute_ems
+from diffsolve.ems.gaussian import gaussian_ems
+from diffsolve.solvers.dpm_solver_v3 import DPMSolverV3, derivative_weights
+
+
+@pytest.mark.parametrize("schedule_name", list(SCHEDULES))
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("kind", ["logsnr", "time_uniform"])
+def test_degenerate_statistics_reproduce_dpm_solver_pp(order, schedule_name, kind, gaussian):
+    """l = 1, s = b = 0 is DPM-Solver++ (Taylor form) — here to 1e-12, on grids that do not
+    sit on the 37-interval EMS grid (the official code: ~1e-4, trapezoid error)."""
+    schedule = SCHEDULES[schedule_name]()
+    ems = EMS.degenerate(schedule, (6,), n=37)
+    grid = grids.make_grid(schedule, 9, kind)
+    x = noise(schedule)
+    ours = sample(gaussian.denoiser(schedule), x, DPMSolverV3(ems, order, corrector=False), grid)
+    pp = sample(gaussian.denoiser(schedule), x, DPMSolverPP(order, solver_type="taylor"), grid)
+    torch.testing.assert_close(ours.x, pp.x, rtol=0, atol=1e-6 * float(pp.x.abs().max()))
+    assert float((ours.x - pp.x).abs().max()) < 1e-11
+
+
+@pytest.mark.parametrize("schedule_name", ["vp_discrete", "vp_linear", "edm", "rectified_flow"])
+@pytest.mark.parametrize(
+    ("order", "options"),
+    [
+        (1, {}),
+        (2, {}),
+        (3, {}),
+        (2, {"predictor_pseudo": True}),
+        (2, {"corrector": True, "corrector_pseudo": False}),
+        (3, {"corrector": True, "corrector_pseudo": False}),
+        (2, {"corrector": True, "corrector_pseudo": True}),
+    ],
+)
+def test_declared_orders_hold_with_exact_gaussian_statistics(schedule_name, order, options):
+    """With the closed-form optimal EMS of the Gaussian (N = 600), the measured order (slope of
+    the error against 40, 80, 160 steps) is the declared predictor order ±0.3; a corrector may
+    only raise it (the paper gives no order guarantee for it)."""
+    schedule = SCHEDULES[schedule_name]()
+    g = GaussianModel.random((6,), seed=1)
+    t_end = float(schedule.t_of_lambda(0.5))
+    ems = gaussian_ems(g, schedule, 600, t_end=t_end * 0.5)
+    solver = DPMSolverV3(ems, order, **{"corrector": False, "lower_order_final": False, **options})
+    x = noise(schedule)
+    steps, errors = (40, 80, 160), []
+    for n in steps:
+        grid = grids.logsnr_uniform(schedule, n, t_end=t_end)
+        out = sample(g.denoiser(schedule), x, solver, grid).x
+        errors.append(float((out - g.solution(x, float(grid[0]), t_end, schedule)).abs().max()))
+    slope = -np.polyfit(np.log(steps), np.log(errors), 1)[0]
+    if solver.corrector:
+        assert slope > solver.convergence_order - 0.3, (slope, errors)
+    else:
+        assert abs(slope - solver.convergence_order) < 0.3, (slope, errors)
+
+
+def test_derivative_weights_are_exact_on_polynomials():
+    deltas = [0.0, -0.7, -1.6, 0.4]
+    for pseudo in (False, True):
+        rows = derivative_weights(deltas, pseudo)
+        for k, row in enumerate(rows, start=1):  # d^k/dx^k of x^k is k!
+            value = sum(w * d**k for w, d in zip(row, deltas, strict=True))
+            assert value == pytest.approx(math.factorial(k), rel=1e-10)
+            if not pseudo:  # full order: lower-degree monomials have zero k-th derivative
+                for m in range(k):
+                    assert sum(w * d**m for w, d in zip(row, deltas, strict=True)) == (
+                        pytest.approx(0.0, abs=1e-9)
+                    )
+
+
+def test_estimator_converges_to_the_closed_form():
+    """The estimated l, s, b approach the exact optimum as K grows (interior of the grid: the
+    end points carry the one-sided finite difference of l')."""
+    g = GaussianModel.random((4,), seed=1)
+    schedule = VPDiscrete.from_diffusers()
+    exact = gaussian_ems(g, schedule, 40)
+    errors = []
+    for k in (256, 4096):
+        data = g.sample(k, torch.Generator().manual_seed(0))
+        est = compute_ems(g.denoiser(schedule), data, grid_size=40, batch_size=4096, window=0)
+        inner = slice(2, -2)
+        errors.append(
+            [
+                float((getattr(est, n)[inner] - getattr(exact, n)[inner]).pow(2).mean().sqrt())
+                for n in "lsb"
+            ]
+        )
+    (l1, s1, b1), (l2, s2, b2) = errors
+    assert l2 < l1 / 2.5 and b2 < b1 / 2.5 and s2 < s1 / 1.5  # ~1/sqrt(K) until the l' bias
+    assert l2 < 1e-3 and s2 < 0.05 and b2 < 3e-3
+
+
+def test_estimator_is_independent_of_batch_size():
+    g = GaussianModel.random((3,), seed=2)
+    schedule = VPLinear()
+    data = g.sample(100, torch.Generator().manual_seed(0))
+    a = compute_ems(g.denoiser(schedule), data, grid_size=8, batch_size=100)
+    b = compute_ems(g.denoiser(schedule), data, grid_size=8, batch_size=7)
+    for name in "lsb":
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-9, atol=1e-12)
+
+
+def test_estimator_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    import diffsolve.ems.compute as compute
+
+    g = GaussianModel.random((3,), seed=2)
+    schedule = VPLinear()
+    data = g.sample(64, torch.Generator().manual_seed(0))
+    full = compute_ems(g.denoiser(schedule), data, grid_size=6)
+    calls = {"n": 0}
+    original = compute._accumulate
+
+    def crash_after_three(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(compute, "_accumulate", crash_after_three)
+    monkeypatch.setattr(compute.time, "monotonic", iter(range(0, 10**6, 100)).__next__)
+    with pytest.raises(KeyboardInterrupt):
+        compute_ems(g.denoiser(schedule), data, grid_size=6, checkpoint=tmp_path / "ck")
+    monkeypatch.setattr(compute, "_accumulate", original)
+    calls["n"] = 0
+    resumed = compute_ems(g.denoiser(schedule), data, grid_size=6, checkpoint=tmp_path / "ck")
+    for name in "lsb":
+        torch.testing.assert_close(getattr(resumed, name), getattr(full, name))
+
+
+def test_file_roundtrip_and_clear_errors(tmp_path):
+    schedule = VPDiscrete.from_diffusers()
+    ems = EMS.degenerate(schedule, (1, 8, 8), n=10)
+    path = ems.save(tmp_path / "ems.safetensors")
+    loaded = load_ems(path)
+    torch.testing.assert_close(loaded.l, ems.l)
+    assert loaded.metadata["schedule"] == schedule.to_config()
+    # another schedule, another data shape, another model
+    with pytest.raises(ValueError, match="computed for the schedule"):
+        loaded.check_compatible(VPLinear())
+    with pytest.raises(ValueError, match=r"data of shape \(1, 8, 8\).*\(3, 32, 32\)"):
+        loaded.check_compatible(schedule, (3, 32, 32))
+    loaded.metadata["model_fingerprint"] = "abc"
+    with pytest.raises(ValueError, match="fingerprint abc"):
+        loaded.check_compatible(schedule, (1, 8, 8), fingerprint="def")
+    # truncated and corrupt files
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        load_ems(tmp_path / "cut.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        load_ems(tmp_path / "junk.safetensors")
+    with pytest.raises(FileNotFoundError, match="diffsolve ems"):
+        load_ems(tmp_path / "missing.safetensors")
+
+
+def test_sampling_outside_the_ems_range_is_refused(gaussian):
+    schedule = EDM()
+    ems = EMS.degenerate(schedule, (6,), t_start=40.0, t_end=0.01)
+    solver = DPMSolverV3(ems)
+    with pytest.raises(ValueError, match="outside the EMS range"):
+        solver.plan(schedule, grids.logsnr_uniform(schedule, 10))  # starts at sigma = 80
+    with pytest.raises(ValueError, match="computed for the schedule"):
+        solver.plan(VPLinear(), grids.logsnr_uniform(VPLinear(), 10))
+    with pytest.raises(ValueError, match="half_corrector must be one of"):
+        DPMSolverV3(ems, half_corrector="sometimes")
+
+
+def test_half_corrector_senses():
+    schedule = VPLinear()
+    ems = EMS.degenerate(schedule, (6,), n=20)
+    grid = grids.time_uniform(schedule, 10)
+    counts = {}
+    for half in ("off", "low_noise", "high_noise"):
+        plan = DPMSolverV3(ems, 2, half_corrector=half).plan(schedule, grid)
+        counts[half] = [s.corrector is not None for s in plan.steps]
+    assert counts["off"] == [
+        a or b for a, b in zip(counts["low_noise"], counts["high_noise"], strict=True)
+    ]
+    times = grid[:-1].tolist()
+    assert all(t <= 0.5 for t, c in zip(times, counts["low_noise"], strict=True) if c)
+    assert all(t > 0.5 for t, c in zip(times, counts["high_noise"], strict=True) if c)
