@@ -8,7 +8,7 @@ import torch
 from diffsolve.bench import BenchConfig, run_bench
 from diffsolve.bench.report import format_table, plot, write_json
 from diffsolve.bench.runner import contestants
-from diffsolve.models import digits_schedule, load_model
+from diffsolve.models import load_model
 from diffsolve.registry import SOLVERS, setup_solver
 
 pytest.importorskip("diffusers")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+import numpy as np
+import torch
 
 from diffsolve.registry import SOLVERS
 
@@ -74,6 +76,46 @@ def list_solvers() -> None:
     help="Merge the shards into samples.npz when all are done.",
 )
 @click.option("--device", default="cpu", help="torch device (cuda: one GPU per torchrun rank).")
+@click.option(
+    "--guidance",
+    default="none",
+    type=click.Choice(["none", "cfg", "apg", "classifier"]),
+    help="Classifier-free (cfg) or adaptive projected (apg) guidance of a class-conditional "
+    "model, or classifier guidance with the shipped digits classifier.",
+)
+@click.option(
+    "--scale",
+    "guidance_scale",
+    default=1.0,
+    type=click.FloatRange(0, None),
+    help="Guidance scale (1: the conditional model).",
+)
+@click.option(
+    "--threshold",
+    default=None,
+    type=click.FloatRange(0, 1, min_open=True),
+    help="Dynamic thresholding of x0 at this quantile ratio (e.g. 0.995).",
+)
+@click.option(
+    "--label",
+    "class_label",
+    default=None,
+    type=click.IntRange(0, None),
+    help="Class of every sample (conditional models; default: seed % classes).",
+)
+@click.option(
+    "--teleport",
+    default=0.0,
+    type=click.FloatRange(0, 1, max_open=True),
+    help="Skip this share of the solver's usual grid by analytic Gaussian teleportation.",
+)
+@click.option(
+    "--gaussian-stats",
+    default=None,
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="Gaussian statistics for --teleport (default: the model's gaussian_stats.safetensors).",
+)
 def sample_command(
     model_name: str,
     solver: str,
@@ -85,6 +127,12 @@ def sample_command(
     out_dir: str,
     merge: bool,
     device: str,
+    guidance: str,
+    guidance_scale: float,
+    threshold: float | None,
+    class_label: int | None,
+    teleport: float,
+    gaussian_stats: str | None,
 ) -> None:
     """Sample a model into --out: shard files, a manifest, samples.npz and grid.png.
 
@@ -93,8 +141,13 @@ def sample_command(
     rank r takes shards r::R. Rerunning the same command resumes: valid shards are kept,
     missing or corrupt ones recomputed; a folder made with other settings is refused.
     """
+    from diffsolve.guidance import GuidanceSpec
     from diffsolve.scale import RunConfig, SamplingError, distributed, run_sampling
 
+    try:
+        spec = GuidanceSpec(guidance, guidance_scale, threshold)  # type: ignore[arg-type]
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
     config = RunConfig(
         model=model_name,
         solver=solver,
@@ -106,6 +159,10 @@ def sample_command(
         shard_size=shard_size,
         device=device,
         merge=merge,
+        guidance=spec,
+        class_label=class_label,
+        teleport=teleport,
+        gaussian_stats=gaussian_stats,
     )
     try:
         with distributed() as dist:
@@ -237,3 +294,118 @@ def bench_command(
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+@main.command("ems")
+@click.option("--model", "model_name", default="digits", metavar="NAME|DIR", help="Model.")
+@click.option("--samples", default=1024, type=click.IntRange(2, None), help="K: data points.")
+@click.option(
+    "--grid",
+    "grid_size",
+    default=200,
+    type=click.IntRange(2, None),
+    help="N: intervals of the logSNR grid.",
+)
+@click.option(
+    "--out",
+    "out_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Output file (default: the model's ems.safetensors).",
+)
+@click.option(
+    "--data",
+    "data_source",
+    default="digits",
+    metavar="digits|FILE",
+    help="x0 points: the digits training split, or a .pt/.npy/.npz array (M, ...).",
+)
+@click.option("--t-start", default=None, type=float, help="Noisiest time (default: schedule's).")
+@click.option("--t-end", default=None, type=float, help="Cleanest time (default: schedule's).")
+@click.option("--seed", default=0, type=click.IntRange(0, None), help="Noise and probe seed.")
+@click.option("--batch-size", default=512, type=click.IntRange(1, None), help="JVP batch.")
+@click.option(
+    "--jvp",
+    default="auto",
+    type=click.Choice(["auto", "forward", "double_backward"]),
+    help="Forward-mode AD, double-backward, or forward with automatic fallback.",
+)
+@click.option(
+    "--checkpoint",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Progress file (default: OUT.partial); rerunning resumes from it.",
+)
+@click.option("--device", default="cpu", help="torch device.")
+def ems_command(
+    model_name: str,
+    samples: int,
+    grid_size: int,
+    out_path: str | None,
+    data_source: str,
+    t_start: float | None,
+    t_end: float | None,
+    seed: int,
+    batch_size: int,
+    jvp: str,
+    checkpoint: str | None,
+    device: str,
+) -> None:
+    """Estimate DPM-Solver-v3's empirical model statistics (shards over torchrun ranks)."""
+    from diffsolve.ems.compute import compute_ems
+    from diffsolve.models import load_model
+    from diffsolve.scale import distributed
+
+    with distributed() as dist:
+        try:
+            model = load_model(model_name, device=device)
+            data = _load_data(data_source)
+            out = Path(out_path) if out_path else model.ems_path
+            if out is None:
+                raise ValueError("--out is required for this model")
+            if tuple(data.shape[1:]) != model.data_shape:
+                raise ValueError(
+                    f"--data has samples of shape {tuple(data.shape[1:])}, the "
+                    f"model takes {model.data_shape}"
+                )
+            ems = compute_ems(
+                model.denoiser,
+                data,
+                samples=samples,
+                grid_size=grid_size,
+                t_start=t_start,
+                t_end=t_end,
+                seed=seed,
+                batch_size=batch_size,
+                jvp=jvp,  # type: ignore[arg-type]
+                checkpoint=checkpoint or f"{out}.partial",
+                progress=True,
+                device=device,
+                model_name=model_name,
+            )
+        except (ValueError, FileNotFoundError) as err:
+            raise click.UsageError(str(err)) from None
+        if dist.rank == 0:
+            ems.save(out)
+            for partial in Path(out).parent.glob(f"{Path(out).name}.partial*"):
+                partial.unlink()
+            click.echo(f"EMS (K={samples}, N={grid_size}, {dist.world_size} process(es)) → {out}")
+
+
+def _load_data(source: str) -> torch.Tensor:
+    """The digits training split, or an array file of shape (M, ...)."""
+    if source == "digits":
+        from diffsolve.data import load_digits
+
+        return load_digits("train")
+    path = Path(source)
+    if not path.is_file():
+        raise ValueError(f"--data: {source!r} is neither 'digits' nor an existing file")
+    if path.suffix == ".pt":
+        return torch.as_tensor(torch.load(path, weights_only=True))
+    if path.suffix in (".npy", ".npz"):
+        array = np.load(path)
+        if path.suffix == ".npz":
+            array = array[array.files[0]]
+        return torch.from_numpy(np.asarray(array, dtype=np.float32))
+    raise ValueError(f"--data: unsupported file type {path.suffix!r} (use .pt, .npy or .npz)")

@@ -108,6 +108,11 @@ class GaussianModel:
         """Data dimension :math:`D`."""
         return self.mean.numel()
 
+    def fingerprint(self) -> str:
+        """A hash of the mean and covariance rounded to 6 significant digits (stable across
+        BLAS builds, unlike the eigenvectors' signs)."""
+        return _round_hash(self.mean, self.covariance())
+
     def covariance(self) -> Tensor:
         """:math:`U\\Lambda U^\\top` (float64, ``(D, D)``)."""
         return (self.eigvecs * self.eigvals) @ self.eigvecs.T
@@ -225,6 +230,11 @@ class GaussianMixtureModel:
         means_t = torch.stack(means).reshape(len(classes), *data.shape[1:])
         return cls(torch.tensor(weights, dtype=_F64), means_t, torch.stack(covs))
 
+    def fingerprint(self) -> str:
+        """A hash of the weights, means and covariances rounded to 6 significant digits."""
+        cov = (self.eigvecs * self.eigvals[:, None, :]) @ self.eigvecs.transpose(1, 2)
+        return _round_hash(self.log_weights, self.means, cov)
+
     def denoise(self, x: Tensor, alpha: float, sigma: float) -> Tensor:
         """Exact posterior mean :math:`\\mathbb E[x_0 \\mid x_t = x]`."""
         y = x.to(_F64).flatten(1)  # (B, D)
@@ -245,3 +255,13 @@ class GaussianMixtureModel:
     def denoiser(self, schedule: NoiseSchedule) -> GaussianDenoiser:
         """This mixture as a :class:`~diffsolve.model.Denoiser` under ``schedule``."""
         return GaussianDenoiser(self, schedule)
+
+
+def _round_hash(*tensors: Tensor) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        values = tensor.detach().to(_F64).flatten().tolist()
+        digest.update(",".join(f"{v:.6g}" for v in values).encode())
+    return digest.hexdigest()[:16]

@@ -87,6 +87,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -101,6 +102,7 @@ __all__ = [
     "ClassifierFreeGuidance",
     "ClassifierGuidance",
     "DynamicThresholding",
+    "GuidanceSpec",
     "class_conditioning",
     "projected_guidance",
     "row_quantile",
@@ -554,3 +556,63 @@ class DynamicThresholding(_Wrapper):
         prediction = self.model(x, t)
         c = prediction.conversion
         return Prediction.from_x0(x, self.threshold(prediction.x0), c.alpha, c.sigma, t)
+
+
+# ---------------------------------------------------------------------------------------
+GuidanceMethod = Literal["none", "cfg", "apg", "classifier"]
+GUIDANCE_METHODS: tuple[str, ...] = ("none", "cfg", "apg", "classifier")
+
+
+@dataclass(frozen=True)
+class GuidanceSpec:
+    """How to guide a loaded model (the CLI's ``--guidance``, ``--scale``, ``--threshold``).
+
+    Attributes:
+        method: ``"none"`` (a class-conditional model samples its labels unguided),
+            ``"cfg"``, ``"apg"`` (class-conditional models, null class as unconditional) or
+            ``"classifier"`` (the shipped digits classifier on the unconditional model).
+        scale: Guidance weight (CFG/APG :math:`w`, classifier :math:`s`).
+        threshold: Dynamic-thresholding ratio (e.g. 0.995), or ``None`` for none.
+    """
+
+    method: GuidanceMethod = "none"
+    scale: float = 1.0
+    threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in GUIDANCE_METHODS:
+            raise ValueError(
+                f"guidance must be one of {list(GUIDANCE_METHODS)}, got {self.method!r}"
+            )
+        _check_scale(self.scale)
+        if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"threshold must lie in (0, 1], got {self.threshold!r}")
+
+    def build(self, loaded: Any, labels: Tensor | None) -> Denoiser:
+        """The denoiser for a :class:`~diffsolve.models.LoadedModel` and per-sample labels."""
+        model: Denoiser = loaded.denoiser
+        conditioning = (loaded.config.get("conditioning") or {}) if loaded.config else {}
+        if self.method in ("cfg", "apg"):
+            if not loaded.num_classes or labels is None:
+                raise ValueError(
+                    f"guidance {self.method!r} needs a class-conditional model "
+                    f"(e.g. digits-cond); {loaded.name!r} is not"
+                )
+            cond, uncond = class_conditioning(
+                labels, conditioning.get("null_class", loaded.num_classes)
+            )
+            cls = ClassifierFreeGuidance if self.method == "cfg" else AdaptiveProjectedGuidance
+            model = cls(loaded.denoiser, self.scale, cond, uncond)
+        elif self.method == "classifier":
+            from diffsolve.classifier import load_classifier
+
+            if labels is None:
+                raise ValueError("classifier guidance needs target labels")
+            classifier = load_classifier(device=str(labels.device))
+            base = loaded.conditional(labels) if loaded.num_classes else loaded.denoiser
+            model = ClassifierGuidance(base, classifier, labels, self.scale)
+        elif loaded.num_classes and labels is not None:
+            model = loaded.conditional(labels)
+        if self.threshold is not None:
+            model = DynamicThresholding(model, self.threshold)
+        return model

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from diffsolve.guidance import GuidanceSpec
 from diffsolve.seeds import noise_for_seeds, parse_seeds
 
 __all__ = [
@@ -191,6 +192,7 @@ class RunManifest:
         num_seeds: Number of seeds.
         shard_size: Seeds per shard.
         data_shape: Shape of one sample.
+        conditioning: Guidance, labels and teleportation settings (JSON).
         version: diffsolve version that wrote it (informative, not compared).
     """
 
@@ -205,6 +207,7 @@ class RunManifest:
     num_seeds: int
     shard_size: int
     data_shape: tuple[int, ...]
+    conditioning: str = ""
     version: str = ""
     format: str = MANIFEST_FORMAT
 
@@ -323,6 +326,11 @@ class RunConfig:
         shard_size: Seeds per shard file.
         device: torch device (``cuda`` means one GPU per process under torchrun).
         merge: Write ``samples.npz`` with every seed once all shards are done.
+        guidance: Guidance and thresholding (:class:`~diffsolve.guidance.GuidanceSpec`).
+        class_label: Class of every sample of a conditional model; ``None``: seed % classes.
+        teleport: Share of the solver's usual grid skipped by analytic Gaussian
+            teleportation (0: none), with the statistics in ``gaussian_stats`` (default: the
+            model folder's ``gaussian_stats.safetensors``).
     """
 
     model: str = "digits"
@@ -335,6 +343,10 @@ class RunConfig:
     shard_size: int = 1000
     device: str = "cpu"
     merge: bool = True
+    guidance: GuidanceSpec = field(default_factory=GuidanceSpec)
+    class_label: int | None = None
+    teleport: float = 0.0
+    gaussian_stats: str | None = None
 
 
 @dataclass
@@ -361,10 +373,31 @@ class RunReport:
 class SeedSampler:
     """Samples for a list of seeds, in batches; a sample depends on its seed only."""
 
-    def __init__(self, model: Any, solver: Any, plan: Any, device: str, batch_size: int) -> None:
+    def __init__(
+        self,
+        model: Any,
+        solver: Any,
+        plan: Any,
+        device: str,
+        batch_size: int,
+        guidance: GuidanceSpec | None = None,
+        class_label: int | None = None,
+    ) -> None:
         self.model, self.solver, self.plan = model, solver, plan
         self.device, self.batch_size = device, batch_size
+        self.guidance = guidance or GuidanceSpec()
+        self.class_label = class_label
         self.scale = model.schedule.init_noise_sigma(float(plan.grid[0]))
+
+    def labels(self, seeds: Sequence[int]) -> Tensor | None:
+        """Per-sample class labels: the fixed ``class_label`` or ``seed % num_classes``
+        (classifier guidance on an unconditional model: ``seed % 10``)."""
+        classes = self.model.num_classes or (10 if self.guidance.method == "classifier" else 0)
+        if not classes:
+            return None
+        if self.class_label is not None:
+            return torch.full((len(seeds),), self.class_label, device=self.device)
+        return torch.tensor(list(seeds), device=self.device) % classes
 
     def __call__(self, seeds: Sequence[int]) -> Tensor:
         from diffsolve.sampling import sample
@@ -373,10 +406,7 @@ class SeedSampler:
         for i in range(0, len(seeds), self.batch_size):
             batch = list(seeds[i : i + self.batch_size])
             x = noise_for_seeds(batch, self.model.data_shape, self.scale, self.device)
-            denoiser = self.model.denoiser
-            if self.model.num_classes:
-                labels = torch.tensor(batch, device=self.device) % self.model.num_classes
-                denoiser = self.model.conditional(labels)
+            denoiser = self.guidance.build(self.model, self.labels(batch))
             with torch.inference_mode():
                 y = sample(denoiser, x, self.solver, plan=self.plan).x
             out.append(y.float().cpu())
@@ -493,10 +523,35 @@ def run_sampling(
     spec = SOLVERS.get(config.solver)
     # solvers built from model statistics (DPM-Solver-v3's EMS) need the loaded model
     needs_model = {"model": model} if getattr(spec, "needs_model", False) else {}
-    method, grid = setup_solver(
-        config.solver, model.schedule, config.nfe, config.grid, **needs_model
-    )
+    if config.teleport:
+        from diffsolve.gaussian_stats import load_gaussian_stats
+        from diffsolve.teleport import teleported_setup
+
+        stats = config.gaussian_stats or (
+            model.folder / "gaussian_stats.safetensors" if model.folder else None
+        )
+        if stats is None:
+            raise ValueError("--teleport needs --gaussian-stats FILE for this model")
+        gaussian = load_gaussian_stats(stats, expect_shape=model.data_shape)
+        method, grid = teleported_setup(
+            config.solver,
+            model.schedule,
+            config.nfe,
+            gaussian,
+            config.teleport,
+            config.grid,
+            **needs_model,
+        )
+    else:
+        method, grid = setup_solver(
+            config.solver, model.schedule, config.nfe, config.grid, **needs_model
+        )
     plan = method.plan(model.schedule, grid)
+    if config.class_label is not None and not 0 <= config.class_label < (model.num_classes or 10):
+        raise ValueError(
+            f"class_label must lie in [0, {(model.num_classes or 10) - 1}], got "
+            f"{config.class_label}"
+        )
     model_id = config.model
     if model_id not in DEMO_MODELS:
         model_id = str(Path(model_id).resolve())
@@ -512,12 +567,22 @@ def run_sampling(
         num_seeds=len(seeds),
         shard_size=config.shard_size,
         data_shape=tuple(model.data_shape),
+        conditioning=json.dumps(
+            {
+                "guidance": asdict(config.guidance),
+                "class_label": config.class_label,
+                "teleport": config.teleport,
+            },
+            sort_keys=True,
+        ),
         version=__version__,
     )
     out_dir = Path(config.out_dir)
     _prepare_folder(out_dir, manifest, dist)
     report = RunReport(manifest)
-    sampler = SeedSampler(model, method, plan, device, config.batch_size)
+    sampler = SeedSampler(
+        model, method, plan, device, config.batch_size, config.guidance, config.class_label
+    )
     run_shards(
         sampler,
         shards[dist.rank :: dist.world_size],

@@ -167,7 +167,7 @@ class EMS:
             "format": FORMAT,
             "diffsolve_ems": json.dumps({**self.metadata, "version": VERSION}),
         }
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+        save_file({k: v.contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata=meta)
         tmp.replace(path)
         return path
 
@@ -230,6 +230,8 @@ def model_fingerprint(model: object) -> str | None:
     """A short hash identifying a network's weights (or an analytic model's parameters)."""
     target = getattr(model, "model", model)  # unwrap a ModelWrapper
     target = getattr(target, "gaussian", target)  # unwrap a GaussianDenoiser
+    if callable(getattr(target, "fingerprint", None)):  # analytic models
+        return target.fingerprint()
     digest = hashlib.sha256()
     if isinstance(target, nn.Module):
         for name, tensor in sorted(target.state_dict().items()):

@@ -159,7 +159,7 @@ class EMSTable:
         c = 0.5 * delta * delta * self._d_ls[lo:hi]
         scale = delta * torch.exp(e_left + z)  # Δ e^{E_j + z}
         n_max = max_moment + 2 + 2 * (_C_TERMS - 1)
-        j = [math.factorial(n) * phi_tensor(n + 1, -z) for n in range(n_max + 1)]
+        j = [float(math.factorial(n)) * phi_tensor(n + 1, -z) for n in range(n_max + 1)]
 
         def integral(power: int) -> Tensor:  # ∫_0^1 e^{z θ + c θ²} θ^power dθ / e^{z}
             total, c_pow = torch.zeros_like(z), torch.ones_like(c)
