@@ -409,3 +409,62 @@ def _load_data(source: str) -> torch.Tensor:
             array = array[array.files[0]]
         return torch.from_numpy(np.asarray(array, dtype=np.float32))
     raise ValueError(f"--data: unsupported file type {path.suffix!r} (use .pt, .npy or .npz)")
+
+
+@main.command("gaussian-stats")
+@click.option(
+    "--model",
+    "model_name",
+    default="digits",
+    metavar="NAME|DIR",
+    help="Model whose input space the statistics are for (sets the default --out).",
+)
+@click.option(
+    "--data",
+    "data_source",
+    default="digits",
+    metavar="digits|FILE",
+    help="Data in the model's input space: the digits training split or an array file.",
+)
+@click.option(
+    "--rank",
+    default=None,
+    type=click.IntRange(1, None),
+    help="Top eigenpairs to keep (default: all for small data).",
+)
+@click.option(
+    "--out",
+    "out_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Output file (default: the model's gaussian_stats.safetensors).",
+)
+def gaussian_stats_command(
+    model_name: str, data_source: str, rank: int | None, out_path: str | None
+) -> None:
+    """Mean and top eigenpairs of a data set (float64), for analytic teleportation."""
+    from diffsolve.gaussian_stats import compute_gaussian_stats
+    from diffsolve.models import load_model
+
+    try:
+        model = load_model(model_name)
+        data = _load_data(data_source)
+        if tuple(data.shape[1:]) != model.data_shape:
+            raise ValueError(
+                f"--data has samples of shape {tuple(data.shape[1:])}, the model "
+                f"takes {model.data_shape}"
+            )
+        out = (
+            Path(out_path)
+            if out_path
+            else (model.folder / "gaussian_stats.safetensors" if model.folder else None)
+        )
+        if out is None:
+            raise ValueError("--out is required for this model")
+        stats = compute_gaussian_stats(
+            data, rank, description=f"{data_source} data for model {model_name}"
+        )
+    except (ValueError, FileNotFoundError) as err:
+        raise click.UsageError(str(err)) from None
+    stats.save(out)
+    click.echo(f"Gaussian statistics of {data.shape[0]} samples → {out}")

@@ -182,18 +182,23 @@ def _accumulate(
     }
 
 
+def moving_average(values: Tensor, window: int) -> Tensor:
+    """Mean over ±``window`` points along axis 0 (truncated at the edges)."""
+    if window <= 0:
+        return values
+    padded = torch.cumsum(torch.cat([torch.zeros_like(values[:1]), values]), 0)
+    n = values.shape[0]
+    lo = torch.clamp(torch.arange(n) - window, min=0)
+    hi = torch.clamp(torch.arange(n) + window + 1, max=n)
+    counts = (hi - lo).reshape(-1, *([1] * (values.ndim - 1))).to(values.dtype)
+    return (padded[hi] - padded[lo]) / counts
+
+
 def smoothed_derivative(values: Tensor, lambdas: Tensor, window: int = 5) -> Tensor:
     """Finite-difference derivative along axis 0 (central inside, one-sided at the ends),
     smoothed by a moving average over ±``window`` points (truncated at the edges)."""
     grad = torch.gradient(values, spacing=(lambdas,), dim=0, edge_order=1)[0]
-    if window <= 0:
-        return grad
-    padded = torch.cumsum(torch.cat([torch.zeros_like(grad[:1]), grad]), 0)
-    n = grad.shape[0]
-    lo = torch.clamp(torch.arange(n) - window, min=0)
-    hi = torch.clamp(torch.arange(n) + window + 1, max=n)
-    counts = (hi - lo).reshape(-1, *([1] * (grad.ndim - 1))).to(grad.dtype)
-    return (padded[hi] - padded[lo]) / counts
+    return moving_average(grad, window)
 
 
 def finalize(
@@ -236,13 +241,14 @@ def compute_ems(
     seed: int = 0,
     batch_size: int = 256,
     window: int | None = None,
+    l_window: int = 0,
     jvp: JVPMode = "auto",
     checkpoint: str | Path | None = None,
     progress: bool = False,
     device: str = "cpu",
     model_name: str | None = None,
 ) -> EMS:
-    """Estimate the EMS of ``model`` from ``data`` (the K points :math:`x_0`).
+    r"""Estimate the EMS of ``model`` from ``data`` (the K points :math:`x_0`).
 
     Args:
         model: A denoiser with ``differentiable_eps(x, t)`` and ``schedule`` (a
@@ -256,6 +262,8 @@ def compute_ems(
         batch_size: Samples per JVP batch (memory only: results do not depend on it).
         window: Half-width of the moving average smoothing :math:`l'` (official: 5 points on
             N = 1200); default ``round(5 N / 1200)``, the same width in λ.
+        l_window: Half-width of a moving average of :math:`l` itself (0: none, as the paper).
+            At high noise :math:`f` is :math:`e^{-\lambda}`-sensitive to errors in ``l``.
         jvp: ``"auto"`` (forward mode, falling back to double backward), ``"forward"`` or
             ``"double_backward"``.
         checkpoint: A file to save progress to; a rerun with the same settings resumes.
@@ -337,7 +345,7 @@ def compute_ems(
 
         for key in MOMENTS:
             dist.all_reduce(sums[key])
-    l, s, b = finalize(sums, k_total, grid, window)
+    l, s, b = finalize(sums, k_total, grid, window, l_window)
     meta = make_metadata(
         schedule,
         t_start,
@@ -416,4 +424,4 @@ def _load_checkpoint(
     return sums, done
 
 
-__all__ = ["compute_ems", "ems_grid", "finalize", "smoothed_derivative"]
+__all__ = ["compute_ems", "ems_grid", "finalize", "moving_average", "smoothed_derivative"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,6 +169,7 @@ class EMS:
             "diffsolve_ems": json.dumps({**self.metadata, "version": VERSION}),
         }
         save_file({k: v.contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata=meta)
+        os.chmod(tmp, 0o644)  # safetensors creates 0600 files
         tmp.replace(path)
         return path
 
