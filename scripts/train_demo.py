@@ -114,6 +114,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--log-every", type=int, default=500)
+    p.add_argument(
+        "--network", type=json.loads, default={}, help="JSON dict overriding network kwargs"
+    )
     return p.parse_args()
 
 
@@ -135,7 +138,7 @@ def main() -> None:
     steps = args.steps if args.steps is not None else preset["steps"]
     out = args.out if args.out is not None else ROOT / "src" / "diffsolve" / "demos" / args.model
 
-    net_cfg = {**NETWORK, **preset["network"]}
+    net_cfg = {**NETWORK, **preset["network"], **args.network}
     model = build_network(net_cfg)
     ema_model = copy.deepcopy(model).eval()
     for p in ema_model.parameters():
