@@ -202,11 +202,12 @@ def smoothed_derivative(values: Tensor, lambdas: Tensor, window: int = 5) -> Ten
 
 
 def finalize(
-    sums: dict[str, Tensor], count: int, grid: _Grid, window: int = 5
+    sums: dict[str, Tensor], count: int, grid: _Grid, window: int = 5, l_window: int = 0
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Turn moment sums ``(N+1, *shape)`` over ``count`` samples into ``(l, s, b)``."""
+    """Turn moment sums ``(N+1, *shape)`` over ``count`` samples into ``(l, s, b)``;
+    ``l_window > 0`` smooths the estimate of ``l`` itself over ±``l_window`` points."""
     m = {k: v / count for k, v in sums.items()}
-    l = m["l"]
+    l = moving_average(m["l"], l_window)
     dl = smoothed_derivative(l, grid.lambdas, window)
     # f = A e + B w,  f' = e^{-lam}((l-1) eps + eps') - l' x/alpha = C e + D w + d
     big_a, big_b, big_c, big_d = 1 - l, l, l - 1 - dl, dl
