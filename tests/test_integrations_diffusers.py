@@ -36,10 +36,12 @@ from diffsolve.integrations.diffusers import (  # noqa: E402
     DiffsolveDEISScheduler,
     DiffsolveDPMSolverPPScheduler,
     DiffsolveUniPCScheduler,
+    DPMSolverV3Scheduler,
     digits_unet_to_diffusers,
     shift_flow_times,
 )
 from diffsolve.integrations.k_diffusion import make_sampler, sample_denoiser  # noqa: E402
+from diffsolve.solvers.dpm_solver_v3 import DPMSolverV3  # noqa: E402
 
 SCHEDULE = VPDiscrete.from_diffusers("linear", 1e-4, 0.02, 1000)
 GAUSSIAN = GaussianModel.random((1, 4, 4), seed=3)
@@ -279,6 +281,11 @@ SEEDS = [0, 1, 2, 3]
         (DiffsolveUniPCScheduler, {}, UniPC(2, "bh2")),
         (DiffsolveUniPCScheduler, {"solver_order": 3, "solver_type": "bh1"}, UniPC(3, "bh1")),
         (DiffsolveDPMSolverPPScheduler, {}, DPMSolverPP(2)),
+        (
+            DPMSolverV3Scheduler,
+            {"ems_path": str(load_model("digits").ems_path)},
+            DPMSolverV3(load_model("digits").load_ems(), 2),
+        ),
     ],
 )
 def test_pipeline_equals_sample(pipeline, cls, options, solver):
@@ -365,6 +372,17 @@ def test_core_does_not_import_diffusers():
         "diffsolve.integrations.k_diffusion; assert 'diffusers' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_v3_scheduler_needs_and_checks_its_ems(tmp_path):
+    with pytest.raises(ValueError, match="ems_path"):
+        DPMSolverV3Scheduler()
+    from diffsolve import VPLinear
+    from diffsolve.ems import EMS
+
+    path = EMS.degenerate(VPLinear(), (1, 8, 8)).save(tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="computed for the schedule"):
+        DPMSolverV3Scheduler(ems_path=str(path))
 
 
 def test_single_step_solvers_are_refused():

@@ -62,6 +62,7 @@ except ImportError as _err:  # pragma: no cover - exercised only without diffuse
     ) from _err
 
 from diffsolve import grids
+from diffsolve.ems import EMS, load_ems
 from diffsolve.model import ModelWrapper, Prediction, normalize_prediction
 from diffsolve.nets import DigitsUNet
 from diffsolve.registry import SOLVERS, nfe_grid
@@ -69,8 +70,10 @@ from diffsolve.sampling import state_dtype
 from diffsolve.schedule import NoiseSchedule, RectifiedFlow, VPDiscrete
 from diffsolve.solvers import DDIM, DEIS, DPMSolverPP, Solver, UniPC
 from diffsolve.solvers.base import Plan, State, check_choice
+from diffsolve.solvers.dpm_solver_v3 import DPMSolverV3
 
 __all__ = [
+    "DPMSolverV3Scheduler",
     "DiffsolveDDIMScheduler",
     "DiffsolveDEISScheduler",
     "DiffsolveDPMSolverPPScheduler",
@@ -573,6 +576,65 @@ class DiffsolveDPMSolverPPScheduler(DiffsolveScheduler):
         return DPMSolverPP(
             min(c.solver_order, num_steps),
             solver_type="taylor" if c.solver_type in ("taylor", "heun") else "midpoint",
+            lower_order_final=c.lower_order_final,
+        )
+
+
+class DPMSolverV3Scheduler(DiffsolveScheduler):
+    """DPM-Solver-v3 (Zheng et al. 2023) from diffsolve (:class:`diffsolve.solvers.
+    dpm_solver_v3.DPMSolverV3`), with the model's empirical model statistics.
+
+    ``ems_path`` is an EMS file made by ``diffsolve ems`` for this model; it is checked against
+    the scheduler's schedule when loaded, and against the sampling grid's λ range in
+    :meth:`set_timesteps`. Options follow the solver: ``solver_order`` (1–3),
+    ``use_corrector``, ``predictor_pseudo``, ``corrector_pseudo``, ``half_corrector``.
+    """
+
+    registry_name: ClassVar[str] = "dpm-solver-v3"
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: np.ndarray | list[float] | None = None,
+        prediction_type: str = "epsilon",
+        variance_type: str | None = None,
+        rescale_betas_zero_snr: bool = False,
+        use_flow_sigmas: bool = False,
+        flow_shift: float = 1.0,
+        grid: str | None = None,
+        lower_order_final: bool = True,
+        ems_path: str | None = None,
+        solver_order: int = 2,
+        use_corrector: bool = True,
+        predictor_pseudo: bool = False,
+        corrector_pseudo: bool = True,
+        half_corrector: str = "off",
+    ) -> None:
+        self._ems: EMS | None = None
+        if ems_path is not None:
+            self._ems = load_ems(ems_path)
+        self._setup()
+        if self._ems is not None:
+            self._ems.check_compatible(self.schedule)
+
+    def build_solver(self, num_steps: int) -> Solver:
+        c = self.config
+        if self._ems is None:
+            raise ValueError(
+                "ems_path: DPMSolverV3Scheduler needs the model's EMS file; compute one with "
+                "`diffsolve ems` and pass ems_path=... to from_config / the constructor"
+            )
+        return DPMSolverV3(
+            self._ems,
+            order=min(c.solver_order, num_steps),
+            predictor_pseudo=c.predictor_pseudo,
+            corrector=c.use_corrector,
+            corrector_pseudo=c.corrector_pseudo,
+            half_corrector=c.half_corrector,
             lower_order_final=c.lower_order_final,
         )
 
