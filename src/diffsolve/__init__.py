@@ -3,7 +3,7 @@
 from diffsolve import grids
 from diffsolve.gaussian import GaussianModel
 from diffsolve.model import ModelWrapper, Prediction
-from diffsolve.sampling import SampleOutput, StepInfo, sample
+from diffsolve.sampling import NonFiniteError, SampleOutput, StepInfo, invert, sample
 from diffsolve.schedule import (
     EDM,
     NoiseSchedule,
@@ -40,6 +40,7 @@ __all__ = [
     "Heun",
     "ModelWrapper",
     "NoiseSchedule",
+    "NonFiniteError",
     "Prediction",
     "RectifiedFlow",
     "SampleOutput",
@@ -51,6 +52,7 @@ __all__ = [
     "VPLinear",
     "fast_orders",
     "grids",
+    "invert",
     "sample",
     "schedule_from_config",
 ]

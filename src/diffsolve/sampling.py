@@ -24,6 +24,29 @@ class StepInfo:
     nfe: int
 
 
+class NonFiniteError(FloatingPointError):
+    """The solver state became NaN or inf. The message names the step and its times;
+    :attr:`last_finite` is the last finite state (at time :attr:`t_finite`)."""
+
+    def __init__(
+        self,
+        step: int,
+        t_start: float,
+        t_end: float,
+        last_finite: Tensor,
+        t_finite: float,
+        nfe: int,
+    ) -> None:
+        self.step, self.t_start, self.t_end = step, t_start, t_end
+        self.last_finite, self.t_finite, self.nfe = last_finite, t_finite, nfe
+        super().__init__(
+            f"the sample became NaN or inf at step {step} (t = {t_start:.6g} → {t_end:.6g}) "
+            f"after {nfe} model evaluations: the model returned non-finite values or the "
+            "solver diverged (try more steps, a lower order, or check the model); the last "
+            f"finite state (t = {t_finite:.6g}) is in .last_finite"
+        )
+
+
 @dataclass
 class SampleOutput:
     """Result of :func:`sample`.
@@ -73,6 +96,8 @@ def sample(
     callback: Callable[[StepInfo], None] | None = None,
     progress: bool = False,
     return_intermediates: bool = False,
+    check_finite: bool = True,
+    initial_state: State | None = None,
 ) -> SampleOutput:
     """Integrate the probability-flow ODE from ``x_start`` along ``grid`` with ``solver``.
 
@@ -89,9 +114,16 @@ def sample(
         callback: Called with a :class:`StepInfo` after every step.
         progress: Show a tqdm progress bar.
         return_intermediates: Keep the state after every step.
+        check_finite: After every step, check that the state is finite (one reduction and
+            host sync per step) and raise :class:`NonFiniteError` naming the step otherwise.
+        initial_state: Start from this state of ``plan`` instead of ``plan.init(x_start)``
+            (e.g. BDIA's pair from an inversion).
 
     Returns:
         A :class:`SampleOutput` with the samples and the exact number of model evaluations.
+
+    Raises:
+        NonFiniteError: The state became NaN or inf; the last finite state is attached.
     """
     if plan is None:
         if grid is None:
@@ -106,14 +138,26 @@ def sample(
     if callable(reset):  # stateful model wrappers (e.g. APG momentum) start every run afresh
         reset()
     counter = CountingDenoiser(model)
-    state: State = plan.init(x_start.to(state_dtype(out_dtype)))
+    state: State = initial_state or plan.init(x_start.to(state_dtype(out_dtype)))
     result = SampleOutput(x=x_start, nfe=0)
     if return_intermediates:
         result.times.append(state.t)
         result.intermediates.append(state.x)
     bar = _progress_bar(plan, progress)
     while not state.done:
+        previous = state
         state = plan.step(counter, state)
+        if check_finite and not bool(torch.isfinite(state.x).all()):
+            if bar is not None:
+                bar.close()
+            raise NonFiniteError(
+                state.step,
+                previous.t,
+                state.t,
+                previous.x.to(out_dtype),
+                previous.t,
+                counter.calls,
+            )
         if bar is not None:
             bar.update(1)
         if return_intermediates:
@@ -126,9 +170,37 @@ def sample(
     x = state.x
     if denoise_to_zero:
         x = counter(x, state.t).x0
+        if check_finite and not bool(torch.isfinite(x).all()):
+            raise NonFiniteError(
+                state.step + 1, state.t, 0.0, state.x.to(out_dtype), state.t, counter.calls
+            )
     result.x = x.to(out_dtype)
     result.nfe = counter.calls
     return result
+
+
+def invert(
+    model: Denoiser,
+    x: Tensor,
+    solver: Solver,
+    grid: Tensor | Sequence[float],
+    **options: object,
+) -> SampleOutput:
+    r"""Map samples back to noise by integrating the same ODE backwards (DDIM inversion
+    generalised to every solver).
+
+    ``grid`` is the *sampling* grid (decreasing; a final ``t = 0`` point is dropped, since
+    :math:`\hat x_0` cannot be inverted) or an increasing one; ``x`` is taken as the state at
+    its cleanest time. Sampling from the result on the same grid (without the ``t = 0`` step)
+    reconstructs ``x`` up to the solver's discretisation error. Options as :func:`sample`.
+    """
+    ts = torch.as_tensor(grid, dtype=torch.float64).flatten()
+    if ts.numel() >= 2 and bool(ts[0] > ts[-1]):
+        ts = ts.flip(0)
+        if float(ts[0]) == 0.0:
+            ts = ts[1:]
+    plan = solver.plan(model.schedule, ts, inverse=True)
+    return sample(model, x, solver, plan=plan, **options)  # type: ignore[arg-type]
 
 
 def _progress_bar(plan: Plan, enabled: bool):  # noqa: ANN202 - tqdm is optional at type level

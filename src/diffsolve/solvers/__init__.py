@@ -2,6 +2,7 @@
 
 from diffsolve.solvers.adaptive import DPMSolverAdaptive
 from diffsolve.solvers.base import Plan, Solver, State, Update
+from diffsolve.solvers.bdia import BDIA, bdia_invert, bdia_reconstruct
 from diffsolve.solvers.ddim import DDIM
 from diffsolve.solvers.deis import DEIS
 from diffsolve.solvers.dpm_solver import DPMSolver, fast_orders
@@ -10,6 +11,7 @@ from diffsolve.solvers.euler_heun import Euler, Heun
 from diffsolve.solvers.unipc import UniPC
 
 __all__ = [
+    "BDIA",
     "DDIM",
     "DEIS",
     "DPMSolver",
@@ -22,5 +24,7 @@ __all__ = [
     "State",
     "UniPC",
     "Update",
+    "bdia_invert",
+    "bdia_reconstruct",
     "fast_orders",
 ]

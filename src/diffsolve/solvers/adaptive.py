@@ -75,7 +75,9 @@ class AdaptivePlan(Plan):
         cfg = self.solver
         t_end = float(self.grid[-1])
         lam_end = float(self.schedule.lambda_(t_end))
-        h, attempts = min(state.h, lam_end - state.lam), state.attempts
+        # h is the step's length in λ; the sign of the range gives the direction (inversion)
+        sign = 1.0 if lam_end >= state.lam else -1.0
+        h, attempts = min(state.h, sign * (lam_end - state.lam)), state.attempts
         while True:
             attempts += 1
             if attempts > cfg.max_attempts:
@@ -83,8 +85,8 @@ class AdaptivePlan(Plan):
                     f"DPMSolverAdaptive: no convergence after {cfg.max_attempts} attempts at "
                     f"t={state.t:.6g}; loosen rtol/atol or raise max_attempts"
                 )
-            last = h >= lam_end - state.lam
-            t_next = t_end if last else float(self.schedule.t_of_lambda(state.lam + h))
+            last = h >= sign * (lam_end - state.lam)
+            t_next = t_end if last else float(self.schedule.t_of_lambda(state.lam + sign * h))
             x_low, x_high, prediction = self._attempt(model, state.x, state.t, t_next)
             delta = torch.clamp(
                 cfg.rtol * torch.maximum(x_low.abs(), state.x_lower.abs()), min=cfg.atol
@@ -97,7 +99,7 @@ class AdaptivePlan(Plan):
             accepted = error <= 1.0
             h_new = cfg.theta * h * max(error, 1e-10) ** (-1.0 / cfg.order)
             if accepted:
-                lam = lam_end if last else state.lam + h
+                lam = lam_end if last else state.lam + sign * h
                 return replace(
                     state,
                     x=x_high,
@@ -110,7 +112,7 @@ class AdaptivePlan(Plan):
                     denoised=prediction.x0,
                     done=last,
                 )
-            h = min(h_new, lam_end - state.lam)
+            h = min(h_new, sign * (lam_end - state.lam))
 
     def _attempt(
         self, model: Denoiser, x: Tensor, t: float, t_next: float

@@ -116,9 +116,19 @@ class Solver(ABC):
     def build_plan(self, schedule: NoiseSchedule, grid: Tensor) -> Plan:
         """Compute the plan on an already validated grid."""
 
-    def plan(self, schedule: NoiseSchedule, grid: Tensor | Sequence[float]) -> Plan:
-        """Validate ``grid`` once and compute this solver's float64 coefficient plan."""
-        ts = validate_grid(schedule, grid)
+    def plan(
+        self, schedule: NoiseSchedule, grid: Tensor | Sequence[float], *, inverse: bool = False
+    ) -> Plan:
+        """Validate ``grid`` once and compute this solver's float64 coefficient plan.
+
+        ``inverse=True`` takes a strictly *increasing* grid (clean to noisy): the same
+        coefficients with negative λ-steps integrate the ODE backwards (inversion).
+        """
+        ts = validate_grid(schedule, grid, allow_increasing=inverse)
+        if inverse and not bool(ts[-1] > ts[0]):
+            raise ValueError(
+                "grid: an inversion grid must be strictly increasing (clean to noisy)"
+            )
         check_steps(ts, self.min_steps(), f"{type(self).__name__}(order={self.order})")
         return self.build_plan(schedule, ts)
 
