@@ -160,3 +160,36 @@ def test_inversion_argument_errors(gaussian):
     model = ModelWrapper(lambda x, t: torch.zeros_like(x), SCHEDULE)
     with pytest.raises(ValueError, match="strictly"):
         invert(model, torch.zeros(2, 3), DDIM(), [0.5, 0.5])
+
+
+def test_damaged_model_folders_give_clear_errors(tmp_path):
+    import shutil
+
+    from diffsolve.models import demo_path
+
+    folder = tmp_path / "model"
+    shutil.copytree(demo_path("digits"), folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        load_model(folder)
+    (folder / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="missing config file"):
+        load_model(folder)
+    with pytest.raises(ValueError, match="unknown model"):
+        load_model(tmp_path / "nowhere")
+
+
+def test_statistics_made_for_another_model_are_refused(tmp_path):
+    from diffsolve.gaussian_stats import compute_gaussian_stats, load_gaussian_stats
+
+    digits = load_model("digits")
+    other = digits.load_ems()
+    other.metadata["model_fingerprint"] = "0123456789abcdef"
+    path = other.save(tmp_path / "ems.safetensors")
+    with pytest.raises(ValueError, match="not for this model"):
+        digits.load_ems(path)
+    stats = tmp_path / "stats.safetensors"
+    compute_gaussian_stats(torch.randn(50, 3, 4, 4)).save(stats)
+    with pytest.raises(ValueError, match=r"\(3, 4, 4\)"):
+        load_gaussian_stats(stats, expect_shape=(1, 8, 8))

@@ -297,7 +297,13 @@ def load_network(folder: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         model = build_network(config["network"])
     except ValueError as exc:
         raise ValueError(f"{config_path}: {exc}") from exc
-    state = load_file(str(weights_path))
+    try:
+        state = load_file(str(weights_path))
+    except Exception as exc:  # safetensors raises its own error types for bad files
+        raise ValueError(
+            f"weights file {weights_path} is corrupt or truncated ({exc}); restore it or "
+            "retrain the model"
+        ) from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
