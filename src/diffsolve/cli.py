@@ -249,6 +249,25 @@ def merge_command(out_dir: str) -> None:
 )
 @click.option("--device", default="cpu", help="torch device.")
 @click.option("--no-overhead", is_flag=True, help="Skip the null-model overhead measurement.")
+@click.option(
+    "--sweep",
+    default=None,
+    type=click.Choice(["teleport", "guidance"]),
+    help="Instead of the solver comparison: RMSE/FD against the teleportation skip fraction "
+    "(--skips), or accuracy/FD/saturation against the guidance scale (--methods, --scales).",
+)
+@click.option(
+    "--skips",
+    default="0,0.1,0.2,0.3,0.4",
+    metavar="LIST",
+    help="Teleportation skip fractions (--sweep teleport).",
+)
+@click.option(
+    "--methods", default="cfg,apg", metavar="LIST", help="Guidance methods (--sweep guidance)."
+)
+@click.option(
+    "--scales", default="1,2,3,5,7,10", metavar="LIST", help="Guidance scales (--sweep guidance)."
+)
 def bench_command(
     model_name: str,
     nfe_list: str,
@@ -294,6 +313,66 @@ def bench_command(
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+def _floats(text: str, option: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.UsageError(f"{option}: expected numbers like 1,2,3, got {text!r}") from None
+
+
+def _run_sweep(
+    sweep: str,
+    model_name: str,
+    nfe_list: str,
+    solvers: str | None,
+    samples: int,
+    seed: int,
+    reference_steps: int,
+    skips: str,
+    methods: str,
+    scales: str,
+    json_path: str | None,
+) -> None:
+    """The accelerations' sweeps of ``diffsolve bench --sweep``."""
+    import json
+
+    from diffsolve.bench.sweeps import (
+        format_guidance,
+        format_teleport,
+        guidance_sweep,
+        teleport_sweep,
+    )
+
+    nfes = [int(v) for v in _floats(nfe_list, "--nfe")]
+    try:
+        if sweep == "teleport":
+            names = (
+                solvers.split(",")
+                if solvers
+                else ["dpm-solver++-2m", "unipc-bh2-3", "dpm-solver-v3"]
+            )
+            result = teleport_sweep(
+                model_name, names, nfes, _floats(skips, "--skips"), samples, seed, reference_steps
+            )
+            click.echo(format_teleport(result))
+        else:
+            name = solvers.split(",")[0] if solvers else "dpm-solver++-2m"
+            result = guidance_sweep(
+                model_name,
+                name,
+                nfes[0],
+                methods.split(","),
+                _floats(scales, "--scales"),
+                samples,
+                seed,
+            )
+            click.echo(format_guidance(result))
+    except (ValueError, FileNotFoundError) as err:
+        raise click.UsageError(str(err)) from None
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
 
 
 @main.command("ems")

@@ -1,0 +1,190 @@
+"""Bench sweeps for the accelerations: teleportation skip fraction and guidance scale.
+
+* :func:`teleport_sweep` — RMSE to the reference and FD against the share of the usual grid
+  skipped by analytic Gaussian teleportation, at fixed total NFE (Wang & Vastola 2023).
+* :func:`guidance_sweep` — class accuracy (shipped digits classifier), FD and saturation
+  (mean :math:`|x_0|`, share of pixels at ±1) against the guidance scale, for CFG and APG.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from diffsolve.bench.runner import reference_solve, rmse
+from diffsolve.metrics import frechet_distance
+from diffsolve.sampling import sample
+from diffsolve.seeds import noise_for_seeds
+
+SATURATED = 0.98  # |x| at or beyond this counts as a pixel at ±1 (data are in [-1, 1])
+
+
+@dataclass
+class TeleportRow:
+    """One (solver, NFE, skip fraction) of :func:`teleport_sweep`."""
+
+    solver: str
+    nfe: int
+    skip: float
+    t_skip: float
+    rmse: float
+    fd: float
+
+
+@dataclass
+class GuidanceRow:
+    """One (method, scale) of :func:`guidance_sweep`."""
+
+    method: str
+    scale: float
+    accuracy: float
+    fd: float
+    mean_abs: float
+    saturated: float
+
+
+def teleport_sweep(
+    model_name: str,
+    solvers: Sequence[str],
+    nfes: Sequence[int],
+    skips: Sequence[float],
+    samples: int = 512,
+    seed: int = 0,
+    reference_steps: int = 500,
+) -> dict[str, Any]:
+    """RMSE / FD against the skip fraction (0 = no teleportation) at each total NFE."""
+    from diffsolve.data import load_digits
+    from diffsolve.gaussian_stats import load_gaussian_stats
+    from diffsolve.models import load_model
+    from diffsolve.teleport import teleported_setup
+
+    loaded = load_model(model_name)
+    if loaded.folder is None:
+        raise ValueError(f"model {model_name!r} has no folder with gaussian_stats.safetensors")
+    gaussian = load_gaussian_stats(
+        loaded.folder / "gaussian_stats.safetensors", expect_shape=loaded.data_shape
+    )
+    x = noise_for_seeds(range(seed, seed + samples), loaded.data_shape)
+    test = load_digits("test")
+    with torch.inference_mode():
+        reference, check, _ = reference_solve(loaded.denoiser, x, reference_steps)
+    rows = []
+    for name in solvers:
+        for nfe in nfes:
+            for skip in skips:
+                solver, grid = teleported_setup(
+                    name, loaded.schedule, nfe, gaussian, skip, model=loaded
+                )
+                with torch.inference_mode():
+                    out = sample(loaded.denoiser, x, solver, grid)
+                t_skip = float(grid[1]) if skip else float(grid[0])
+                rows.append(
+                    TeleportRow(
+                        name,
+                        out.nfe,
+                        skip,
+                        t_skip,
+                        rmse(out.x, reference),
+                        frechet_distance(out.x.float(), test),
+                    )
+                )
+
+    return {
+        "model": model_name,
+        "samples": samples,
+        "reference_agreement": rmse(reference, check),
+        "rows": [asdict(r) for r in rows],
+    }
+
+
+def guidance_sweep(
+    model_name: str,
+    solver_name: str,
+    nfe: int,
+    methods: Sequence[str],
+    scales: Sequence[float],
+    samples: int = 500,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Accuracy, FD and saturation against the guidance scale (targets: seed % 10)."""
+    from diffsolve.classifier import classifier_accuracy, load_classifier
+    from diffsolve.data import load_digits
+    from diffsolve.guidance import GuidanceSpec
+    from diffsolve.models import load_model
+    from diffsolve.registry import setup_solver
+
+    loaded = load_model(model_name)
+    seeds = list(range(seed, seed + samples))
+    labels = torch.tensor(seeds) % 10
+    x = noise_for_seeds(seeds, loaded.data_shape)
+    solver, grid = setup_solver(solver_name, loaded.schedule, nfe, model=loaded)
+    classifier = load_classifier()
+    test = load_digits("test")
+    rows = []
+    for method in methods:
+        for scale in scales:
+            denoiser = GuidanceSpec(method, scale).build(loaded, labels)  # type: ignore[arg-type]
+            with torch.inference_mode():
+                out = sample(denoiser, x, solver, grid).x.float()
+            rows.append(
+                GuidanceRow(
+                    method,
+                    scale,
+                    classifier_accuracy(classifier, out, labels),
+                    frechet_distance(out, test),
+                    float(out.abs().mean()),
+                    float((out.abs() >= SATURATED).float().mean()),
+                )
+            )
+    return {
+        "model": model_name,
+        "solver": solver_name,
+        "nfe": nfe,
+        "samples": samples,
+        "rows": [asdict(r) for r in rows],
+    }
+
+
+def format_teleport(result: dict[str, Any]) -> str:
+    """Table: one line per (solver, NFE), RMSE and FD per skip fraction."""
+    rows = result["rows"]
+    skips = sorted({r["skip"] for r in rows})
+    head = f"{'solver':<18}{'NFE':>4}  " + "  ".join(
+        f"{'skip ' + format(s, '.0%'):>17}" for s in skips
+    )
+    lines = [
+        f"teleportation on {result['model']} ({result['samples']} samples; RMSE / FD)",
+        head,
+        "-" * len(head),
+    ]
+    keys = sorted({(r["solver"], r["nfe"]) for r in rows}, key=lambda k: (k[0], k[1]))
+    for solver, nfe in keys:
+        cells = {r["skip"]: r for r in rows if r["solver"] == solver and r["nfe"] == nfe}
+        best = min(cells.values(), key=lambda r: r["rmse"])["skip"]
+        lines.append(
+            f"{solver:<18}{nfe:>4}  "
+            + "  ".join(
+                f"{cells[s]['rmse']:.2e}/{cells[s]['fd']:.3f}{'*' if s == best else ' '}".rjust(17)
+                for s in skips
+            )
+        )
+    lines.append("(* lowest RMSE)")
+    return "\n".join(lines)
+
+
+def format_guidance(result: dict[str, Any]) -> str:
+    """Table: accuracy, FD and saturation per (method, scale)."""
+    lines = [
+        f"guidance on {result['model']} ({result['solver']}, {result['nfe']} NFE, "
+        f"{result['samples']} samples; targets seed % 10)",
+        f"{'method':<8}{'scale':>6}{'accuracy':>10}{'FD':>8}{'mean|x|':>9}{'at ±1':>8}",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"{r['method']:<8}{r['scale']:>6g}{r['accuracy']:>10.3f}{r['fd']:>8.3f}"
+            f"{r['mean_abs']:>9.3f}{r['saturated']:>8.3f}"
+        )
+    return "\n".join(lines)
