@@ -79,3 +79,23 @@ def test_registry_spends_exactly_the_budget(name, nfe):
     spent = solver.plan(schedule, grid).nfe
     assert spent == nfe or (name == "heun" and nfe % 2 == 0 and spent == nfe - 1)
     assert grid[-1] == 0 and torch.all(grid[1:] < grid[:-1])
+
+
+def test_teleport_and_guidance_sweeps():
+    from diffsolve.bench.sweeps import (
+        format_guidance,
+        format_teleport,
+        guidance_sweep,
+        teleport_sweep,
+    )
+
+    result = teleport_sweep("gaussian", ["dpm-solver++-2m"], [6], [0.0, 0.3], samples=16,
+                            reference_steps=40)
+    rows = result["rows"]
+    assert [r["skip"] for r in rows] == [0.0, 0.3] and all(r["nfe"] == 6 for r in rows)
+    assert rows[1]["t_skip"] < rows[0]["t_skip"]
+    assert "skip 30%" in format_teleport(result)
+    guided = guidance_sweep("gmm", "dpm-solver++-2m", 5, ["classifier"], [0.0, 4.0], samples=20)
+    accuracy = [r["accuracy"] for r in guided["rows"]]
+    assert accuracy[1] > accuracy[0]
+    assert "accuracy" in format_guidance(guided)
