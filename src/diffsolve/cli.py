@@ -279,17 +279,31 @@ def bench_command(
     plot_path: str | None,
     device: str,
     no_overhead: bool,
+    sweep: str | None,
+    skips: str,
+    methods: str,
+    scales: str,
 ) -> None:
     """Measure solvers against diffusers' schedulers: RMSE to a reference, FD, speed."""
     from diffsolve.bench import BenchConfig, run_bench
     from diffsolve.bench.report import format_table, plot, write_json
 
-    try:
-        nfes = [int(n) for n in nfe_list.split(",") if n.strip()]
-    except ValueError:
-        raise click.UsageError(f"--nfe: expected integers like 5,6,8, got {nfe_list!r}") from None
-    if not nfes or min(nfes) < 2:
-        raise click.UsageError("--nfe: give at least one budget, each >= 2")
+    nfes = _nfe_list(nfe_list)
+    if sweep is not None:
+        _run_sweep(
+            sweep,
+            model_name,
+            nfes,
+            solvers,
+            samples,
+            seed,
+            reference_steps,
+            skips,
+            methods,
+            scales,
+            json_path,
+        )
+        return
     config = BenchConfig(
         model=model_name,
         nfes=nfes,
@@ -311,8 +325,14 @@ def bench_command(
         plot(result, plot_path)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
+def _nfe_list(text: str) -> list[int]:
+    try:
+        nfes = [int(n) for n in text.split(",") if n.strip()]
+    except ValueError:
+        raise click.UsageError(f"--nfe: expected integers like 5,6,8, got {text!r}") from None
+    if not nfes or min(nfes) < 2:
+        raise click.UsageError("--nfe: give at least one budget, each >= 2")
+    return nfes
 
 
 def _floats(text: str, option: str) -> list[float]:
@@ -325,7 +345,7 @@ def _floats(text: str, option: str) -> list[float]:
 def _run_sweep(
     sweep: str,
     model_name: str,
-    nfe_list: str,
+    nfes: list[int],
     solvers: str | None,
     samples: int,
     seed: int,
@@ -345,7 +365,6 @@ def _run_sweep(
         teleport_sweep,
     )
 
-    nfes = [int(v) for v in _floats(nfe_list, "--nfe")]
     try:
         if sweep == "teleport":
             names = (
@@ -547,3 +566,7 @@ def gaussian_stats_command(
         raise click.UsageError(str(err)) from None
     stats.save(out)
     click.echo(f"Gaussian statistics of {data.shape[0]} samples → {out}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
