@@ -99,3 +99,24 @@ def test_teleport_and_guidance_sweeps():
     accuracy = [r["accuracy"] for r in guided["rows"]]
     assert accuracy[1] > accuracy[0]
     assert "accuracy" in format_guidance(guided)
+
+
+def test_inversion_sweep_from_the_cli(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from diffsolve.cli import main
+
+    out = tmp_path / "inversion.json"
+    result = CliRunner().invoke(
+        main,
+        ["bench", "--sweep", "inversion", "--model", "gaussian", "--nfe", "5,20",
+         "--solvers", "ddim,dpm-solver++-2m,bdia", "--samples", "16", "--json", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    assert "inversion round trip" in result.output
+    rows = {(r["solver"], r["steps"]): r["rmse"] for r in json.loads(out.read_text())["rows"]}
+    assert rows[("ddim", 20)] < rows[("ddim", 5)]
+    assert rows[("dpm-solver++-2m", 20)] < rows[("ddim", 20)]
+    assert rows[("bdia", 5)] < 1e-5  # exact inversion: rounding error only

@@ -192,3 +192,34 @@ def test_half_corrector_senses():
     times = grid[:-1].tolist()
     assert all(t <= 0.5 for t, c in zip(times, counts["low_noise"], strict=True) if c)
     assert all(t > 0.5 for t, c in zip(times, counts["high_noise"], strict=True) if c)
+
+
+class _LabelNet(torch.nn.Module):
+    """eps(x, t, label) = tanh(W x) + c[label]: a conditional toy network."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.w = torch.nn.Parameter(torch.randn(3, 3, generator=gen, dtype=torch.float64) / 3)
+        self.c = torch.nn.Parameter(torch.randn(2, 3, generator=gen, dtype=torch.float64))
+
+    def forward(self, x, t, class_labels):
+        return torch.tanh(x @ self.w.T) * (1 + 0 * t.reshape(-1, 1)) + self.c[class_labels]
+
+
+def test_estimator_conditions_each_data_point_on_its_own_labels():
+    from diffsolve import ModelWrapper
+
+    schedule = VPLinear()
+    model = ModelWrapper(_LabelNet(), schedule, "epsilon", "t")
+    data = GaussianModel.random((3,), seed=2).sample(40, torch.Generator().manual_seed(0))
+    ones = torch.ones(40, dtype=torch.long)
+    by_kwargs = compute_ems(model.with_kwargs(class_labels=torch.tensor(1)), data, grid_size=6)
+    per_point = compute_ems(model, data, grid_size=6, conditioning={"class_labels": ones})
+    mixed = compute_ems(model, data, grid_size=6, conditioning={"class_labels": ones * 0})
+    for name in "lsb":
+        torch.testing.assert_close(getattr(per_point, name), getattr(by_kwargs, name))
+    assert not torch.allclose(mixed.b, per_point.b)
+    assert "conditioned on the data's class_labels" in per_point.metadata["description"]
+    with pytest.raises(ValueError, match="one entry per data point"):
+        compute_ems(model, data, grid_size=6, conditioning={"class_labels": ones[:5]})

@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 
 import diffsolve.models
-from diffsolve.cli import DEFAULT_SOLVER, main
+from diffsolve.cli import main
 from diffsolve.scale import (
     RunConfig,
     RunReport,
@@ -244,6 +244,6 @@ def test_default_command_samples_digits(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["sample"])
     assert result.exit_code == 0, result.output
     manifest = read_manifest(tmp_path / "samples")
-    assert (manifest.model, manifest.solver, manifest.nfe) == ("digits", DEFAULT_SOLVER, 10)
+    assert (manifest.model, manifest.solver, manifest.nfe) == ("digits", "dpm-solver-v3", 10)
     assert manifest.seeds == "0-63" and (tmp_path / "samples" / "grid.png").is_file()
     assert merged(tmp_path / "samples")[0].shape == (64, 1, 8, 8)

@@ -10,8 +10,6 @@ import torch
 
 from diffsolve.registry import SOLVERS
 
-DEFAULT_SOLVER = "unipc-bh1-3"
-
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="diffsolve")
@@ -37,10 +35,11 @@ def list_solvers() -> None:
 )
 @click.option(
     "--solver",
-    default=DEFAULT_SOLVER,
-    type=click.Choice(sorted(SOLVERS)),
+    default="auto",
+    type=click.Choice(["auto", *sorted(SOLVERS)]),
     metavar="NAME",
-    help="Solver (see `diffsolve solvers`).",
+    help="Solver (see `diffsolve solvers`); auto: dpm-solver-v3 where the model ships EMS, "
+    "else unipc-bh2-3.",
 )
 @click.option("--nfe", default=10, type=click.IntRange(2, 1000), help="Model evaluations.")
 @click.option(
@@ -180,7 +179,7 @@ def sample_command(
     if dist.world_size > 1:
         done += " on rank 0"
     target = report.grid_png or report.merged or Path(out_dir)
-    click.echo(f"{m.num_seeds} samples, {m.nfe} NFE each, {solver} ({done}) → {target}")
+    click.echo(f"{m.num_seeds} samples, {m.nfe} NFE each, {m.solver} ({done}) → {target}")
 
 
 @main.command("merge")
@@ -252,9 +251,10 @@ def merge_command(out_dir: str) -> None:
 @click.option(
     "--sweep",
     default=None,
-    type=click.Choice(["teleport", "guidance"]),
+    type=click.Choice(["teleport", "guidance", "inversion"]),
     help="Instead of the solver comparison: RMSE/FD against the teleportation skip fraction "
-    "(--skips), or accuracy/FD/saturation against the guidance scale (--methods, --scales).",
+    "(--skips); accuracy/FD/saturation against the guidance scale (--methods, --scales); or "
+    "the image → noise → image round-trip error against the steps (--nfe) on held-out digits.",
 )
 @click.option(
     "--skips",
@@ -359,9 +359,12 @@ def _run_sweep(
     import json
 
     from diffsolve.bench.sweeps import (
+        INVERSION_SOLVERS,
         format_guidance,
+        format_inversion,
         format_teleport,
         guidance_sweep,
+        inversion_sweep,
         teleport_sweep,
     )
 
@@ -376,6 +379,10 @@ def _run_sweep(
                 model_name, names, nfes, _floats(skips, "--skips"), samples, seed, reference_steps
             )
             click.echo(format_teleport(result))
+        elif sweep == "inversion":
+            names = solvers.split(",") if solvers else list(INVERSION_SOLVERS)
+            result = inversion_sweep(model_name, names, nfes, min(samples, 397))
+            click.echo(format_inversion(result))
         else:
             name = solvers.split(",")[0] if solvers else "dpm-solver++-2m"
             result = guidance_sweep(
@@ -434,6 +441,14 @@ def _run_sweep(
     type=click.Path(dir_okay=False),
     help="Progress file (default: OUT.partial); rerunning resumes from it.",
 )
+@click.option(
+    "--labels",
+    "labels_source",
+    default=None,
+    metavar="FILE",
+    help="Class-conditional models: class labels of the --data points (.pt/.npy/.npz). "
+    "Default: the digits labels with --data digits, else the null class (unconditional).",
+)
 @click.option("--device", default="cpu", help="torch device.")
 def ems_command(
     model_name: str,
@@ -447,9 +462,14 @@ def ems_command(
     batch_size: int,
     jvp: str,
     checkpoint: str | None,
+    labels_source: str | None,
     device: str,
 ) -> None:
-    """Estimate DPM-Solver-v3's empirical model statistics (shards over torchrun ranks)."""
+    """Estimate DPM-Solver-v3's empirical model statistics (shards over torchrun ranks).
+
+    A class-conditional model is measured under its data's own labels (the conditional
+    model, as sampled without guidance).
+    """
     from diffsolve.ems.compute import compute_ems
     from diffsolve.models import load_model
     from diffsolve.scale import distributed
@@ -458,6 +478,17 @@ def ems_command(
         try:
             model = load_model(model_name, device=device)
             data = _load_data(data_source)
+            labels = None
+            if labels_source is not None:
+                labels = _load_data(labels_source, "--labels").long()
+            elif data_source == "digits":
+                from diffsolve.data import load_digit_labels
+
+                labels = load_digit_labels("train")
+            if labels is not None and labels.shape[:1] != data.shape[:1]:
+                raise ValueError(
+                    f"--labels: {labels.shape[0]} labels for {data.shape[0]} data points"
+                )
             out = Path(out_path) if out_path else model.ems_path
             if out is None:
                 raise ValueError("--out is required for this model")
@@ -479,6 +510,7 @@ def ems_command(
                 checkpoint=checkpoint or f"{out}.partial",
                 progress=True,
                 device=device,
+                conditioning=model.label_kwargs(labels),
                 model_name=model_name,
             )
         except (ValueError, FileNotFoundError) as err:
@@ -490,15 +522,15 @@ def ems_command(
             click.echo(f"EMS (K={samples}, N={grid_size}, {dist.world_size} process(es)) → {out}")
 
 
-def _load_data(source: str) -> torch.Tensor:
+def _load_data(source: str, option: str = "--data") -> torch.Tensor:
     """The digits training split, or an array file of shape (M, ...)."""
-    if source == "digits":
+    if source == "digits" and option == "--data":
         from diffsolve.data import load_digits
 
         return load_digits("train")
     path = Path(source)
     if not path.is_file():
-        raise ValueError(f"--data: {source!r} is neither 'digits' nor an existing file")
+        raise ValueError(f"{option}: {source!r} is neither 'digits' nor an existing file")
     if path.suffix == ".pt":
         return torch.as_tensor(torch.load(path, weights_only=True))
     if path.suffix in (".npy", ".npz"):
@@ -506,7 +538,7 @@ def _load_data(source: str) -> torch.Tensor:
         if path.suffix == ".npz":
             array = array[array.files[0]]
         return torch.from_numpy(np.asarray(array, dtype=np.float32))
-    raise ValueError(f"--data: unsupported file type {path.suffix!r} (use .pt, .npy or .npz)")
+    raise ValueError(f"{option}: unsupported file type {path.suffix!r} (use .pt, .npy or .npz)")
 
 
 @main.command("gaussian-stats")

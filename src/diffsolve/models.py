@@ -70,6 +70,19 @@ class LoadedModel:
         ems.check_compatible(self.schedule, self.data_shape, model_fingerprint(self.denoiser))
         return ems
 
+    def label_kwargs(self, class_labels: Tensor | None) -> dict[str, Tensor] | None:
+        """Network arguments for per-sample ``class_labels`` (``None`` for an unconditional
+        model or no labels) — e.g. the ``conditioning`` of
+        :func:`~diffsolve.ems.compute.compute_ems`."""
+        if self.num_classes is None or class_labels is None:
+            return None
+        labels = torch.as_tensor(class_labels).long()
+        if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes:
+            raise ValueError(
+                f"class labels must lie in [0, {self.num_classes - 1}] for model {self.name!r}"
+            )
+        return {"class_labels": labels}
+
     def conditional(self, class_labels: Tensor) -> Denoiser:
         """The denoiser conditioned on ``class_labels`` (shape ``(B,)``)."""
         if self.num_classes is None or not isinstance(self.denoiser, ModelWrapper):

@@ -31,7 +31,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -317,7 +317,8 @@ class RunConfig:
 
     Attributes:
         model: Demo name or model folder.
-        solver: Registry name.
+        solver: Registry name, or ``"auto"``: :func:`~diffsolve.registry.default_solver`
+            (DPM-Solver-v3 where the model ships EMS). The manifest records the resolved name.
         nfe: Model-evaluation budget.
         grid: Grid kind, or ``None`` for the solver's default.
         seeds: Seed list text (``"0-49999"``).
@@ -334,7 +335,7 @@ class RunConfig:
     """
 
     model: str = "digits"
-    solver: str = "unipc-bh1-3"
+    solver: str = "auto"
     nfe: int = 10
     grid: str | None = None
     seeds: str = "0-63"
@@ -511,7 +512,7 @@ def run_sampling(
     """
     from diffsolve import __version__
     from diffsolve.models import DEMO_MODELS, load_model
-    from diffsolve.registry import SOLVERS, setup_solver
+    from diffsolve.registry import SOLVERS, default_solver, setup_solver
 
     dist = dist or Distributed()
     seeds = parse_seeds(config.seeds)
@@ -520,6 +521,8 @@ def run_sampling(
         raise ValueError(f"batch_size must be a positive integer, got {config.batch_size!r}")
     device = dist.device(config.device)
     model = load_model(config.model, device=device)
+    if config.solver == "auto":
+        config = replace(config, solver=default_solver(model))
     spec = SOLVERS.get(config.solver)
     # solvers built from model statistics (DPM-Solver-v3's EMS) need the loaded model
     needs_model = {"model": model} if getattr(spec, "needs_model", False) else {}

@@ -32,6 +32,8 @@ DEFAULT_SOLVERS = (
     "unipc-bh2-3",
     "deis-3",
 )
+#: DPM-Solver-v3 on its default (time-quadratic) grid and on the two other usual grids.
+V3_CONTESTANTS = ("dpm-solver-v3", "dpm-solver-v3@logsnr", "dpm-solver-v3@time_uniform")
 
 
 @dataclass
@@ -136,12 +138,15 @@ TWIN_SOLVERS: dict[str, Callable[[int], Solver]] = {
 def contestants(names: Sequence[str] | None, loaded: LoadedModel) -> list[Contestant]:
     """Resolve contestant names: ``NAME`` (registry), ``NAME@GRID`` (grid override),
     ``NAME@diffusers-grid`` (on its diffusers twin's grid), ``diffusers:PEER``. ``None`` gives
-    the default line-up: our solvers, every diffusers peer, and the twins."""
+    the default line-up: our solvers (DPM-Solver-v3 on three grids where the model ships
+    EMS), every diffusers peer, and the twins."""
     schedule = loaded.schedule
     peers = {p.name: p for p in default_peers(schedule, bool(loaded.num_classes))}
     if names is None:
+        has_ems = loaded.ems_path is not None and loaded.ems_path.is_file()
         names = [
             *DEFAULT_SOLVERS,
+            *(V3_CONTESTANTS if has_ems else ()),
             *peers,
             *(f"{p.twin}@diffusers-grid" for p in peers.values() if p.twin),
         ]

@@ -36,7 +36,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -248,6 +248,7 @@ def compute_ems(
     progress: bool = False,
     device: str = "cpu",
     model_name: str | None = None,
+    conditioning: Mapping[str, Tensor] | None = None,
 ) -> EMS:
     r"""Estimate the EMS of ``model`` from ``data`` (the K points :math:`x_0`).
 
@@ -271,6 +272,10 @@ def compute_ems(
         progress: Show a progress bar (rank 0).
         device: Device for the model evaluations.
         model_name: Recorded in the metadata.
+        conditioning: Network keyword arguments per data point, each ``(M, ...)`` — e.g.
+            ``{"class_labels": labels}`` estimates the EMS of a class-conditional model
+            under its data's own labels (``model`` must have ``with_kwargs``, as
+            :class:`~diffsolve.ModelWrapper`).
 
     With ``torch.distributed`` initialised, every rank takes its share of the K samples and
     the sums are all-reduced; all ranks return the same statistics.
@@ -295,6 +300,18 @@ def compute_ems(
         raise ValueError(
             f"need 0 < t_end < t_start <= {schedule.t_max}; got t_start={t_start}, t_end={t_end}"
         )
+    conditioning = dict(conditioning or {})
+    for key, value in conditioning.items():
+        if not isinstance(value, Tensor) or value.ndim < 1 or value.shape[0] != data.shape[0]:
+            raise ValueError(
+                f"conditioning[{key!r}] must be a tensor with one entry per data point "
+                f"({data.shape[0]}), got {getattr(value, 'shape', type(value).__name__)}"
+            )
+    if conditioning and not hasattr(model, "with_kwargs"):
+        raise ValueError(
+            f"conditioning needs a model with with_kwargs (diffsolve.ModelWrapper), got "
+            f"{type(model).__name__}"
+        )
     window = round(5 * grid_size / 1200) if window is None else int(window)
     rank, world = _dist_info()
     grid = ems_grid(schedule, grid_size, t_start, t_end)
@@ -310,6 +327,7 @@ def compute_ems(
         "world": world,
         "rank": rank,
         "shape": list(data.shape[1:]),
+        **({"conditioning": sorted(conditioning)} if conditioning else {}),
     }
     sums, done = _load_checkpoint(checkpoint, settings, rank)
     jvp_fn = _JVP(model.differentiable_eps, jvp)  # type: ignore[attr-defined]
@@ -323,7 +341,12 @@ def compute_ems(
         totals: dict[str, Tensor] = {}
         for start in range(0, len(mine), batch_size):
             chunk = mine[start : start + batch_size]
-            x0 = x_all[torch.tensor([k % data.shape[0] for k in chunk])]
+            rows = torch.tensor([k % data.shape[0] for k in chunk])
+            x0 = x_all[rows]
+            if conditioning:  # the network sees each data point's own conditioning
+                jvp_fn.fn = model.with_kwargs(  # type: ignore[attr-defined]
+                    **{key: value[rows].to(device) for key, value in conditioning.items()}
+                ).differentiable_eps
             part = _accumulate(jvp_fn, grid, j, x0, chunk, seed, device)
             totals = {k: totals.get(k, 0) + v.cpu() for k, v in part.items()}
         if not totals:  # a rank with no samples
@@ -347,6 +370,9 @@ def compute_ems(
         for key in MOMENTS:
             dist.all_reduce(sums[key])
     l, s, b = finalize(sums, k_total, grid, window, l_window)
+    description = f"DPM-Solver-v3 EMS estimated by diffsolve (K={k_total}, N={grid_size})"
+    if conditioning:
+        description += f", conditioned on the data's {', '.join(sorted(conditioning))}"
     meta = make_metadata(
         schedule,
         t_start,
@@ -354,7 +380,7 @@ def compute_ems(
         tuple(data.shape[1:]),
         k_total,
         fingerprint,
-        description=f"DPM-Solver-v3 EMS estimated by diffsolve (K={k_total}, N={grid_size})",
+        description=description,
         grid_size=grid_size,
         seed=seed,
         window=window,
