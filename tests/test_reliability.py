@@ -193,3 +193,16 @@ def test_statistics_made_for_another_model_are_refused(tmp_path):
     compute_gaussian_stats(torch.randn(50, 3, 4, 4)).save(stats)
     with pytest.raises(ValueError, match=r"\(3, 4, 4\)"):
         load_gaussian_stats(stats, expect_shape=(1, 8, 8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_finiteness_check_catches_every_non_finite_value(dtype):
+    from diffsolve.sampling import all_finite
+
+    top = 1e300 if dtype == torch.float64 else torch.finfo(dtype).max
+    big = torch.full((64, 8), top, dtype=dtype)
+    assert all_finite(big) and all_finite(-big)  # the float64 sum does not overflow
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = big.clone()
+        x[7, 3] = bad
+        assert not all_finite(x)
