@@ -86,22 +86,28 @@ class Peer:
         scheduler = self.build(model.schedule, model.prediction)
         scheduler.set_timesteps(nfe)
         times = self.solver_times(scheduler, model.schedule)
-        x = x_start * scheduler.init_noise_sigma
+        x = x_start * getattr(scheduler, "init_noise_sigma", 1.0)  # flow schedulers: none
+        scale_input = getattr(scheduler, "scale_model_input", lambda x, _: x)
         start = time.perf_counter()
         for i, timestep in enumerate(scheduler.timesteps):
-            model_input = scheduler.scale_model_input(x, timestep)
+            model_input = scale_input(x, timestep)
             out = model.raw(model_input, times[i])
             x = scheduler.step(out, timestep, x).prev_sample
         synchronize(x)
         return x, len(scheduler.timesteps), time.perf_counter() - start
 
     def grid(self, schedule: NoiseSchedule, nfe: int) -> Tensor:
-        """The scheduler's grid for ``nfe`` evaluations, in diffsolve solver time."""
+        """The scheduler's grid for ``nfe`` evaluations, in diffsolve solver time.
+
+        Flow schedulers start at σ ≈ 1 (float32), where λ = −∞; the grid's first point is
+        clipped to the schedule's ``t_max`` (rectified flow: 1 − 10⁻³), as our own grids are.
+        """
         scheduler = self.build(
             schedule, "epsilon" if not isinstance(schedule, RectifiedFlow) else "flow"
         )
         scheduler.set_timesteps(nfe)
-        return torch.tensor(self.solver_times(scheduler, schedule), dtype=torch.float64)
+        times = torch.tensor(self.solver_times(scheduler, schedule), dtype=torch.float64)
+        return times.clamp(max=schedule.t_max)
 
 
 def default_peers(schedule: NoiseSchedule, conditional: bool) -> list[Peer]:
