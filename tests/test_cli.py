@@ -128,7 +128,8 @@ def test_sample_with_guidance_threshold_and_teleport(tmp_path):
     assert again.exit_code == 2 and "different settings" in again.output
 
 
-def test_guidance_errors_are_usage_errors():
+def test_guidance_errors_are_usage_errors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default --out is ./samples
     result = CliRunner().invoke(
         main, ["sample", "--model", "digits", "--guidance", "cfg", "--scale", "3", "--seeds", "0"]
     )
