@@ -58,6 +58,11 @@ class LoadedModel:
         """Where this model's DPM-Solver-v3 statistics live (``<folder>/ems.safetensors``)."""
         return None if self.folder is None else self.folder / "ems.safetensors"
 
+    @property
+    def has_ems(self) -> bool:
+        """Whether the model folder holds an EMS file."""
+        return self.ems_path is not None and self.ems_path.is_file()
+
     def load_ems(self, path: str | Path | None = None) -> EMS:
         """Load and check the model's EMS (default: :attr:`ems_path`)."""
         target = Path(path) if path is not None else self.ems_path

@@ -73,6 +73,10 @@ class SolverSpec:
     grid: str | Callable[[int], str] = "time_quadratic"
     needs_model: bool = False
 
+    def grid_kind(self, nfe: int) -> str:
+        """The default grid kind at this budget (:attr:`grid` may depend on ``nfe``)."""
+        return self.grid(nfe) if callable(self.grid) else self.grid
+
 
 def _multistep(
     name: str, description: str, make: Callable[[], Solver], grid: str = "time_quadratic"
@@ -152,8 +156,7 @@ def default_solver(model: LoadedModel) -> str:
     """The solver ``diffsolve sample`` uses unless told: ``dpm-solver-v3`` where the model
     folder holds EMS (the best solver at 5–20 NFE on every demo model, BENCHMARKS.md), else
     :data:`FALLBACK_SOLVER`."""
-    path = model.ems_path
-    return "dpm-solver-v3" if path is not None and path.is_file() else FALLBACK_SOLVER
+    return "dpm-solver-v3" if model.has_ems else FALLBACK_SOLVER
 
 
 def setup_solver(
@@ -181,7 +184,7 @@ def setup_solver(
         solver = spec.build(nfe, model)  # type: ignore[call-arg]
     else:
         solver = spec.build(nfe)
-    kind = grid or (spec.grid(nfe) if callable(spec.grid) else spec.grid)
+    kind = grid or spec.grid_kind(nfe)
     return solver, nfe_grid(schedule, spec.steps(nfe), kind, t_start, t_end)
 
 

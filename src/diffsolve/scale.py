@@ -564,7 +564,7 @@ def run_sampling(
         solver=config.solver,
         nfe=int(plan.nfe),
         nfe_budget=config.nfe,
-        grid=config.grid or _default_grid_kind(spec, config.nfe),
+        grid=config.grid or spec.grid_kind(config.nfe),
         grid_t=tuple(float(t) for t in grid),
         seeds=format_seeds(seeds),
         num_seeds=len(seeds),
@@ -602,11 +602,6 @@ def run_sampling(
         if _is_image(manifest.data_shape):
             report.grid_png = _overview(out_dir, shards, manifest)
     return report
-
-
-def _default_grid_kind(spec: Any, nfe: int) -> str:
-    """The registry's grid kind for a solver (a name, or ``nfe -> name``)."""
-    return spec.grid(nfe) if callable(spec.grid) else spec.grid
 
 
 def _prepare_folder(out_dir: Path, manifest: RunManifest, dist: Distributed) -> None:

@@ -274,8 +274,7 @@ def teleported_setup(
             f"time {last_positive:.6g}; nothing is left for the solver — lower the fraction"
         )
     spec = SOLVERS[name]
-    kind = grid_kind or spec.grid
-    kind = kind(nfe) if callable(kind) else kind
+    kind = grid_kind or spec.grid_kind(nfe)
     fresh = nfe_grid(schedule, spec.steps(nfe), kind, t_start=t_skip)
     grid = torch.cat([original[:1], fresh])
     return Teleported(inner, gaussian), grid

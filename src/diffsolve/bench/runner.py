@@ -143,10 +143,9 @@ def contestants(names: Sequence[str] | None, loaded: LoadedModel) -> list[Contes
     schedule = loaded.schedule
     peers = {p.name: p for p in default_peers(schedule, bool(loaded.num_classes))}
     if names is None:
-        has_ems = loaded.ems_path is not None and loaded.ems_path.is_file()
         names = [
             *DEFAULT_SOLVERS,
-            *(V3_CONTESTANTS if has_ems else ()),
+            *(V3_CONTESTANTS if loaded.has_ems else ()),
             *peers,
             *(f"{p.twin}@diffusers-grid" for p in peers.values() if p.twin),
         ]

@@ -203,8 +203,7 @@ def inversion_sweep(
         for n in steps:
             gamma = {"bdia": 1.0, "bdia-0.5": 0.5}.get(name)
             solver, _ = setup_solver("ddim" if gamma else name, loaded.schedule, n, model=loaded)
-            spec = SOLVERS["ddim" if gamma else name]
-            kind = spec.grid(n) if callable(spec.grid) else spec.grid
+            kind = SOLVERS["ddim" if gamma else name].grid_kind(n)
             grid = grids.make_grid(loaded.schedule, n, kind, None, t_clean)
             with torch.inference_mode():
                 if gamma is not None:

@@ -349,7 +349,7 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         spec = SOLVERS.get(self.registry_name)
         kind = self.config.grid
         if kind is None and spec is not None:  # the registry's kind: a name or nfe -> name
-            kind = spec.grid(n) if callable(spec.grid) else spec.grid
+            kind = spec.grid_kind(n)
         kind = kind or DEFAULT_GRID
         grid = nfe_grid(self.schedule, n, kind)
         if self.config.use_flow_sigmas:
