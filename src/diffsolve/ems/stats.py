@@ -238,7 +238,7 @@ def model_fingerprint(model: object) -> str | None:
     if isinstance(target, nn.Module):
         for name, tensor in sorted(target.state_dict().items()):
             digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            digest.update(_canonical_bytes(tensor))
         return digest.hexdigest()[:16]
     tensors = [v for v in vars(target).values() if isinstance(v, Tensor)]
     if not tensors:
@@ -246,6 +246,15 @@ def model_fingerprint(model: object) -> str | None:
     for tensor in tensors:
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def _canonical_bytes(tensor: Tensor) -> bytes:
+    """A weight's bytes in float32, so that a network loaded in float64 (or any dtype its
+    float32 weights convert to exactly) keeps the fingerprint of its file."""
+    value = tensor.detach().cpu()
+    if value.is_floating_point() and value.dtype != torch.float32:
+        value = value.float()
+    return value.contiguous().numpy().tobytes()
 
 
 def _range(
