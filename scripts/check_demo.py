@@ -22,13 +22,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 try:
-    import diffsolve.nets  # noqa: F401
+    import diffsolve.app.nets  # noqa: F401
 except ImportError:
     sys.path.insert(0, str(ROOT / "src"))
 
-from diffsolve.data import load_digits  # noqa: E402
-from diffsolve.metrics import frechet_distance  # noqa: E402
-from diffsolve.nets import load_network  # noqa: E402
+from diffsolve.app.data import load_digits  # noqa: E402
+from diffsolve.app.metrics import frechet_distance  # noqa: E402
+from diffsolve.app.nets import load_network  # noqa: E402
 
 
 @torch.no_grad()

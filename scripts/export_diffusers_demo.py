@@ -25,8 +25,8 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from diffsolve.integrations.diffusers import digits_unet_to_diffusers
-from diffsolve.models import demo_path
-from diffsolve.nets import load_network
+from diffsolve.app.loader import demo_path
+from diffsolve.app.nets import load_network
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "src" / "diffsolve" / "demos" / "digits-diffusers"

@@ -5,7 +5,7 @@
 Trained models and the Gaussian mixture use the estimator (`diffsolve ems`, K = 256 data
 points of the training split, N = 1200 logSNR intervals as in the official code; BENCHMARKS.md
 shows that the grid size N matters and K beyond 256 does not on these models);
-the `gaussian` model ships its exact closed-form optimum (`diffsolve.ems.gaussian`).
+the `gaussian` model ships its exact closed-form optimum (`diffsolve.stats.ems.exact`).
 `digits-cond` is measured under the training labels (the conditional model, unguided).
 """
 
@@ -14,10 +14,10 @@ from __future__ import annotations
 import sys
 import time
 
-from diffsolve.data import load_digit_labels, load_digits
-from diffsolve.ems.compute import compute_ems
-from diffsolve.ems.gaussian import gaussian_ems
-from diffsolve.models import DEMO_MODELS, load_model
+from diffsolve.app.data import load_digit_labels, load_digits
+from diffsolve.stats.ems.compute import compute_ems
+from diffsolve.stats.ems.exact import gaussian_ems
+from diffsolve.app.loader import DEMO_MODELS, load_model
 
 SETTINGS = {"samples": 256, "grid_size": 1200, "batch_size": 256}
 

@@ -9,7 +9,7 @@ input, the integer timestep i. Timesteps are drawn uniformly over 0..999 with pr
 (nearly) clean inputs, where it doubles as the accuracy meter of guided samples (evaluated at
 timestep 0). Inputs are shifted by up to one pixel (background -1 fills in) half of the time.
 
-Only the "train" split of :func:`diffsolve.data.load_digits` is used for training. Writes
+Only the "train" split of :func:`diffsolve.app.data.load_digits` is used for training. Writes
 ``config.json`` (with the test-split accuracy at several timesteps) and ``model.safetensors``
 (EMA weights, float32) to ``src/diffsolve/demos/digits-classifier/`` (or ``--out``).
 Deterministic for a fixed ``--seed`` and thread count.
@@ -30,12 +30,12 @@ from torch.nn import functional as fn
 
 ROOT = Path(__file__).resolve().parents[1]
 try:
-    import diffsolve.classifier  # noqa: F401
+    import diffsolve.app.classifier  # noqa: F401
 except ImportError:
     sys.path.insert(0, str(ROOT / "src"))
 
-from diffsolve.classifier import DigitsClassifier, classifier_accuracy  # noqa: E402
-from diffsolve.data import load_digit_labels, load_digits  # noqa: E402
+from diffsolve.app.classifier import DigitsClassifier, classifier_accuracy  # noqa: E402
+from diffsolve.app.data import load_digit_labels, load_digits  # noqa: E402
 
 NETWORK = {
     "class": "DigitsClassifier",

@@ -4,7 +4,7 @@
 
 Writes ``model.safetensors`` (EMA weights, float32) and ``config.json`` to
 ``src/diffsolve/demos/<name>/`` (or ``--out``). Training uses the "train" split of
-:func:`diffsolve.data.load_digits` only, runs on one CPU thread by default and is
+:func:`diffsolve.app.data.load_digits` only, runs on one CPU thread by default and is
 deterministic for a fixed ``--seed`` (and thread count).
 
 Models:
@@ -31,12 +31,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 try:
-    import diffsolve.nets  # noqa: F401
+    import diffsolve.app.nets  # noqa: F401
 except ImportError:
     sys.path.insert(0, str(ROOT / "src"))
 
-from diffsolve.data import load_digit_labels, load_digits  # noqa: E402
-from diffsolve.nets import build_network  # noqa: E402
+from diffsolve.app.data import load_digit_labels, load_digits  # noqa: E402
+from diffsolve.app.nets import build_network  # noqa: E402
 
 NETWORK = {
     "class": "DigitsUNet",

@@ -22,12 +22,12 @@ import json
 
 import torch
 
-from diffsolve.bench.runner import reference_solve, rmse
-from diffsolve.ems import EMS, load_ems
-from diffsolve.models import load_model
-from diffsolve.registry import nfe_grid, setup_solver
-from diffsolve.sampling import sample
-from diffsolve.seeds import noise_for_seeds
+from diffsolve.app.bench.runner import reference_solve, rmse
+from diffsolve.stats.ems import EMS, load_ems
+from diffsolve.app.loader import load_model
+from diffsolve.solvers.registry import nfe_grid, setup_solver
+from diffsolve.ode.sampling import sample
+from diffsolve.app.seeds import noise_for_seeds
 from diffsolve.solvers.dpm_solver_v3 import DPMSolverV3
 
 NFES = (5, 6, 8, 10, 12, 15, 20)
@@ -49,7 +49,7 @@ def from_moments(model_name: str, spec: str) -> EMS:
     """EMS from an estimator checkpoint's moment sums, every ``every``-th λ point."""
     from safetensors import safe_open
 
-    from diffsolve.ems.compute import MOMENTS, ems_grid, finalize
+    from diffsolve.stats.ems.compute import MOMENTS, ems_grid, finalize
 
     path, k, every = spec.rsplit(":", 2)
     loaded = load_model(model_name)

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from diffsolve.bench import BenchConfig, run_bench
-from diffsolve.bench.report import format_table, plot, write_json
-from diffsolve.bench.runner import contestants
-from diffsolve.models import load_model
-from diffsolve.registry import SOLVERS, setup_solver
+from diffsolve.app.bench import BenchConfig, run_bench
+from diffsolve.app.bench.report import format_table, plot, write_json
+from diffsolve.app.bench.runner import contestants
+from diffsolve.app.loader import load_model
+from diffsolve.solvers.registry import SOLVERS, setup_solver
 
 pytest.importorskip("diffusers")
 
@@ -82,7 +82,7 @@ def test_registry_spends_exactly_the_budget(name, nfe):
 
 
 def test_teleport_and_guidance_sweeps():
-    from diffsolve.bench.sweeps import (
+    from diffsolve.app.bench.sweeps import (
         format_guidance,
         format_teleport,
         guidance_sweep,
@@ -106,7 +106,7 @@ def test_inversion_sweep_from_the_cli(tmp_path):
 
     from click.testing import CliRunner
 
-    from diffsolve.cli import main
+    from diffsolve.app.cli import main
 
     out = tmp_path / "inversion.json"
     result = CliRunner().invoke(

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from diffsolve.cli import main
-from diffsolve.seeds import noise_for_seeds, parse_seeds
+from diffsolve.app.cli import main
+from diffsolve.app.seeds import noise_for_seeds, parse_seeds
 
 
 def test_sample_writes_grid_and_npz(tmp_path):
@@ -87,8 +87,8 @@ def test_solvers_lists_the_registry():
 
 
 def test_sample_with_guidance_threshold_and_teleport(tmp_path):
-    from diffsolve.data import load_digits
-    from diffsolve.gaussian_stats import compute_gaussian_stats
+    from diffsolve.app.data import load_digits
+    from diffsolve.stats.gaussian.estimate import compute_gaussian_stats
 
     stats = tmp_path / "stats.safetensors"
     compute_gaussian_stats(load_digits("train")).save(stats)

@@ -9,9 +9,9 @@ import torch
 
 from conftest import SCHEDULES, noise
 from diffsolve import EDM, DPMSolverPP, GaussianModel, VPDiscrete, VPLinear, grids, sample
-from diffsolve.ems import EMS, load_ems
-from diffsolve.ems.compute import compute_ems
-from diffsolve.ems.gaussian import gaussian_ems
+from diffsolve.stats.ems import EMS, load_ems
+from diffsolve.stats.ems.compute import compute_ems
+from diffsolve.stats.ems.exact import gaussian_ems
 from diffsolve.solvers.dpm_solver_v3 import DPMSolverV3, derivative_weights
 
 
@@ -113,7 +113,7 @@ def test_estimator_is_independent_of_batch_size():
 
 
 def test_estimator_resumes_from_its_checkpoint(tmp_path, monkeypatch):
-    import diffsolve.ems.compute as compute
+    import diffsolve.stats.ems.compute as compute
 
     g = GaussianModel.random((3,), seed=2)
     schedule = VPLinear()
@@ -227,9 +227,9 @@ def test_estimator_conditions_each_data_point_on_its_own_labels():
 
 @pytest.mark.parametrize("name", ["digits", "digits-cond", "digits-flow", "gaussian", "gmm"])
 def test_every_demo_model_ships_ems_that_sampling_picks_up(name):
-    from diffsolve.models import load_model
-    from diffsolve.registry import default_solver, setup_solver
-    from diffsolve.seeds import noise_for_seeds
+    from diffsolve.app.loader import load_model
+    from diffsolve.solvers.registry import default_solver, setup_solver
+    from diffsolve.app.seeds import noise_for_seeds
 
     loaded = load_model(name)
     assert default_solver(loaded) == "dpm-solver-v3"

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from diffsolve import GaussianModel
-from diffsolve.gaussian_stats import (
+from diffsolve.stats.gaussian.estimate import (
     FORMAT,
     compute_gaussian_stats,
     data_fingerprint,
@@ -63,7 +63,7 @@ def test_randomized_pca_matches_the_exact_top_eigenpairs():
         torch.testing.assert_close(gram, torch.eye(8, dtype=torch.float64), atol=1e-12, rtol=0)
         fast.model()  # a valid GaussianModel (orthonormal columns, eigenvalues >= 0)
     # "auto" switches to the randomized method above MAX_EXACT_DIM (patched low here)
-    import diffsolve.gaussian_stats as gs
+    import diffsolve.stats.gaussian.estimate as gs
 
     old, gs.MAX_EXACT_DIM = gs.MAX_EXACT_DIM, 100
     try:

@@ -10,8 +10,8 @@ import torch
 from conftest import SCHEDULES
 from diffsolve import DDIM, DEIS, DPMSolver, DPMSolverPP, GaussianModel, Heun, ModelWrapper, UniPC
 from diffsolve import grids as grid_lib
-from diffsolve.classifier import classifier_accuracy, load_classifier
-from diffsolve.guidance import (
+from diffsolve.app.classifier import classifier_accuracy, load_classifier
+from diffsolve.wrappers.guidance import (
     AdaptiveProjectedGuidance,
     ClassifierFreeGuidance,
     ClassifierGuidance,
@@ -20,8 +20,8 @@ from diffsolve.guidance import (
     projected_guidance,
     row_quantile,
 )
-from diffsolve.model import Prediction
-from diffsolve.sampling import sample
+from diffsolve.ode.model import Prediction
+from diffsolve.ode.sampling import sample
 
 SOLVERS = {
     "ddim": DDIM(),
@@ -243,7 +243,7 @@ def test_classifier_guidance_shifts_eps_by_the_log_prob_gradient_under_inference
 
 def test_classifier_guidance_raises_accuracy_of_digits_samples():
     """The shipped classifier guides the unconditional digits model towards the labels."""
-    from diffsolve.models import load_model
+    from diffsolve.app.loader import load_model
 
     loaded = load_model("digits")
     clf = load_classifier()
@@ -260,7 +260,7 @@ def test_classifier_guidance_raises_accuracy_of_digits_samples():
 
 
 def test_shipped_classifier_accuracy():
-    from diffsolve.data import load_digit_labels, load_digits
+    from diffsolve.app.data import load_digit_labels, load_digits
 
     clf = load_classifier("digits-classifier")
     assert classifier_accuracy(clf, load_digits("test"), load_digit_labels("test")) >= 0.95

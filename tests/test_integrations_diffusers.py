@@ -25,9 +25,9 @@ from diffsolve import (
     VPDiscrete,
     sample,
 )
-from diffsolve.models import demo_path, load_model
-from diffsolve.registry import nfe_grid
-from diffsolve.seeds import noise_for_seeds
+from diffsolve.app.loader import demo_path, load_model
+from diffsolve.solvers.registry import nfe_grid
+from diffsolve.app.seeds import noise_for_seeds
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -368,7 +368,7 @@ def test_k_diffusion_entry_point_equals_sample():
 
 def test_core_does_not_import_diffusers():
     code = (
-        "import sys, diffsolve, diffsolve.cli, diffsolve.scale, diffsolve.integrations, "
+        "import sys, diffsolve, diffsolve.app.cli, diffsolve.app.scale, diffsolve.integrations, "
         "diffsolve.integrations.k_diffusion; assert 'diffusers' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
@@ -378,7 +378,7 @@ def test_v3_scheduler_needs_and_checks_its_ems(tmp_path):
     with pytest.raises(ValueError, match="ems_path"):
         DPMSolverV3Scheduler()
     from diffsolve import VPLinear
-    from diffsolve.ems import EMS
+    from diffsolve.stats.ems import EMS
 
     path = EMS.degenerate(VPLinear(), (1, 8, 8)).save(tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match="computed for the schedule"):

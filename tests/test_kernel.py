@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from diffsolve.core import ExpStep, phi, solve_vandermonde, taylor_weights
+from diffsolve.numerics import ExpStep, phi, solve_vandermonde, taylor_weights
 
 
 def phi_closed(k: int, z: float) -> float:

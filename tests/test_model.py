@@ -5,7 +5,7 @@ import torch
 
 from conftest import SCHEDULES
 from diffsolve import GaussianModel, ModelWrapper, VPDiscrete
-from diffsolve.model import normalize_prediction
+from diffsolve.ode.model import normalize_prediction
 
 
 def network_for(gaussian: GaussianModel, schedule, prediction: str, time_of):

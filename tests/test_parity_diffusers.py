@@ -26,8 +26,8 @@ from diffsolve import (
     grids,
     sample,
 )
-from diffsolve.core import solve_vandermonde
-from diffsolve.solvers.base import (
+from diffsolve.numerics import solve_vandermonde
+from diffsolve.solvers.engine import (
     GridValues,
     MultistepPlan,
     MultistepStep,

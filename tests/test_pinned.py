@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from diffsolve import DPMSolverAdaptive, DPMSolverPP, invert, sample
-from diffsolve.models import load_model
-from diffsolve.registry import SOLVERS, setup_solver
-from diffsolve.seeds import noise_for_seeds
+from diffsolve.app.loader import load_model
+from diffsolve.solvers.registry import SOLVERS, setup_solver
+from diffsolve.app.seeds import noise_for_seeds
 
 PINNED = Path(__file__).parent / "data" / "pinned_outputs.npz"
 F64 = torch.float64
@@ -70,8 +70,8 @@ def _inversion_case(model: str) -> torch.Tensor:
 
 
 def _teleport_case(model: str, name: str) -> torch.Tensor:
-    from diffsolve.gaussian_stats import load_gaussian_stats
-    from diffsolve.teleport import teleported_setup
+    from diffsolve.stats.gaussian.estimate import load_gaussian_stats
+    from diffsolve.wrappers.teleport import teleported_setup
 
     loaded = _model(model)
     gaussian = load_gaussian_stats(loaded.folder / "gaussian_stats.safetensors")
@@ -80,7 +80,7 @@ def _teleport_case(model: str, name: str) -> torch.Tensor:
 
 
 def _guidance_case(method: str) -> torch.Tensor:
-    from diffsolve.guidance import GuidanceSpec
+    from diffsolve.wrappers.guidance import GuidanceSpec
 
     loaded = _model("digits-cond")
     labels = torch.tensor(list(SEEDS)) % 10

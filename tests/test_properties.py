@@ -28,7 +28,7 @@ from diffsolve import (
     grids,
     sample,
 )
-from diffsolve.ems import EMS
+from diffsolve.stats.ems import EMS
 from diffsolve.solvers import BDIA
 from diffsolve.solvers.dpm_solver_v3 import DPMSolverV3
 from test_model import network_for

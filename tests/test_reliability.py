@@ -21,8 +21,8 @@ from diffsolve import (
     invert,
     sample,
 )
-from diffsolve.ems import EMS
-from diffsolve.models import load_model
+from diffsolve.stats.ems import EMS
+from diffsolve.app.loader import load_model
 from diffsolve.solvers import BDIA, bdia_invert, bdia_reconstruct
 from diffsolve.solvers.dpm_solver_v3 import DPMSolverV3
 
@@ -89,7 +89,7 @@ def test_non_finite_model_output_is_an_error_naming_the_step(solver, value, gaus
 def test_half_precision_network(dtype, solver_name):
     """The digits network run in float16/bfloat16: state in float32, finite output in the
     input's dtype, close to the float32 run."""
-    from diffsolve.registry import setup_solver
+    from diffsolve.solvers.registry import setup_solver
 
     full = load_model("digits")
     half = load_model("digits", dtype=dtype)
@@ -129,7 +129,7 @@ def test_bdia_inversion_is_exact(gamma, gaussian):
     # on a real network too (float32)
     digits = load_model("digits")
     data = torch.load  # noqa: F841 - keep the namespace small
-    from diffsolve.data import load_digits
+    from diffsolve.app.data import load_digits
 
     images = load_digits("test")[:8]
     grid = grids.time_uniform(digits.schedule, 10, t_end=0.02)
@@ -165,7 +165,7 @@ def test_inversion_argument_errors(gaussian):
 def test_damaged_model_folders_give_clear_errors(tmp_path):
     import shutil
 
-    from diffsolve.models import demo_path
+    from diffsolve.app.loader import demo_path
 
     folder = tmp_path / "model"
     shutil.copytree(demo_path("digits"), folder)
@@ -181,7 +181,7 @@ def test_damaged_model_folders_give_clear_errors(tmp_path):
 
 
 def test_statistics_made_for_another_model_are_refused(tmp_path):
-    from diffsolve.gaussian_stats import compute_gaussian_stats, load_gaussian_stats
+    from diffsolve.stats.gaussian.estimate import compute_gaussian_stats, load_gaussian_stats
 
     digits = load_model("digits")
     other = digits.load_ems()
@@ -197,7 +197,7 @@ def test_statistics_made_for_another_model_are_refused(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_finiteness_check_catches_every_non_finite_value(dtype):
-    from diffsolve.sampling import all_finite
+    from diffsolve.ode.sampling import all_finite
 
     top = 1e300 if dtype == torch.float64 else torch.finfo(dtype).max
     big = torch.full((64, 8), top, dtype=dtype)

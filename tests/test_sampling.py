@@ -17,7 +17,7 @@ from diffsolve import (
     grids,
     sample,
 )
-from diffsolve.sampling import CountingDenoiser
+from diffsolve.ode.sampling import CountingDenoiser
 
 SCHEDULE = VPLinear()
 

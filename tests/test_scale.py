@@ -13,9 +13,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import diffsolve.models
-from diffsolve.cli import main
-from diffsolve.scale import (
+import diffsolve.app.loader
+from diffsolve.app.cli import main
+from diffsolve.app.scale import (
     RunConfig,
     RunReport,
     SamplingError,
@@ -28,7 +28,7 @@ from diffsolve.scale import (
     seed_shards,
     shard_path,
 )
-from diffsolve.seeds import parse_seeds
+from diffsolve.app.seeds import parse_seeds
 
 SEEDS = "0-19"
 
@@ -37,7 +37,7 @@ SEEDS = "0-19"
 def fast_models(monkeypatch):
     """Fit the analytic demo once per session, and run torch single-threaded: on shared,
     oversubscribed CPUs its intra-op threads can be ~100x slower."""
-    monkeypatch.setattr(diffsolve.models, "load_model", _cached_load_model)
+    monkeypatch.setattr(diffsolve.app.loader, "load_model", _cached_load_model)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -49,7 +49,7 @@ def _load(name: str, device: str):
     return _ORIGINAL_LOAD(name, device=device)
 
 
-_ORIGINAL_LOAD = diffsolve.models.load_model
+_ORIGINAL_LOAD = diffsolve.app.loader.load_model
 
 
 def _cached_load_model(name, device="cpu", dtype=None):

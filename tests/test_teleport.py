@@ -8,9 +8,9 @@ import torch
 from conftest import SCHEDULES, make_solvers, noise
 from diffsolve import DDIM, DPMSolver, DPMSolverAdaptive, DPMSolverPP, GaussianModel
 from diffsolve import grids as grid_lib
-from diffsolve.registry import setup_solver
-from diffsolve.sampling import sample
-from diffsolve.teleport import Teleported, TeleportPlan, skip_time, teleport, teleported_setup
+from diffsolve.solvers.registry import setup_solver
+from diffsolve.ode.sampling import sample
+from diffsolve.wrappers.teleport import Teleported, TeleportPlan, skip_time, teleport, teleported_setup
 
 ALL_SOLVERS = make_solvers()
 

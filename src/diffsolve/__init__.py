@@ -1,10 +1,10 @@
 """diffsolve: fast, training-free samplers for pretrained diffusion and flow models."""
 
-from diffsolve import grids
-from diffsolve.gaussian import GaussianModel
-from diffsolve.model import ModelWrapper, Prediction
-from diffsolve.sampling import NonFiniteError, SampleOutput, StepInfo, invert, sample
-from diffsolve.schedule import (
+from diffsolve.ode import grids
+from diffsolve.stats.gaussian.analytic import GaussianModel
+from diffsolve.ode.model import ModelWrapper, Prediction
+from diffsolve.ode.sampling import NonFiniteError, SampleOutput, StepInfo, invert, sample
+from diffsolve.ode.schedule import (
     EDM,
     NoiseSchedule,
     RectifiedFlow,

@@ -1,5 +1,5 @@
 """``python -m diffsolve`` runs the command line."""
 
-from diffsolve.cli import main
+from diffsolve.app.cli import main
 
 main()

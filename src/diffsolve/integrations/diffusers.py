@@ -11,11 +11,11 @@ This is the only module of diffsolve that imports diffusers. Usage::
 The diffusers config (``num_train_timesteps``, ``beta_*``, ``trained_betas``,
 ``prediction_type``, …; unknown keys are ignored) defines the :class:`~diffsolve.NoiseSchedule`.
 :meth:`DiffsolveScheduler.set_timesteps` builds the step grid (by default the registry's policy,
-:func:`diffsolve.registry.nfe_grid`: ``num_inference_steps`` model evaluations, the last step
+:func:`diffsolve.solvers.registry.nfe_grid`: ``num_inference_steps`` model evaluations, the last step
 returning :math:`\hat x_0` at ``t = 0``), the solver's float64 coefficient plan, and a fresh
 state: nothing from an earlier loop survives (the stale-state bug class of diffusers #8711).
 :meth:`DiffsolveScheduler.step` reads the raw model output with the configured prediction type
-at the current solver time (:class:`~diffsolve.model.Conversion`) and advances the plan by an
+at the current solver time (:class:`~diffsolve.ode.model.Conversion`) and advances the plan by an
 internal step counter; the ``timestep`` argument is only checked, never looked up, so repeated
 timesteps cannot confuse it (diffusers #12771). The result equals :func:`diffsolve.sample` on
 the same grid (``tests/test_integrations_diffusers.py``).
@@ -32,7 +32,7 @@ pipeline runs in float16; ``clip_sample`` / ``thresholding`` are not applied (th
 the model in diffsolve, it is not a solver flag); ``timestep_spacing`` / ``steps_offset`` are
 ignored in favour of diffsolve's grids (pass ``timesteps=`` or ``sigmas=`` for a custom one).
 
-The module also converts the demo :class:`~diffsolve.nets.DigitsUNet` into diffusers' own
+The module also converts the demo :class:`~diffsolve.app.nets.DigitsUNet` into diffusers' own
 ``UNet2DModel`` (:func:`digits_unet_to_diffusers`): same layers, renamed weights, so a
 ``DDPMPipeline`` folder needs no custom code (``scripts/export_diffusers_demo.py``).
 """
@@ -61,15 +61,15 @@ except ImportError as _err:  # pragma: no cover - exercised only without diffuse
         "`pip install 'diffusers>=0.30'` (or `pip install 'diffsolve[bench]'`)"
     ) from _err
 
-from diffsolve import grids
-from diffsolve.ems import EMS, load_ems
-from diffsolve.model import ModelWrapper, Prediction, normalize_prediction
-from diffsolve.nets import DigitsUNet
-from diffsolve.registry import SOLVERS, nfe_grid
-from diffsolve.sampling import state_dtype
-from diffsolve.schedule import NoiseSchedule, RectifiedFlow, VPDiscrete
+from diffsolve.ode import grids
+from diffsolve.stats.ems import EMS, load_ems
+from diffsolve.ode.model import ModelWrapper, Prediction, normalize_prediction
+from diffsolve.app.nets import DigitsUNet
+from diffsolve.solvers.registry import SOLVERS, nfe_grid
+from diffsolve.ode.sampling import state_dtype
+from diffsolve.ode.schedule import NoiseSchedule, RectifiedFlow, VPDiscrete
 from diffsolve.solvers import DDIM, DEIS, DPMSolverPP, Solver, UniPC
-from diffsolve.solvers.base import Plan, State, check_choice
+from diffsolve.solvers.engine import Plan, State, check_choice
 from diffsolve.solvers.dpm_solver_v3 import DPMSolverV3
 
 __all__ = [
@@ -174,7 +174,7 @@ class DiffsolveSchedulerOutput(SchedulerOutput):
 
 
 class _ReplayModel:
-    """A :class:`~diffsolve.model.Denoiser` that answers the plan's single model call of a
+    """A :class:`~diffsolve.ode.model.Denoiser` that answers the plan's single model call of a
     multistep step with the output the pipeline already computed."""
 
     def __init__(self, wrapper: ModelWrapper, output: Tensor) -> None:
@@ -206,7 +206,7 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
         rescale_betas_zero_snr: the discrete VP schedule, as in ``DDPMScheduler``.
         prediction_type: ``epsilon``, ``sample``, ``v_prediction``, ``flow_prediction`` (and
-            diffsolve's names, see :func:`diffsolve.model.normalize_prediction`).
+            diffsolve's names, see :func:`diffsolve.ode.model.normalize_prediction`).
         variance_type: ``learned`` / ``learned_range`` drop the variance half of a model
             output with twice the sample's channels; other values are ignored.
         use_flow_sigmas, flow_shift: rectified flow (σ = t; network time 1000 σ) and the
@@ -309,7 +309,7 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
 
         Args:
             num_inference_steps: Model evaluations; the grid is the registry's
-                (:func:`~diffsolve.registry.nfe_grid`) and ends at ``t = 0``.
+                (:func:`~diffsolve.solvers.registry.nfe_grid`) and ends at ``t = 0``.
             device: Where :attr:`timesteps` and :attr:`sigmas` live.
             timesteps: Custom, strictly decreasing network timesteps (e.g. integers
                 ``[999, 759, …]``); the model is evaluated at each, then the last step

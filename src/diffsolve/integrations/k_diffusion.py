@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffsolve.model import ModelWrapper
-from diffsolve.registry import SOLVERS
-from diffsolve.sampling import StepInfo, sample
-from diffsolve.schedule import EDM
+from diffsolve.ode.model import ModelWrapper
+from diffsolve.solvers.registry import SOLVERS
+from diffsolve.ode.sampling import StepInfo, sample
+from diffsolve.ode.schedule import EDM
 from diffsolve.solvers import DPMSolverPP, Solver
 
 __all__ = ["edm_schedule_for", "make_sampler", "resolve_solver", "sample_denoiser"]

@@ -1,7 +1,7 @@
 """Solvers: one file per method over the shared exponential-integrator kernel."""
 
 from diffsolve.solvers.adaptive import DPMSolverAdaptive
-from diffsolve.solvers.base import Plan, Solver, State, Update
+from diffsolve.solvers.engine import Plan, Solver, State, Update
 from diffsolve.solvers.bdia import BDIA, bdia_invert, bdia_reconstruct
 from diffsolve.solvers.ddim import DDIM
 from diffsolve.solvers.deis import DEIS

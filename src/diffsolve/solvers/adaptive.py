@@ -23,9 +23,9 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-from diffsolve.model import Denoiser, Prediction
-from diffsolve.schedule import NoiseSchedule
-from diffsolve.solvers.base import (
+from diffsolve.ode.model import Denoiser, Prediction
+from diffsolve.ode.schedule import NoiseSchedule
+from diffsolve.solvers.engine import (
     GridValues,
     Plan,
     Solver,

@@ -13,7 +13,7 @@ that starts from ``(z_N, z_{N-1})`` and a sampling run that starts from the inve
 pair reproduce each other to rounding error (amplified by :math:`1/\gamma` per step: small
 :math:`\gamma` is unstable, :math:`\gamma = 0` is DDIM and not invertible). Each DDIM map is
 the first-order exponential integrator :math:`z \mapsto a z + c\,\hat x_0` of
-:mod:`diffsolve.core.expint`.
+:mod:`diffsolve.numerics.expint`.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from diffsolve.model import Denoiser
-from diffsolve.schedule import NoiseSchedule
-from diffsolve.solvers.base import GridValues, Plan, Solver, State, check_order
+from diffsolve.ode.model import Denoiser
+from diffsolve.ode.schedule import NoiseSchedule
+from diffsolve.solvers.engine import GridValues, Plan, Solver, State, check_order
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,7 @@ def bdia_invert(
     ``x`` exactly (to rounding error). The first inversion step is plain DDIM inversion, as
     in the paper; exactness does not depend on it.
     """
-    from diffsolve.sampling import sample
+    from diffsolve.ode.sampling import sample
 
     ts = torch.as_tensor(grid, dtype=torch.float64).flatten().flip(0)
     solver = BDIA(gamma)
@@ -185,7 +185,7 @@ def bdia_reconstruct(
     gamma: float = 1.0,
 ) -> Tensor:
     """Sample with BDIA from the pair :func:`bdia_invert` returned."""
-    from diffsolve.sampling import sample
+    from diffsolve.ode.sampling import sample
 
     solver = BDIA(gamma)
     plan = solver.plan(model.schedule, grid)

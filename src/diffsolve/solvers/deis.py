@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffsolve.schedule import NoiseSchedule
-from diffsolve.solvers.base import (
+from diffsolve.ode.schedule import NoiseSchedule
+from diffsolve.solvers.engine import (
     GridValues,
     MultistepPlan,
     MultistepStep,

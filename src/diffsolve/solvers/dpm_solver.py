@@ -29,9 +29,9 @@ from typing import ClassVar, Literal
 
 from torch import Tensor
 
-from diffsolve.core.expint import ExpStep, taylor_weights
-from diffsolve.schedule import NoiseSchedule
-from diffsolve.solvers.base import (
+from diffsolve.numerics.expint import ExpStep, taylor_weights
+from diffsolve.ode.schedule import NoiseSchedule
+from diffsolve.solvers.engine import (
     GridValues,
     MultistepPlan,
     MultistepStep,

@@ -1,7 +1,7 @@
 r"""DPM-Solver-v3 (Zheng, Lu, Chen & Zhu 2023, "DPM-Solver-v3: Improved Diffusion ODE Solver
 with Empirical Model Statistics", arXiv 2310.13268).
 
-With the empirical model statistics :math:`l, s, b` (:mod:`diffsolve.ems`), the ODE is solved
+With the empirical model statistics :math:`l, s, b` (:mod:`diffsolve.stats.ems`), the ODE is solved
 for the reparameterised prediction :math:`f_\theta = (\sigma\epsilon_\theta - l x)/\alpha` and
 the step :math:`s \to t` reads (paper eq. 14 and App. C.1.2, in local integrals)
 
@@ -22,7 +22,7 @@ an optional corrector recomputes the point just reached, using the new evaluatio
 point (order ``p + 1`` with ``corrector_pseudo``) and keeping :math:`N_\theta` fixed, so it
 costs no evaluation. Every update is linear in the stored :math:`f`'s with per-dimension
 coefficients, which the plan precomputes in float64 from exact integrals of the interpolated
-statistics (:class:`~diffsolve.ems.EMSTable`): sampling times need not sit on the EMS grid.
+statistics (:class:`~diffsolve.stats.ems.EMSTable`): sampling times need not sit on the EMS grid.
 
 **Half corrector.** The official README and paper say "use the corrector only for t ≤ 0.5";
 the official code applies it only when t > 0.5. ``half_corrector`` offers both:
@@ -38,11 +38,11 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-from diffsolve.ems.stats import EMS
-from diffsolve.ems.table import EMSTable
-from diffsolve.model import Denoiser
-from diffsolve.schedule import NoiseSchedule
-from diffsolve.solvers.base import (
+from diffsolve.stats.ems.statistics import EMS
+from diffsolve.stats.ems.table import EMSTable
+from diffsolve.ode.model import Denoiser
+from diffsolve.ode.schedule import NoiseSchedule
+from diffsolve.solvers.engine import (
     GridValues,
     Plan,
     Solver,
@@ -194,7 +194,7 @@ class DPMSolverV3(Solver):
     """DPM-Solver-v3 multistep predictor(–corrector).
 
     Args:
-        ems: The model's statistics (:func:`diffsolve.ems.load_ems`; ``EMS.degenerate`` gives
+        ems: The model's statistics (:func:`diffsolve.stats.ems.load_ems`; ``EMS.degenerate`` gives
             DPM-Solver++).
         order: Predictor order 1, 2 or 3.
         predictor_pseudo: Pseudo-order predictor (official ``p_pseudo``; helps at 5 NFE).
@@ -221,7 +221,7 @@ class DPMSolverV3(Solver):
         check_choice(self.half_corrector, ("off", "low_noise", "high_noise"), "half_corrector")
         if not isinstance(self.ems, EMS):
             raise ValueError(
-                f"ems must be an EMS (see diffsolve.ems.load_ems), got {type(self.ems).__name__}"
+                f"ems must be an EMS (see diffsolve.stats.ems.load_ems), got {type(self.ems).__name__}"
             )
 
     def min_steps(self) -> int:

@@ -14,8 +14,8 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from diffsolve.schedule import NoiseSchedule
-from diffsolve.solvers.base import (
+from diffsolve.ode.schedule import NoiseSchedule
+from diffsolve.solvers.engine import (
     GridValues,
     SinglestepPlan,
     SinglestepStep,

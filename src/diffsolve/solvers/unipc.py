@@ -1,7 +1,7 @@
 r"""UniPC (Zhao et al. 2023, arXiv 2302.04867): unified predictor (UniP) and corrector (UniC).
 
 For a step :math:`s \to t` with the exponential-integrator coefficients
-:math:`x_t = a x_s + c\sum_n h\varphi_{n+1}(z) d_n` (see :mod:`diffsolve.core.expint`), history
+:math:`x_t = a x_s + c\sum_n h\varphi_{n+1}(z) d_n` (see :mod:`diffsolve.numerics.expint`), history
 points at :math:`r_k = (\lambda_{s_k} - \lambda_s)/h` and differences
 :math:`D_k = (m_{s_k} - m_s)/r_k`:
 
@@ -27,9 +27,9 @@ from typing import ClassVar, Literal
 
 from torch import Tensor
 
-from diffsolve.core.expint import ExpStep, solve_vandermonde
-from diffsolve.schedule import NoiseSchedule
-from diffsolve.solvers.base import (
+from diffsolve.numerics.expint import ExpStep, solve_vandermonde
+from diffsolve.ode.schedule import NoiseSchedule
+from diffsolve.solvers.engine import (
     GridValues,
     MultistepPlan,
     MultistepStep,

@@ -1,0 +1,267 @@
+"""Run the bench: reference solves, every contestant at every NFE, metrics."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from diffsolve.ode import grids
+from diffsolve.app.bench.peers import Peer, default_peers, null_overhead
+from diffsolve.app.bench.timing import TimedModel, synchronize
+from diffsolve.app.metrics import frechet_distance
+from diffsolve.app.loader import LoadedModel
+from diffsolve.solvers.registry import SOLVERS, setup_solver
+from diffsolve.ode.sampling import sample
+from diffsolve.app.seeds import noise_for_seeds
+from diffsolve.solvers import DPMSolverPP, Solver, UniPC
+
+DEFAULT_NFES = (5, 6, 8, 10, 12, 15, 20)
+DEFAULT_SOLVERS = (
+    "ddim",
+    "heun",
+    "dpm-solver-fast",
+    "dpm-solver++-2m",
+    "dpm-solver++-3m",
+    "unipc-bh1-3",
+    "unipc-bh2-3",
+    "deis-3",
+)
+#: DPM-Solver-v3 on its default (time-quadratic) grid and on the two other usual grids.
+V3_CONTESTANTS = ("dpm-solver-v3", "dpm-solver-v3@logsnr", "dpm-solver-v3@time_uniform")
+
+
+@dataclass
+class Row:
+    """One (solver, NFE) result: ``nfe`` is what the run actually spent, ``nfe_budget`` what
+    it was given (they differ only for Heun at even budgets)."""
+
+    solver: str
+    source: Literal["diffsolve", "diffusers"]
+    nfe: int
+    nfe_budget: int = 0
+    rmse: float | None = None
+    fd: float | None = None
+    seconds: float | None = None
+    overhead_us: float | None = None
+    failed: bool = False
+    error: str | None = None
+
+
+@dataclass
+class BenchConfig:
+    """What to measure. See ``diffsolve bench --help`` for the meaning of each field."""
+
+    model: str = "digits"
+    nfes: Sequence[int] = DEFAULT_NFES
+    solvers: Sequence[str] | None = None
+    samples: int = 512
+    seed: int = 0
+    reference_steps: int = 500
+    device: str = "cpu"
+    overhead: bool = True
+
+
+@dataclass
+class BenchResult:
+    """Everything the bench measured (serialised to JSON as is)."""
+
+    model: str
+    samples: int
+    seed: int
+    reference: dict[str, Any]
+    reference_agreement: float
+    fd_reference: float
+    fd_train: float
+    results: list[Row] = field(default_factory=list)
+    overhead: list[dict[str, float]] = field(default_factory=list)
+    seconds_total: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        out = asdict(self)
+        out["results"] = [asdict(r) for r in self.results]
+        return out
+
+
+@dataclass(frozen=True)
+class Contestant:
+    """A named way to sample at a given NFE."""
+
+    name: str
+    source: Literal["diffsolve", "diffusers"]
+    run: Callable[[TimedModel, Tensor, int], tuple[Tensor, int, float]]
+
+
+def _ours(name: str, loaded: LoadedModel, grid_kind: str | None = None) -> Contestant:
+    def run(model: TimedModel, x: Tensor, nfe: int) -> tuple[Tensor, int, float]:
+        solver, grid = setup_solver(name, model.schedule, nfe, grid_kind, model=loaded)
+        return _run_solver(solver, grid, model, x)
+
+    label = name if grid_kind is None else f"{name}@{grid_kind}"
+    return Contestant(label, "diffsolve", run)
+
+
+def _twin(peer: Peer, make: Callable[[int], Solver]) -> Contestant:
+    """A diffsolve solver on the grid of a diffusers peer (with the peer's final-order rule)."""
+
+    def run(model: TimedModel, x: Tensor, nfe: int) -> tuple[Tensor, int, float]:
+        return _run_solver(make(nfe), peer.grid(model.schedule, nfe), model, x)
+
+    return Contestant(f"{peer.twin}@diffusers-grid", "diffsolve", run)
+
+
+def _run_solver(
+    solver: Solver, grid: Tensor, model: TimedModel, x: Tensor
+) -> tuple[Tensor, int, float]:
+    plan = solver.plan(model.schedule, grid)
+    start = time.perf_counter()
+    out = sample(model, x, solver, plan=plan)
+    synchronize(out.x)
+    return out.x, plan.num_steps or out.nfe, time.perf_counter() - start
+
+
+TWIN_SOLVERS: dict[str, Callable[[int], Solver]] = {
+    "dpm-solver++-2m": lambda nfe: DPMSolverPP(2, lower_order_final=nfe < 15),
+    "unipc-bh1-2": lambda nfe: UniPC(2, "bh1"),
+    "unipc-bh1-3": lambda nfe: UniPC(3, "bh1"),
+    "unipc-bh2-2": lambda nfe: UniPC(2, "bh2"),
+    "unipc-bh2-3": lambda nfe: UniPC(3, "bh2"),
+}
+
+
+def contestants(names: Sequence[str] | None, loaded: LoadedModel) -> list[Contestant]:
+    """Resolve contestant names: ``NAME`` (registry), ``NAME@GRID`` (grid override),
+    ``NAME@diffusers-grid`` (on its diffusers twin's grid), ``diffusers:PEER``. ``None`` gives
+    the default line-up: our solvers (DPM-Solver-v3 on three grids where the model ships
+    EMS), every diffusers peer, and the twins."""
+    schedule = loaded.schedule
+    peers = {p.name: p for p in default_peers(schedule, bool(loaded.num_classes))}
+    if names is None:
+        names = [
+            *DEFAULT_SOLVERS,
+            *(V3_CONTESTANTS if loaded.has_ems else ()),
+            *peers,
+            *(f"{p.twin}@diffusers-grid" for p in peers.values() if p.twin),
+        ]
+    out = []
+    for name in names:
+        base, _, grid_kind = name.partition("@")
+        if name in peers:
+            p = peers[name]
+            out.append(Contestant(p.name, "diffusers", p.run))
+        elif grid_kind == "diffusers-grid":
+            twin = next((p for p in peers.values() if p.twin == base), None)
+            if twin is None or base not in TWIN_SOLVERS:
+                raise ValueError(
+                    f"{name}: no diffusers twin for {base!r}; twins: "
+                    f"{sorted(p.twin for p in peers.values() if p.twin)}"
+                )
+            out.append(_twin(twin, TWIN_SOLVERS[base]))
+        elif base in SOLVERS:
+            if grid_kind and grid_kind not in grids.GRIDS:
+                raise ValueError(f"{name}: grid must be one of {sorted(grids.GRIDS)}")
+            out.append(_ours(base, loaded, grid_kind or None))
+        else:
+            raise ValueError(
+                f"unknown contestant {name!r}: use a solver from `diffsolve "
+                f"solvers`, NAME@GRID, NAME@diffusers-grid or one of "
+                f"{sorted(peers)}"
+            )
+    return out
+
+
+def reference_solve(
+    model: TimedModel, x: Tensor, steps: int
+) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """Two high-accuracy solves of the same ODE to clean data: DPM-Solver++(3M) and UniPC-bh2
+    order 2 with its corrector (order 3), each on ``steps`` logSNR-uniform steps."""
+    schedule = model.schedule
+    grid = grids.append_zero(schedule, grids.logsnr_uniform(schedule, steps))
+    first = sample(model, x, DPMSolverPP(3, lower_order_final=False), grid).x
+    second = sample(model, x, UniPC(2, "bh2", lower_order_final=False), grid).x
+    info = {
+        "method": f"dpm-solver++-3m, {steps} logSNR steps + final x0 step",
+        "check": f"unipc-bh2-2 + corrector, {steps} logSNR steps + final x0 step",
+    }
+    return first, second, info
+
+
+def rmse(a: Tensor, b: Tensor) -> float:
+    """Root mean square difference over all dimensions and samples."""
+    return float((a.double() - b.double()).pow(2).mean().sqrt())
+
+
+def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None) -> BenchResult:
+    """Run the whole bench for one model."""
+    from tqdm.auto import tqdm
+
+    from diffsolve.app.data import load_digits
+    from diffsolve.app.loader import load_model
+
+    started = time.perf_counter()
+    loaded = load_model(config.model, device=config.device)
+    seeds = list(range(config.seed, config.seed + config.samples))
+    x_start = noise_for_seeds(seeds, loaded.data_shape, device=config.device)
+    denoiser = loaded.denoiser
+    if loaded.num_classes:
+        labels = torch.tensor(seeds, device=config.device) % loaded.num_classes
+        denoiser = loaded.conditional(labels)
+    model = TimedModel(denoiser)
+    test = load_digits("test")
+    with torch.inference_mode():
+        reference, check, info = reference_solve(model, x_start, config.reference_steps)
+    result = BenchResult(
+        model=config.model,
+        samples=config.samples,
+        seed=config.seed,
+        reference=info,
+        reference_agreement=rmse(reference, check),
+        fd_reference=frechet_distance(reference.cpu(), test),
+        fd_train=frechet_distance(load_digits("train"), test),
+    )
+    runs = contestants(config.solvers, loaded)
+    bar = tqdm(total=len(runs) * len(config.nfes), desc=f"bench {config.model}", unit="run")
+    for contestant in runs:
+        for nfe in config.nfes:
+            result.results.append(_measure(contestant, model, x_start, nfe, reference, test))
+            bar.update(1)
+    bar.close()
+    if config.overhead:
+        result.overhead = [null_overhead(batch) for batch in (1, config.samples)]
+    result.seconds_total = time.perf_counter() - started
+    return result
+
+
+def _measure(
+    contestant: Contestant,
+    model: TimedModel,
+    x: Tensor,
+    nfe: int,
+    reference: Tensor,
+    test: Tensor,
+) -> Row:
+    row = Row(contestant.name, contestant.source, nfe, nfe_budget=nfe)
+    model.reset()
+    try:
+        with torch.inference_mode():
+            out, steps, seconds = contestant.run(model, x, nfe)
+    except Exception as err:  # a peer that fails is reported, never crashes the bench
+        row.failed, row.error = True, f"{type(err).__name__}: {err}"[:300]
+        return row
+    row.nfe = model.calls
+    if not torch.isfinite(out).all():
+        row.failed, row.error = True, "non-finite output (NaN or inf)"
+        return row
+    row.rmse = rmse(out, reference)
+    row.fd = frechet_distance(out.float().cpu(), test)
+    row.seconds = seconds / x.shape[0]
+    row.overhead_us = 1e6 * max(seconds - model.seconds, 0.0) / max(steps, 1)
+    if not math.isfinite(row.rmse):
+        row.failed, row.error = True, "non-finite RMSE"
+    return row

@@ -1,0 +1,187 @@
+r"""Step grids: strictly monotone float64 tensors of solver times ``t``.
+
+A grid ``t_0 > t_1 > … > t_N`` has ``N`` steps. Generators take the number of *steps* and a
+time range (default: the schedule's :attr:`~diffsolve.ode.schedule.NoiseSchedule.default_range`):
+
+* :func:`logsnr_uniform` — uniform in :math:`\lambda` (DPM-Solver's ``logSNR``);
+* :func:`time_uniform` — uniform in ``t``;
+* :func:`time_quadratic` — uniform in :math:`\sqrt t`;
+* :func:`karras` — Karras et al.'s :math:`\rho`-spacing of the EDM noise level
+  :math:`\sigma/\alpha`;
+* :func:`custom` — a user's list, validated.
+
+A grid may end at ``t = 0`` (clean data); :func:`append_zero` adds that final point, which turns
+the last step into "return the model's :math:`\hat x_0`" (diffusers' ``final_sigmas_type="zero"``).
+Every grid is checked once by :func:`validate_grid`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from diffsolve.ode.schedule import NoiseSchedule
+
+_F64 = torch.float64
+
+
+def _range(
+    schedule: NoiseSchedule, t_start: float | None, t_end: float | None
+) -> tuple[float, float]:
+    default_start, default_end = schedule.default_range
+    t_start = default_start if t_start is None else float(t_start)
+    t_end = default_end if t_end is None else float(t_end)
+    if not t_start > t_end:
+        raise ValueError(
+            f"t_start must be greater than t_end; got t_start={t_start}, t_end={t_end}"
+        )
+    return t_start, t_end
+
+
+def _check_steps(steps: int) -> None:
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+
+
+def _finish(schedule: NoiseSchedule, ts: Tensor, t_start: float, t_end: float) -> Tensor:
+    ts = ts.to(_F64).clone()
+    ts[0], ts[-1] = t_start, t_end  # land exactly on both ends
+    return validate_grid(schedule, ts)
+
+
+def logsnr_uniform(
+    schedule: NoiseSchedule, steps: int, t_start: float | None = None, t_end: float | None = None
+) -> Tensor:
+    """``steps`` steps uniform in log-SNR :math:`\\lambda` between ``t_start`` and ``t_end``."""
+    _check_steps(steps)
+    t_start, t_end = _range(schedule, t_start, t_end)
+    if t_end == 0.0:
+        raise ValueError("logsnr_uniform: t_end must be > 0 (lambda(0) = +inf); use append_zero")
+    lam = torch.linspace(
+        float(schedule.lambda_(t_start)), float(schedule.lambda_(t_end)), steps + 1, dtype=_F64
+    )
+    return _finish(schedule, schedule.t_of_lambda(lam), t_start, t_end)
+
+
+def time_uniform(
+    schedule: NoiseSchedule, steps: int, t_start: float | None = None, t_end: float | None = None
+) -> Tensor:
+    """``steps`` steps uniform in solver time ``t``."""
+    _check_steps(steps)
+    t_start, t_end = _range(schedule, t_start, t_end)
+    return _finish(schedule, torch.linspace(t_start, t_end, steps + 1, dtype=_F64), t_start, t_end)
+
+
+def time_quadratic(
+    schedule: NoiseSchedule, steps: int, t_start: float | None = None, t_end: float | None = None
+) -> Tensor:
+    """``steps`` steps uniform in :math:`\\sqrt t` (denser near the data end)."""
+    _check_steps(steps)
+    t_start, t_end = _range(schedule, t_start, t_end)
+    ts = torch.linspace(t_start**0.5, t_end**0.5, steps + 1, dtype=_F64) ** 2
+    return _finish(schedule, ts, t_start, t_end)
+
+
+def karras(
+    schedule: NoiseSchedule,
+    steps: int,
+    t_start: float | None = None,
+    t_end: float | None = None,
+    rho: float = 7.0,
+) -> Tensor:
+    """Karras et al. (2022, eq. 5) spacing of :math:`\\sigma/\\alpha`:
+    :math:`\\sigma_i = (\\sigma_{\\max}^{1/\\rho} + \\tfrac iN(\\sigma_{\\min}^{1/\\rho} -
+    \\sigma_{\\max}^{1/\\rho}))^\\rho`."""
+    _check_steps(steps)
+    if not rho > 0:
+        raise ValueError(f"rho must be > 0, got {rho}")
+    t_start, t_end = _range(schedule, t_start, t_end)
+    if t_end == 0.0:
+        raise ValueError(
+            "karras: t_end must be > 0 (sigma_min = 0 has no rho-th root); use append_zero"
+        )
+    s_max = float(schedule.edm_sigma(t_start)) ** (1 / rho)
+    s_min = float(schedule.edm_sigma(t_end)) ** (1 / rho)
+    sig = torch.linspace(s_max, s_min, steps + 1, dtype=_F64) ** rho
+    return _finish(schedule, schedule.t_of_edm_sigma(sig), t_start, t_end)
+
+
+def custom(schedule: NoiseSchedule, ts: Sequence[float] | Tensor) -> Tensor:
+    """A user's list of solver times, validated and converted to float64."""
+    return validate_grid(schedule, ts)
+
+
+def append_zero(schedule: NoiseSchedule, grid: Tensor) -> Tensor:
+    """Append the clean-data point ``t = 0``: the last step then returns :math:`\\hat x_0`."""
+    return validate_grid(schedule, torch.cat([grid.to(_F64), torch.zeros(1, dtype=_F64)]))
+
+
+GRIDS: dict[str, Callable[..., Tensor]] = {
+    "logsnr": logsnr_uniform,
+    "time_uniform": time_uniform,
+    "time_quadratic": time_quadratic,
+    "karras": karras,
+}
+
+
+def make_grid(
+    schedule: NoiseSchedule,
+    steps: int,
+    kind: str = "logsnr",
+    t_start: float | None = None,
+    t_end: float | None = None,
+) -> Tensor:
+    """Build a grid by name: one of ``logsnr``, ``time_uniform``, ``time_quadratic``,
+    ``karras``."""
+    if kind not in GRIDS:
+        raise ValueError(f"grid kind must be one of {sorted(GRIDS)}, got {kind!r}")
+    return GRIDS[kind](schedule, steps, t_start, t_end)
+
+
+def validate_grid(
+    schedule: NoiseSchedule, grid: Sequence[float] | Tensor, *, allow_increasing: bool = False
+) -> Tensor:
+    """Check a grid once and return it as a 1-D float64 CPU tensor.
+
+    A valid grid has at least two points, is finite and strictly monotone (decreasing; also
+    increasing when ``allow_increasing``, for inversion), lies in ``[0, t_max]`` and touches
+    ``t = 0`` only as the final point of a decreasing grid.
+    """
+    ts = (
+        torch.as_tensor(grid, dtype=_F64).detach().cpu().flatten()
+        if not isinstance(grid, Tensor)
+        else grid.detach().to("cpu", _F64).flatten()
+    )
+    if ts.numel() < 2:
+        raise ValueError(f"grid: need at least 2 time points (1 step), got {ts.numel()}")
+    if not torch.isfinite(ts).all():
+        raise ValueError("grid: all time points must be finite")
+    diffs = ts[1:] - ts[:-1]
+    decreasing = bool((diffs < 0).all())
+    increasing = bool((diffs > 0).all())
+    if not decreasing and not (allow_increasing and increasing):
+        if (diffs == 0).any():
+            i = int((diffs == 0).nonzero()[0])
+            raise ValueError(
+                f"grid: duplicate time point t={float(ts[i])} at index {i}; "
+                "grid times must be strictly monotone"
+            )
+        raise ValueError(
+            "grid: time points must be strictly decreasing (noisy to clean)"
+            + (" or strictly increasing" if allow_increasing else "")
+        )
+    t_max = schedule.t_max
+    if float(ts.max()) > t_max * (1 + 1e-12) or float(ts.min()) < 0:
+        raise ValueError(
+            f"grid: time points must lie in [0, {t_max}] for {schedule!r}; "
+            f"got range [{float(ts.min())}, {float(ts.max())}]"
+        )
+    zero = (ts == 0).nonzero().flatten().tolist()
+    if zero and (not decreasing or zero != [ts.numel() - 1]):
+        raise ValueError(
+            "grid: t = 0 (clean data) is allowed only as the last point of a "
+            "decreasing grid; the model cannot be evaluated there"
+        )
+    return ts

@@ -1,0 +1,335 @@
+r"""Model wrappers: whatever a network predicts, as both :math:`\hat x_0` and :math:`\hat\epsilon`.
+
+With :math:`x = \alpha_t x_0 + \sigma_t \epsilon`, every supported parameterisation is a linear
+map of :math:`(x, \text{output})`, so a :class:`Prediction` stores four float64 scalars and forms
+each of :math:`\hat x_0, \hat\epsilon` lazily, only when a solver asks for it:
+
+* ``epsilon`` — :math:`\epsilon`; :math:`x_0 = (x - \sigma\epsilon)/\alpha`.
+* ``x0`` — :math:`x_0`; :math:`\epsilon = (x - \alpha x_0)/\sigma`.
+* ``v`` — :math:`v = \alpha\epsilon - \sigma x_0`;
+  :math:`x_0 = (\alpha x - \sigma v)/(\alpha^2+\sigma^2)`,
+  :math:`\epsilon = (\sigma x + \alpha v)/(\alpha^2+\sigma^2)`.
+* ``score`` — :math:`\nabla\log p_t = -\epsilon/\sigma`; :math:`\epsilon = -\sigma s`.
+* ``flow`` — velocity :math:`u = \dot\alpha x_0 + \dot\sigma\epsilon`; solve the 2×2 system
+  with :math:`(\alpha, \sigma; \dot\alpha, \dot\sigma)` (rectified flow: :math:`u = \epsilon -
+  x_0`).
+
+The map from solver time to the network's own time input lives here too (``time_input``):
+``"t"`` (solver time as is), ``"timestep"`` (discrete VP: the fractional training timestep
+:math:`tN - 1`; continuous schedules: :math:`1000\,t`), ``"sigma"`` (:math:`\sigma/\alpha`,
+the EDM / k-diffusion convention), or any callable ``float -> float``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from diffsolve.ode.schedule import NoiseSchedule, VPDiscrete
+
+PredictionType = Literal["epsilon", "x0", "v", "score", "flow"]
+TimeInput = Literal["t", "timestep", "sigma"] | Callable[[float], float]
+
+PREDICTION_ALIASES: dict[str, PredictionType] = {
+    "epsilon": "epsilon",
+    "eps": "epsilon",
+    "noise": "epsilon",
+    "x0": "x0",
+    "sample": "x0",
+    "x_start": "x0",
+    "data": "x0",
+    "v": "v",
+    "v_prediction": "v",
+    "score": "score",
+    "flow": "flow",
+    "velocity": "flow",
+    "flow_prediction": "flow",
+}
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """:math:`\\hat x_0 = p_x x + p_o\\,\\text{out}` and :math:`\\hat\\epsilon = e_x x +
+    e_o\\,\\text{out}` at one time ``t``, with the schedule's :math:`\\alpha, \\sigma` there."""
+
+    px: float
+    po: float
+    ex: float
+    eo: float
+    alpha: float
+    sigma: float
+
+
+def _lincomb(x: Tensor, cx: float, out: Tensor, co: float) -> Tensor:
+    if cx == 0.0:
+        return out * co
+    return torch.add(x * cx, out, alpha=co)
+
+
+class Prediction:
+    """A model evaluation at ``(x, t)``, readable as :attr:`x0` and :attr:`eps`.
+
+    Both are computed on first access only and cached.
+    """
+
+    __slots__ = ("_eps", "_x0", "conversion", "out", "t", "x")
+
+    def __init__(self, x: Tensor, out: Tensor, conversion: Conversion, t: float) -> None:
+        self.x, self.out, self.conversion, self.t = x, out, conversion, t
+        self._x0: Tensor | None = None
+        self._eps: Tensor | None = None
+
+    @classmethod
+    def from_x0(cls, x: Tensor, x0: Tensor, alpha: float, sigma: float, t: float) -> Prediction:
+        """Wrap a data prediction (used by analytic models and guidance)."""
+        return cls(x, x0, conversion_for("x0", alpha, sigma), t)
+
+    @property
+    def x0(self) -> Tensor:
+        """Data prediction :math:`\\hat x_0`."""
+        if self._x0 is None:
+            c = self.conversion
+            self._x0 = (
+                self.out if c.px == 0.0 and c.po == 1.0 else _lincomb(self.x, c.px, self.out, c.po)
+            )
+        return self._x0
+
+    @property
+    def eps(self) -> Tensor:
+        """Noise prediction :math:`\\hat\\epsilon`."""
+        if self._eps is None:
+            c = self.conversion
+            self._eps = (
+                self.out if c.ex == 0.0 and c.eo == 1.0 else _lincomb(self.x, c.ex, self.out, c.eo)
+            )
+        return self._eps
+
+    def get(self, space: Literal["x0", "eps"]) -> Tensor:
+        """``x0`` or ``eps`` by name (solvers store which one they integrate)."""
+        return self.x0 if space == "x0" else self.eps
+
+
+def normalize_prediction(prediction: str) -> PredictionType:
+    """Map a prediction name (including diffusers' and DPM-Solver's spellings) to ours."""
+    try:
+        return PREDICTION_ALIASES[prediction]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"prediction must be one of {sorted(set(PREDICTION_ALIASES.values()))} "
+            f"(aliases: {sorted(PREDICTION_ALIASES)}); got {prediction!r}"
+        ) from None
+
+
+def conversion_for(
+    prediction: PredictionType,
+    alpha: float,
+    sigma: float,
+    d_alpha: float = math.nan,
+    d_sigma: float = math.nan,
+) -> Conversion:
+    """The linear map from ``(x, out)`` to ``(x0, eps)`` for one prediction type."""
+    a, s = alpha, sigma
+    if prediction == "epsilon":
+        return Conversion(1.0 / a, -s / a, 0.0, 1.0, a, s)
+    if prediction == "x0":
+        return Conversion(0.0, 1.0, 1.0 / s, -a / s, a, s)
+    if prediction == "v":
+        n = a * a + s * s
+        return Conversion(a / n, -s / n, s / n, a / n, a, s)
+    if prediction == "score":
+        return Conversion(1.0 / a, s * s / a, 0.0, -s, a, s)
+    if prediction == "flow":
+        det = a * d_sigma - s * d_alpha
+        return Conversion(d_sigma / det, -s / det, -d_alpha / det, a / det, a, s)
+    raise ValueError(f"unknown prediction type {prediction!r}")
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    """What a solver needs from a model: its schedule and ``(x, t) -> Prediction``."""
+
+    schedule: NoiseSchedule
+
+    def __call__(self, x: Tensor, t: float) -> Prediction: ...
+
+
+class ModelWrapper:
+    """Wrap a network ``net(x, time, **model_kwargs)`` into a :class:`Denoiser`.
+
+    Args:
+        model: The network. Its output may be a tensor, a tuple (first item used) or an
+            object with ``.sample`` (diffusers' output classes).
+        schedule: The noise schedule the network was trained with.
+        prediction: What the network predicts (see the module docstring for aliases).
+        time_input: How solver time maps to the network's time argument; ``"auto"`` picks
+            ``"timestep"`` for discrete VP schedules, ``"sigma"`` for EDM, ``"t"`` otherwise.
+        model_kwargs: Extra keyword arguments for every call (e.g. ``class_labels``).
+        model_dtype: If set, inputs are cast to this dtype for the call (e.g. a float16
+            network); outputs are always cast back to the solver state's dtype.
+    """
+
+    def __init__(
+        self,
+        model: Callable[..., Any],
+        schedule: NoiseSchedule,
+        prediction: str = "epsilon",
+        time_input: TimeInput | Literal["auto"] = "auto",
+        model_kwargs: Mapping[str, Any] | None = None,
+        model_dtype: torch.dtype | None = None,
+    ) -> None:
+        if not callable(model):
+            raise ValueError(f"model must be callable, got {type(model).__name__}")
+        if not isinstance(schedule, NoiseSchedule):
+            raise ValueError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+        self.model = model
+        self.schedule = schedule
+        self.prediction: PredictionType = normalize_prediction(prediction)
+        self.time_input = _resolve_time_input(time_input, schedule)
+        self.model_kwargs = dict(model_kwargs or {})
+        self.model_dtype = model_dtype
+        self._conversions: dict[float, Conversion] = {}
+        self._model_times: dict[float, float] = {}
+
+    def with_kwargs(self, **model_kwargs: Any) -> ModelWrapper:
+        """A copy that passes extra keyword arguments (e.g. ``class_labels``)."""
+        return ModelWrapper(
+            self.model,
+            self.schedule,
+            self.prediction,
+            self.time_input,
+            {**self.model_kwargs, **model_kwargs},
+            self.model_dtype,
+        )
+
+    def model_time(self, t: float) -> float:
+        """The network's own time input for solver time ``t``."""
+        model_t = self._model_times.get(t)
+        if model_t is None:
+            model_t = self._model_times[t] = float(self.time_input(t))
+        return model_t
+
+    def conversion(self, t: float) -> Conversion:
+        """The output-to-(x0, eps) map at solver time ``t`` (cached per ``t``)."""
+        conversion = self._conversions.get(t)
+        if conversion is None:
+            conversion = self._conversions[t] = self._conversion(t)
+        return conversion
+
+    def __call__(self, x: Tensor, t: float) -> Prediction:
+        return Prediction(x, self.forward(x, t), self.conversion(t), t)
+
+    def forward(self, x: Tensor, t: float) -> Tensor:
+        """The network's raw output at solver time ``t``, in ``x``'s dtype (no range check
+        beyond the time map itself: peers may evaluate where λ is infinite, e.g. flow t = 1)."""
+        model_t = self.model_time(t)
+        dtype = self.model_dtype or x.dtype
+        t_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        t_in = torch.full((x.shape[0],), model_t, dtype=t_dtype, device=x.device)
+        out = _unwrap_output(self.model(x.to(dtype), t_in, **self.model_kwargs))
+        if out.shape != x.shape:
+            raise ValueError(
+                f"model output shape {tuple(out.shape)} does not match its input "
+                f"{tuple(x.shape)}; a model must return a tensor shaped like x"
+            )
+        return out.to(x.dtype)
+
+    def differentiable_eps(self, x: Tensor, t: Tensor) -> Tensor:
+        r""":math:`\hat\epsilon(x, t)` differentiable in both ``x`` and a float64 0-dim ``t``
+        (forward- and reverse-mode), for estimating DPM-Solver-v3's statistics."""
+        log_alpha, log_sigma = self.schedule.log_alpha_sigma(t)
+        alpha, sigma = torch.exp(log_alpha), torch.exp(log_sigma)
+        dtype = self.model_dtype or x.dtype
+        model_t = torch.as_tensor(self.time_input(t), dtype=torch.float64)
+        t_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        t_in = model_t.to(t_dtype).expand(x.shape[0])
+        out = _unwrap_output(self.model(x.to(dtype), t_in, **self.model_kwargs)).to(x.dtype)
+        if self.prediction == "flow":
+            d_alpha, d_sigma = torch.func.jacfwd(
+                lambda u: torch.stack([torch.exp(v) for v in self.schedule.log_alpha_sigma(u)])
+            )(t)
+            c = conversion_for("flow", alpha, sigma, d_alpha, d_sigma)  # type: ignore[arg-type]
+        else:
+            c = conversion_for(self.prediction, alpha, sigma)  # type: ignore[arg-type]
+        return c.ex * x + c.eo * out
+
+    def _conversion(self, t: float) -> Conversion:
+        if not 0.0 < t <= self.schedule.t_max * (1 + 1e-12):
+            raise ValueError(
+                f"t={t} is outside the schedule's model-evaluation range "
+                f"(0, {self.schedule.t_max}]"
+            )
+        if self.prediction != "flow":
+            alpha, sigma = (float(v) for v in _alpha_sigma(self.schedule, t))
+            return conversion_for(self.prediction, alpha, sigma)
+        with torch.inference_mode(False), torch.enable_grad():
+            t_var = torch.tensor(float(t), dtype=torch.float64, requires_grad=True)
+            alpha, sigma = _alpha_sigma(self.schedule, t_var)
+            d_alpha, d_sigma = _derivatives(alpha, sigma, t_var)
+        return conversion_for(
+            "flow", float(alpha.detach()), float(sigma.detach()), d_alpha, d_sigma
+        )
+
+
+def _derivatives(alpha: Tensor, sigma: Tensor, t: Tensor) -> tuple[float, float]:
+    r""":math:`(\dot\alpha, \dot\sigma)` at ``t`` by autograd (zero where constant)."""
+
+    def d(v: Tensor) -> float:
+        if not v.requires_grad:
+            return 0.0
+        return float(torch.autograd.grad(v, t, retain_graph=True)[0])
+
+    return d(alpha), d(sigma)
+
+
+def _alpha_sigma(schedule: NoiseSchedule, t: float | Tensor) -> tuple[Tensor, Tensor]:
+    log_alpha, log_sigma = schedule.log_alpha_sigma(t)
+    return torch.exp(log_alpha), torch.exp(log_sigma)
+
+
+def _unwrap_output(out: Any) -> Tensor:
+    if isinstance(out, Tensor):
+        return out
+    if hasattr(out, "sample"):
+        return out.sample
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    raise ValueError(
+        f"model returned {type(out).__name__}; expected a tensor, a tuple whose first item is "
+        "a tensor, or an object with a .sample tensor"
+    )
+
+
+def _resolve_time_input(
+    time_input: TimeInput | Literal["auto"], schedule: NoiseSchedule
+) -> Callable[[float], float]:
+    if callable(time_input):
+        return time_input
+    if time_input == "auto":
+        time_input = (
+            "timestep"
+            if isinstance(schedule, VPDiscrete)
+            else "sigma"
+            if schedule.kind == "edm"
+            else "t"
+        )
+    if time_input == "t":
+        return lambda t: t
+    if time_input == "timestep":
+        if isinstance(schedule, VPDiscrete):
+            n = schedule.num_train_timesteps
+            return lambda t: t * n - 1.0
+        if schedule.kind == "edm":
+            raise ValueError(
+                "time_input='timestep' is undefined for the EDM schedule; use 'sigma'"
+            )
+        return lambda t: 1000.0 * t
+    if time_input == "sigma":
+        return schedule.edm_sigma
+    raise ValueError(
+        f"time_input must be 'auto', 't', 'timestep', 'sigma' or a callable; got {time_input!r}"
+    )

@@ -1,0 +1,219 @@
+"""The one sampling loop that drives every solver."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from diffsolve.ode.model import Denoiser, Prediction
+from diffsolve.ode.schedule import NoiseSchedule
+from diffsolve.solvers.engine import Plan, Solver, State
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What a callback receives after each step (k-diffusion's ``x, i, sigma, denoised``)."""
+
+    step: int
+    t: float
+    x: Tensor
+    denoised: Tensor | None
+    nfe: int
+
+
+class NonFiniteError(FloatingPointError):
+    """The solver state became NaN or inf. The message names the step and its times;
+    :attr:`last_finite` is the last finite state (at time :attr:`t_finite`)."""
+
+    def __init__(
+        self,
+        step: int,
+        t_start: float,
+        t_end: float,
+        last_finite: Tensor,
+        t_finite: float,
+        nfe: int,
+    ) -> None:
+        self.step, self.t_start, self.t_end = step, t_start, t_end
+        self.last_finite, self.t_finite, self.nfe = last_finite, t_finite, nfe
+        super().__init__(
+            f"the sample became NaN or inf at step {step} (t = {t_start:.6g} → {t_end:.6g}) "
+            f"after {nfe} model evaluations: the model returned non-finite values or the "
+            "solver diverged (try more steps, a lower order, or check the model); the last "
+            f"finite state (t = {t_finite:.6g}) is in .last_finite"
+        )
+
+
+@dataclass
+class SampleOutput:
+    """Result of :func:`sample`.
+
+    Attributes:
+        x: Final samples, in the dtype of ``x_start``.
+        nfe: Model evaluations spent per sample (a batched guidance pair counts once).
+        times: Solver time after each step (with ``return_intermediates``), starting with
+            the initial time.
+        intermediates: States at those times (with ``return_intermediates``).
+    """
+
+    x: Tensor
+    nfe: int
+    times: list[float] = field(default_factory=list)
+    intermediates: list[Tensor] = field(default_factory=list)
+
+
+class CountingDenoiser:
+    """Wraps a denoiser and counts its evaluations."""
+
+    def __init__(self, model: Denoiser) -> None:
+        self.model = model
+        self.schedule: NoiseSchedule = model.schedule
+        self.calls = 0
+
+    def __call__(self, x: Tensor, t: float) -> Prediction:
+        self.calls += 1
+        return self.model(x, t)
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Solver state is kept in at least float32, whatever the model's precision."""
+    if not dtype.is_floating_point:
+        raise ValueError(f"x_start must be a floating-point tensor, got dtype {dtype}")
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def all_finite(x: Tensor) -> bool:
+    """Whether every entry of ``x`` is finite, by one float64 reduction (NaN and ±inf
+    propagate through a sum; finite float32/16 entries cannot overflow a float64 sum, float64
+    ones only beyond ~1e300, far outside any diffusion state). About
+    4× cheaper than ``torch.isfinite(x).all()`` on CPU, which takes four passes."""
+    return bool(torch.isfinite(x.sum(dtype=torch.float64)))
+
+
+def sample(
+    model: Denoiser,
+    x_start: Tensor,
+    solver: Solver,
+    grid: Tensor | Sequence[float] | None = None,
+    *,
+    plan: Plan | None = None,
+    denoise_to_zero: bool = False,
+    callback: Callable[[StepInfo], None] | None = None,
+    progress: bool = False,
+    return_intermediates: bool = False,
+    check_finite: bool = True,
+    initial_state: State | None = None,
+) -> SampleOutput:
+    """Integrate the probability-flow ODE from ``x_start`` along ``grid`` with ``solver``.
+
+    Args:
+        model: A :class:`~diffsolve.ode.model.Denoiser` (e.g. a
+            :class:`~diffsolve.ode.model.ModelWrapper`); its schedule defines the ODE.
+        x_start: Samples at the grid's first time, shape ``(B, ...)``.
+        solver: Any :class:`~diffsolve.solvers.Solver`.
+        grid: Strictly decreasing solver times (see :mod:`diffsolve.ode.grids`); ignored when a
+            precomputed ``plan`` is given.
+        plan: A plan from ``solver.plan(schedule, grid)``, to reuse it across batches.
+        denoise_to_zero: After the last step, return the model's :math:`\\hat x_0` there
+            (one extra evaluation; DPM-Solver's ``denoise_to_zero``).
+        callback: Called with a :class:`StepInfo` after every step.
+        progress: Show a tqdm progress bar.
+        return_intermediates: Keep the state after every step.
+        check_finite: After every step, check that the state is finite (one reduction and
+            host sync per step) and raise :class:`NonFiniteError` naming the step otherwise.
+        initial_state: Start from this state of ``plan`` instead of ``plan.init(x_start)``
+            (e.g. BDIA's pair from an inversion).
+
+    Returns:
+        A :class:`SampleOutput` with the samples and the exact number of model evaluations.
+
+    Raises:
+        NonFiniteError: The state became NaN or inf; the last finite state is attached.
+    """
+    if plan is None:
+        if grid is None:
+            raise ValueError("sample: pass a grid (see diffsolve.ode.grids) or a precomputed plan")
+        plan = solver.plan(model.schedule, grid)
+    if x_start.ndim < 1 or x_start.shape[0] == 0:
+        raise ValueError(
+            f"x_start must have a non-empty batch dimension, got shape {tuple(x_start.shape)}"
+        )
+    out_dtype = x_start.dtype
+    reset = getattr(model, "reset", None)
+    if callable(reset):  # stateful model wrappers (e.g. APG momentum) start every run afresh
+        reset()
+    counter = CountingDenoiser(model)
+    state: State = initial_state or plan.init(x_start.to(state_dtype(out_dtype)))
+    result = SampleOutput(x=x_start, nfe=0)
+    if return_intermediates:
+        result.times.append(state.t)
+        result.intermediates.append(state.x)
+    bar = _progress_bar(plan, progress)
+    while not state.done:
+        previous = state
+        state = plan.step(counter, state)
+        if check_finite and not all_finite(state.x):
+            if bar is not None:
+                bar.close()
+            raise NonFiniteError(
+                state.step,
+                previous.t,
+                state.t,
+                previous.x.to(out_dtype),
+                previous.t,
+                counter.calls,
+            )
+        if bar is not None:
+            bar.update(1)
+        if return_intermediates:
+            result.times.append(state.t)
+            result.intermediates.append(state.x)
+        if callback is not None:
+            callback(StepInfo(state.step, state.t, state.x, state.denoised, counter.calls))
+    if bar is not None:
+        bar.close()
+    x = state.x
+    if denoise_to_zero:
+        x = counter(x, state.t).x0
+        if check_finite and not all_finite(x):
+            raise NonFiniteError(
+                state.step + 1, state.t, 0.0, state.x.to(out_dtype), state.t, counter.calls
+            )
+    result.x = x.to(out_dtype)
+    result.nfe = counter.calls
+    return result
+
+
+def invert(
+    model: Denoiser,
+    x: Tensor,
+    solver: Solver,
+    grid: Tensor | Sequence[float],
+    **options: object,
+) -> SampleOutput:
+    r"""Map samples back to noise by integrating the same ODE backwards (DDIM inversion
+    generalised to every solver).
+
+    ``grid`` is the *sampling* grid (decreasing; a final ``t = 0`` point is dropped, since
+    :math:`\hat x_0` cannot be inverted) or an increasing one; ``x`` is taken as the state at
+    its cleanest time. Sampling from the result on the same grid (without the ``t = 0`` step)
+    reconstructs ``x`` up to the solver's discretisation error. Options as :func:`sample`.
+    """
+    ts = torch.as_tensor(grid, dtype=torch.float64).flatten()
+    if ts.numel() >= 2 and bool(ts[0] > ts[-1]):
+        ts = ts.flip(0)
+        if float(ts[0]) == 0.0:
+            ts = ts[1:]
+    plan = solver.plan(model.schedule, ts, inverse=True)
+    return sample(model, x, solver, plan=plan, **options)  # type: ignore[arg-type]
+
+
+def _progress_bar(plan: Plan, enabled: bool):  # noqa: ANN202 - tqdm is optional at type level
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=plan.num_steps, desc="sampling", unit="step", leave=False)

@@ -1,0 +1,454 @@
+r"""Estimating DPM-Solver-v3's empirical model statistics for any model (paper §3.1 and App.
+C.1.1; the official repository never shipped a general tool).
+
+On an ``N``-interval logSNR-uniform grid :math:`\lambda_0 < \dots < \lambda_N` and ``K`` data
+points :math:`x_0^{(k)}`, at every :math:`\lambda_j` each data point is noised afresh,
+:math:`x = \alpha x_0 + \sigma z`, and two Jacobian-vector products of the noise prediction
+:math:`\epsilon_\theta(x, t)` are taken:
+
+1. in ``x`` with a Rademacher probe ``v``: :math:`l = \mathbb E[\sigma (J v) \odot v]`, Bekas'
+   estimator of :math:`\mathrm{diag}(\sigma\nabla_x\epsilon_\theta)`;
+2. in ``(x, t)`` along the ODE, tangents :math:`dx/d\lambda = \frac{d\log\alpha}{d\lambda} x -
+   \sigma\epsilon` and :math:`dt/d\lambda`: the total derivative :math:`\epsilon'`.
+
+Per-dimension first and second moments of :math:`e = e^{-\lambda}\epsilon`,
+:math:`w = e - x/\alpha` (minus the data prediction) and :math:`d = e^{-\lambda}\epsilon'` are
+accumulated in float64. Afterwards :math:`l'` comes from finite differences smoothed over ±5
+grid points, and :math:`f = e - l x/\alpha = (1-l)e + l w` and
+:math:`f' = e^{-\lambda}((l-1)\epsilon + \epsilon') - l' x/\alpha = (l-1-l')e + l' w + d` are
+affine in the accumulated quantities with bounded weights (:math:`e` and :math:`x/\alpha`
+themselves cancel to about five digits at high noise, :math:`w` and :math:`x/\alpha` at low
+noise); the least-squares fit gives :math:`s = \mathrm{Cov}(f, f')/\mathrm{Var}(f)` and
+:math:`b = \mathbb E f' - s\,\mathbb E f`.
+
+Forward-mode AD (``torch.func.jvp``) is used, with an automatic fallback to the double-backward
+JVP (``torch.autograd.functional.jvp``) for modules without forward-AD support. Noise and probes
+are drawn from one generator per (grid point, sample), so the result does not depend on the
+batch size nor on how samples are sharded over ``torch.distributed`` ranks (their sums are
+all-reduced). A checkpoint file makes an interrupted run resumable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from diffsolve.stats.ems.statistics import EMS, make_metadata, model_fingerprint
+from diffsolve.ode.schedule import NoiseSchedule
+
+_F64 = torch.float64
+# per sample: e = e^{-lambda} eps, w = e - x/alpha = -x0_pred, d = e^{-lambda} eps'
+MOMENTS = ("l", "e", "w", "d", "ee", "ew", "ed", "ww", "wd", "dd")
+JVPMode = Literal["auto", "forward", "double_backward"]
+
+
+@dataclass
+class _Grid:
+    lambdas: Tensor
+    times: Tensor
+    alpha: Tensor
+    sigma: Tensor
+    dlog_alpha: Tensor  # d log(alpha) / d lambda
+    dt: Tensor  # d t / d lambda
+
+
+def ems_grid(schedule: NoiseSchedule, n: int, t_start: float, t_end: float) -> _Grid:
+    """The logSNR-uniform EMS grid (increasing λ) with the ODE's tangents at each point."""
+    lambdas = torch.linspace(
+        float(schedule.lambda_(t_start)), float(schedule.lambda_(t_end)), n + 1, dtype=_F64
+    )
+    times = schedule.t_of_lambda(lambdas)
+    times[0], times[-1] = t_start, t_end
+    alpha, sigma, dlog_alpha, dt = [], [], [], []
+    for t in times.tolist():
+        tt = torch.tensor(t, dtype=_F64, requires_grad=True)
+        log_alpha, log_sigma = schedule.log_alpha_sigma(tt)
+        lam = log_alpha - log_sigma
+        dlam_dt = torch.autograd.grad(lam, tt, retain_graph=True)[0]
+        dlog_alpha_dt = (
+            torch.autograd.grad(log_alpha, tt)[0]
+            if log_alpha.requires_grad
+            else torch.zeros((), dtype=_F64)
+        )
+        alpha.append(float(torch.exp(log_alpha.detach())))
+        sigma.append(float(torch.exp(log_sigma.detach())))
+        dt.append(1.0 / float(dlam_dt))
+        dlog_alpha.append(float(dlog_alpha_dt) / float(dlam_dt))
+    as64 = lambda v: torch.tensor(v, dtype=_F64)  # noqa: E731
+    return _Grid(lambdas, times, as64(alpha), as64(sigma), as64(dlog_alpha), as64(dt))
+
+
+BLOCK = 32  # samples per noise block: the unit of randomness and of sharding
+
+
+def _seed(seed: int, j: int, block: int) -> int:
+    key = f"{seed}:{j}:{block}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+
+def _noise(seed: int, j: int, indices: list[int], shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """Noise ``z`` and Rademacher probes ``v`` of samples ``indices`` at grid point ``j``: one
+    generator per block of :data:`BLOCK` samples, so a sample's draws depend only on
+    ``(seed, j, k)``."""
+    z, v = [], []
+    blocks: dict[int, tuple[Tensor, Tensor]] = {}
+    for k in indices:
+        q, r = divmod(k, BLOCK)
+        if q not in blocks:
+            g = torch.Generator().manual_seed(_seed(seed, j, q))
+            blocks[q] = (
+                torch.randn((BLOCK, *shape), generator=g),
+                torch.randint(0, 2, (BLOCK, *shape), generator=g).float() * 2 - 1,
+            )
+        z.append(blocks[q][0][r])
+        v.append(blocks[q][1][r])
+    return torch.stack(z), torch.stack(v)
+
+
+class _JVP:
+    """Jacobian-vector products of ``fn(x, t)``; forward mode with a double-backward fallback."""
+
+    def __init__(self, fn: Callable[[Tensor, Tensor], Tensor], mode: JVPMode) -> None:
+        self.fn, self.mode = fn, mode
+
+    def __call__(self, x: Tensor, t: Tensor, tx: Tensor, tt: Tensor) -> tuple[Tensor, Tensor]:
+        if self.mode in ("auto", "forward"):
+            try:
+                with torch.no_grad():
+                    return torch.func.jvp(self.fn, (x, t), (tx, tt))
+            except (RuntimeError, NotImplementedError) as err:
+                if self.mode == "forward":
+                    raise RuntimeError(
+                        f"forward-mode AD failed for this model: {err}; use jvp='double_backward'"
+                    ) from err
+                warnings.warn(
+                    f"forward-mode AD unsupported ({err}); falling back to the "
+                    "double-backward JVP",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self.mode = "double_backward"
+        out, tangent = torch.autograd.functional.jvp(self.fn, (x, t), (tx, tt))
+        return out.detach(), tangent.detach()
+
+
+def _accumulate(
+    jvp: _JVP,
+    grid: _Grid,
+    j: int,
+    x0: Tensor,
+    indices: list[int],
+    seed: int,
+    device: str,
+) -> dict[str, Tensor]:
+    """Sums over a batch of the moments at grid point ``j``."""
+    shape = tuple(x0.shape[1:])
+    z, v = _noise(seed, j, indices, shape)
+    z, v = z.to(device, x0.dtype), v.to(device, x0.dtype)
+    a, s = float(grid.alpha[j]), float(grid.sigma[j])
+    x = a * x0 + s * z
+    t = grid.times[j].clone()
+    eps, jv = jvp(x, t, v, torch.zeros((), dtype=_F64))
+    tx = float(grid.dlog_alpha[j]) * x - s * eps
+    _, deps = jvp(x, t, tx, grid.dt[j].clone())
+    # f = e - l x/alpha = (1 - l) e + l w with w = e - x/alpha: both weights lie in [0, 1],
+    # so f never comes from two large terms that cancel (e and x/alpha do, at high noise)
+    scale = math.exp(-float(grid.lambdas[j]))
+    e = scale * eps.double()
+    w = e - x.double() / a
+    d = scale * deps.double()
+    return {
+        "l": (s * jv.double() * v.double()).sum(0),
+        "e": e.sum(0),
+        "w": w.sum(0),
+        "d": d.sum(0),
+        "ee": (e * e).sum(0),
+        "ew": (e * w).sum(0),
+        "ed": (e * d).sum(0),
+        "ww": (w * w).sum(0),
+        "wd": (w * d).sum(0),
+        "dd": (d * d).sum(0),
+    }
+
+
+def moving_average(values: Tensor, window: int) -> Tensor:
+    """Mean over ±``window`` points along axis 0 (truncated at the edges)."""
+    if window <= 0:
+        return values
+    padded = torch.cumsum(torch.cat([torch.zeros_like(values[:1]), values]), 0)
+    n = values.shape[0]
+    lo = torch.clamp(torch.arange(n) - window, min=0)
+    hi = torch.clamp(torch.arange(n) + window + 1, max=n)
+    counts = (hi - lo).reshape(-1, *([1] * (values.ndim - 1))).to(values.dtype)
+    return (padded[hi] - padded[lo]) / counts
+
+
+def smoothed_derivative(values: Tensor, lambdas: Tensor, window: int = 5) -> Tensor:
+    """Finite-difference derivative along axis 0 (central inside, one-sided at the ends),
+    smoothed by a moving average over ±``window`` points (truncated at the edges)."""
+    grad = torch.gradient(values, spacing=(lambdas,), dim=0, edge_order=1)[0]
+    return moving_average(grad, window)
+
+
+def finalize(
+    sums: dict[str, Tensor], count: int, grid: _Grid, window: int = 5, l_window: int = 0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Turn moment sums ``(N+1, *shape)`` over ``count`` samples into ``(l, s, b)``;
+    ``l_window > 0`` smooths the estimate of ``l`` itself over ±``l_window`` points."""
+    m = {k: v / count for k, v in sums.items()}
+    l = moving_average(m["l"], l_window)
+    dl = smoothed_derivative(l, grid.lambdas, window)
+    # f = A e + B w,  f' = e^{-lam}((l-1) eps + eps') - l' x/alpha = C e + D w + d
+    big_a, big_b, big_c, big_d = 1 - l, l, l - 1 - dl, dl
+    mean_f = big_a * m["e"] + big_b * m["w"]
+    mean_df = big_c * m["e"] + big_d * m["w"] + m["d"]
+    ff = big_a**2 * m["ee"] + 2 * big_a * big_b * m["ew"] + big_b**2 * m["ww"]
+    fdf = (
+        big_a * big_c * m["ee"]
+        + (big_a * big_d + big_b * big_c) * m["ew"]
+        + big_a * m["ed"]
+        + big_b * big_d * m["ww"]
+        + big_b * m["wd"]
+    )
+    var = ff - mean_f**2
+    cov = fdf - mean_f * mean_df
+    tiny = 1e-12 * torch.clamp(ff, min=1e-300)
+    s = torch.where(
+        var > tiny, cov / torch.where(var > tiny, var, torch.ones_like(var)), torch.zeros_like(var)
+    )
+    b = mean_df - s * mean_f
+    return l, s, b
+
+
+def compute_ems(
+    model: object,
+    data: Tensor,
+    *,
+    samples: int | None = None,
+    grid_size: int = 200,
+    t_start: float | None = None,
+    t_end: float | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+    window: int | None = None,
+    l_window: int = 0,
+    jvp: JVPMode = "auto",
+    checkpoint: str | Path | None = None,
+    progress: bool = False,
+    device: str = "cpu",
+    model_name: str | None = None,
+    conditioning: Mapping[str, Tensor] | None = None,
+) -> EMS:
+    r"""Estimate the EMS of ``model`` from ``data`` (the K points :math:`x_0`).
+
+    Args:
+        model: A denoiser with ``differentiable_eps(x, t)`` and ``schedule`` (a
+            :class:`~diffsolve.ModelWrapper` or an analytic model's denoiser).
+        data: Data points ``(M, *shape)`` in the model's input space (training data, or
+            model samples); sample ``k`` uses ``data[k % M]``.
+        samples: ``K`` (default: all of ``data``).
+        grid_size: ``N``, intervals of the logSNR-uniform grid.
+        t_start, t_end: Time range (default: the schedule's ``default_range``).
+        seed: Seed of the noise and the probes.
+        batch_size: Samples per JVP batch (memory only: results do not depend on it).
+        window: Half-width of the moving average smoothing :math:`l'` (official: 5 points on
+            N = 1200); default ``round(5 N / 1200)``, the same width in λ.
+        l_window: Half-width of a moving average of :math:`l` itself (0: none, as the paper).
+            At high noise :math:`f` is :math:`e^{-\lambda}`-sensitive to errors in ``l``.
+        jvp: ``"auto"`` (forward mode, falling back to double backward), ``"forward"`` or
+            ``"double_backward"``.
+        checkpoint: A file to save progress to; a rerun with the same settings resumes.
+        progress: Show a progress bar (rank 0).
+        device: Device for the model evaluations.
+        model_name: Recorded in the metadata.
+        conditioning: Network keyword arguments per data point, each ``(M, ...)`` — e.g.
+            ``{"class_labels": labels}`` estimates the EMS of a class-conditional model
+            under its data's own labels (``model`` must have ``with_kwargs``, as
+            :class:`~diffsolve.ModelWrapper`).
+
+    With ``torch.distributed`` initialised, every rank takes its share of the K samples and
+    the sums are all-reduced; all ranks return the same statistics.
+    """
+    if not hasattr(model, "differentiable_eps"):
+        raise ValueError(
+            f"{type(model).__name__} cannot be differentiated in (x, t); wrap the "
+            "network in diffsolve.ModelWrapper"
+        )
+    schedule: NoiseSchedule = model.schedule  # type: ignore[attr-defined]
+    if data.ndim < 2 or data.shape[0] == 0:
+        raise ValueError(f"data must have shape (M, *sample_shape), got {tuple(data.shape)}")
+    if grid_size < 2:
+        raise ValueError(f"grid_size must be >= 2, got {grid_size}")
+    k_total = samples or data.shape[0]
+    if k_total < 2:
+        raise ValueError(f"samples must be >= 2, got {k_total}")
+    default_start, default_end = schedule.default_range
+    t_start = default_start if t_start is None else float(t_start)
+    t_end = default_end if t_end is None else float(t_end)
+    if not 0 < t_end < t_start <= schedule.t_max:
+        raise ValueError(
+            f"need 0 < t_end < t_start <= {schedule.t_max}; got t_start={t_start}, t_end={t_end}"
+        )
+    conditioning = dict(conditioning or {})
+    for key, value in conditioning.items():
+        if not isinstance(value, Tensor) or value.ndim < 1 or value.shape[0] != data.shape[0]:
+            raise ValueError(
+                f"conditioning[{key!r}] must be a tensor with one entry per data point "
+                f"({data.shape[0]}), got {getattr(value, 'shape', type(value).__name__)}"
+            )
+    if conditioning and not hasattr(model, "with_kwargs"):
+        raise ValueError(
+            f"conditioning needs a model with with_kwargs (diffsolve.ModelWrapper), got "
+            f"{type(model).__name__}"
+        )
+    window = round(5 * grid_size / 1200) if window is None else int(window)
+    rank, world = _dist_info()
+    grid = ems_grid(schedule, grid_size, t_start, t_end)
+    mine = [k for k in range(k_total) if (k // BLOCK) % world == rank]
+    fingerprint = model_fingerprint(model)
+    settings = {
+        "N": grid_size,
+        "K": k_total,
+        "seed": seed,
+        "t_start": t_start,
+        "t_end": t_end,
+        "model": fingerprint,
+        "world": world,
+        "rank": rank,
+        "shape": list(data.shape[1:]),
+        **({"conditioning": sorted(conditioning)} if conditioning else {}),
+    }
+    sums, done = _load_checkpoint(checkpoint, settings, rank)
+    jvp_fn = _JVP(model.differentiable_eps, jvp)  # type: ignore[attr-defined]
+    dtype = data.dtype if data.dtype in (torch.float32, torch.float64) else torch.float32
+    x_all = data.to(device=device, dtype=dtype)
+    bar = _bar(progress and rank == 0, grid_size + 1, done)
+    last_save = time.monotonic()
+    for j in range(grid_size + 1):
+        if j in done:
+            continue
+        totals: dict[str, Tensor] = {}
+        for start in range(0, len(mine), batch_size):
+            chunk = mine[start : start + batch_size]
+            rows = torch.tensor([k % data.shape[0] for k in chunk])
+            x0 = x_all[rows]
+            if conditioning:  # the network sees each data point's own conditioning
+                jvp_fn.fn = model.with_kwargs(  # type: ignore[attr-defined]
+                    **{key: value[rows].to(device) for key, value in conditioning.items()}
+                ).differentiable_eps
+            part = _accumulate(jvp_fn, grid, j, x0, chunk, seed, device)
+            totals = {k: totals.get(k, 0) + v.cpu() for k, v in part.items()}
+        if not totals:  # a rank with no samples
+            totals = {k: torch.zeros(data.shape[1:], dtype=_F64) for k in MOMENTS}
+        for key in MOMENTS:
+            sums.setdefault(key, torch.zeros((grid_size + 1, *data.shape[1:]), dtype=_F64))
+            sums[key][j] = totals[key]
+        done.add(j)
+        if bar is not None:
+            bar.update(1)
+        if checkpoint is not None and time.monotonic() - last_save > 30:
+            _save_checkpoint(checkpoint, settings, rank, sums, done)
+            last_save = time.monotonic()
+    if bar is not None:
+        bar.close()
+    if checkpoint is not None:
+        _save_checkpoint(checkpoint, settings, rank, sums, done)
+    if world > 1:
+        import torch.distributed as dist
+
+        for key in MOMENTS:
+            dist.all_reduce(sums[key])
+    l, s, b = finalize(sums, k_total, grid, window, l_window)
+    description = f"DPM-Solver-v3 EMS estimated by diffsolve (K={k_total}, N={grid_size})"
+    if conditioning:
+        description += f", conditioned on the data's {', '.join(sorted(conditioning))}"
+    meta = make_metadata(
+        schedule,
+        t_start,
+        t_end,
+        tuple(data.shape[1:]),
+        k_total,
+        fingerprint,
+        description=description,
+        grid_size=grid_size,
+        seed=seed,
+        window=window,
+        model_name=model_name,
+    )
+    return EMS(grid.lambdas, l, s, b, meta)
+
+
+def _dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _bar(enabled: bool, total: int, done: set[int]):  # noqa: ANN202 - tqdm type
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=len(done), desc="EMS", unit="λ")
+
+
+def _checkpoint_path(path: str | Path, rank: int) -> Path:
+    path = Path(path)
+    return path if rank == 0 else path.with_name(f"{path.name}.rank{rank}")
+
+
+def _save_checkpoint(
+    path: str | Path, settings: dict, rank: int, sums: dict[str, Tensor], done: set[int]
+) -> None:
+    from safetensors.torch import save_file
+
+    target = _checkpoint_path(path, rank)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    meta = {"settings": json.dumps(settings, sort_keys=True), "done": json.dumps(sorted(done))}
+    save_file(
+        {k: v.contiguous() for k, v in sums.items()} or {"empty": torch.zeros(1)},
+        str(tmp),
+        metadata=meta,
+    )
+    os.replace(tmp, target)
+
+
+def _load_checkpoint(
+    path: str | Path | None, settings: dict, rank: int
+) -> tuple[dict[str, Tensor], set[int]]:
+    if path is None or not _checkpoint_path(path, rank).is_file():
+        return {}, set()
+    from safetensors import safe_open
+
+    target = _checkpoint_path(path, rank)
+    try:
+        with safe_open(str(target), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            sums = {k: handle.get_tensor(k) for k in handle.keys() if k in MOMENTS}  # noqa: SIM118
+    except Exception as err:
+        warnings.warn(f"ignoring unreadable EMS checkpoint {target}: {err}", stacklevel=3)
+        return {}, set()
+    if json.loads(meta.get("settings", "{}")) != json.loads(json.dumps(settings, sort_keys=True)):
+        raise ValueError(
+            f"the checkpoint {target} was made with other settings "
+            f"({meta.get('settings')}); delete it or use another --checkpoint"
+        )
+    done = set(json.loads(meta.get("done", "[]")))
+    if done and len(sums) != len(MOMENTS):
+        return {}, set()
+    return sums, done
+
+
+__all__ = ["compute_ems", "ems_grid", "finalize", "moving_average", "smoothed_derivative"]

@@ -1,0 +1,2 @@
+"""Wrappers compose with any model or solver: guidance and thresholding wrap the model
+(:mod:`.guidance`, :mod:`.thresholding`), teleportation wraps a solver (:mod:`.teleport`)."""
