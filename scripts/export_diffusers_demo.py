@@ -1,7 +1,7 @@
 """Export the `digits` demo model as a diffusers DDPMPipeline folder (no retraining).
 
 The demo's DigitsUNet is made of layers diffusers has under other names, so its weights are
-copied into a stock `UNet2DModel` (`diffsolve.integrations.diffusers.digits_unet_to_diffusers`)
+copied into a stock `UNet2DModel` (`diffsolve.app.diffusers_export.digits_unet_to_diffusers`)
 and saved with a `DDPMScheduler` holding the training schedule (linear betas 1e-4 … 0.02 over
 1000 steps, epsilon prediction). The folder then loads with plain diffusers, no custom code:
 
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from diffsolve.integrations.diffusers import digits_unet_to_diffusers
+from diffsolve.app.diffusers_export import digits_unet_to_diffusers
 from diffsolve.app.loader import demo_path
 from diffsolve.app.nets import load_network
 

@@ -15,9 +15,9 @@ import sys
 import time
 
 from diffsolve.app.data import load_digit_labels, load_digits
+from diffsolve.app.loader import DEMO_MODELS, load_model
 from diffsolve.stats.ems.compute import compute_ems
 from diffsolve.stats.ems.exact import gaussian_ems
-from diffsolve.app.loader import DEMO_MODELS, load_model
 
 SETTINGS = {"samples": 256, "grid_size": 1200, "batch_size": 256}
 

@@ -23,12 +23,12 @@ import json
 import torch
 
 from diffsolve.app.bench.runner import reference_solve, rmse
-from diffsolve.stats.ems import EMS, load_ems
 from diffsolve.app.loader import load_model
-from diffsolve.solvers.registry import nfe_grid, setup_solver
-from diffsolve.ode.sampling import sample
 from diffsolve.app.seeds import noise_for_seeds
+from diffsolve.ode.sampling import sample
 from diffsolve.solvers.dpm_solver_v3 import DPMSolverV3
+from diffsolve.solvers.registry import nfe_grid, setup_solver
+from diffsolve.stats.ems import EMS, load_ems
 
 NFES = (5, 6, 8, 10, 12, 15, 20)
 GRIDS = ("time_quadratic", "logsnr", "time_uniform")

@@ -56,7 +56,7 @@ def make_solvers(lof: bool = False) -> dict[str, object]:
                 for predict in ("data", "noise"):
                     name = f"unipc-{variant}-{order}-{'pc' if corrector else 'p'}-{predict}"
                     solvers[name] = UniPC(
-                        order, variant, corrector=corrector, predict=predict, lower_order_final=lof
+                        order, variant, corrector=corrector, space=predict, lower_order_final=lof
                     )
     return solvers
 

@@ -75,7 +75,8 @@ def test_unknown_contestant_is_a_clear_error():
 def test_registry_spends_exactly_the_budget(name, nfe):
     model = load_model("gaussian")  # ships EMS for DPM-Solver-v3
     schedule = model.schedule
-    solver, grid = setup_solver(name, schedule, nfe, model=model)
+    context = model.solver_context(model.available())
+    solver, grid = setup_solver(name, schedule, nfe, context=context)
     spent = solver.plan(schedule, grid).nfe
     assert spent == nfe or (name == "heun" and nfe % 2 == 0 and spent == nfe - 1)
     assert grid[-1] == 0 and torch.all(grid[1:] < grid[:-1])

@@ -9,10 +9,10 @@ import torch
 
 from conftest import SCHEDULES, noise
 from diffsolve import EDM, DPMSolverPP, GaussianModel, VPDiscrete, VPLinear, grids, sample
+from diffsolve.solvers.dpm_solver_v3 import DPMSolverV3, derivative_weights
 from diffsolve.stats.ems import EMS, load_ems
 from diffsolve.stats.ems.compute import compute_ems
 from diffsolve.stats.ems.exact import gaussian_ems
-from diffsolve.solvers.dpm_solver_v3 import DPMSolverV3, derivative_weights
 
 
 @pytest.mark.parametrize("schedule_name", list(SCHEDULES))
@@ -228,12 +228,13 @@ def test_estimator_conditions_each_data_point_on_its_own_labels():
 @pytest.mark.parametrize("name", ["digits", "digits-cond", "digits-flow", "gaussian", "gmm"])
 def test_every_demo_model_ships_ems_that_sampling_picks_up(name):
     from diffsolve.app.loader import load_model
-    from diffsolve.solvers.registry import default_solver, setup_solver
     from diffsolve.app.seeds import noise_for_seeds
+    from diffsolve.solvers.registry import default_solver, setup_solver
 
     loaded = load_model(name)
-    assert default_solver(loaded) == "dpm-solver-v3"
-    solver, grid = setup_solver("dpm-solver-v3", loaded.schedule, 5, model=loaded)
+    assert default_solver(loaded.available()) == "dpm-solver-v3"
+    context = loaded.solver_context(["ems"])
+    solver, grid = setup_solver("dpm-solver-v3", loaded.schedule, 5, context=context)
     ems = loaded.load_ems()  # checked against the model, its shape and schedule
     assert ems.l.shape[1:] == loaded.data_shape
     denoiser = loaded.denoiser

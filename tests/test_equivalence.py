@@ -22,7 +22,7 @@ FIRST_ORDER = {
     "dpm-solver++-1-multistep": DPMSolverPP(1),
     "dpm-solver++-1-singlestep": DPMSolverPP(1, method="singlestep"),
     "unipc-1-predictor-data": UniPC(1, corrector=False),
-    "unipc-1-predictor-noise": UniPC(1, corrector=False, predict="noise"),
+    "unipc-1-predictor-noise": UniPC(1, corrector=False, space="noise"),
     "deis-1-t": DEIS(1),
     "deis-1-rho": DEIS(1, basis="rho"),
     "deis-1-log-rho": DEIS(1, basis="log_rho"),
@@ -62,6 +62,6 @@ def test_unipc3_predictor_is_the_exact_exponential_integrator(predict, gaussian)
     exactly, as DPM-Solver(++) 3M does (UniP-2 hard-codes ρ = 1/2 instead)."""
     schedule = SCHEDULES["vp_linear"]()
     grid = grids.time_uniform(schedule, 9)
-    unipc = run(UniPC(3, corrector=False, predict=predict), schedule, gaussian, grid)
+    unipc = run(UniPC(3, corrector=False, space=predict), schedule, gaussian, grid)
     reference = DPMSolverPP(3) if predict == "data" else DPMSolver(3)
     torch.testing.assert_close(unipc, run(reference, schedule, gaussian, grid), rtol=0, atol=1e-10)

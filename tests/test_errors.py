@@ -36,7 +36,7 @@ SCHEDULE = VPLinear()
         (lambda: DPMSolverPP(2, method="leapfrog"), r"method must be one of"),
         (lambda: DPMSolverPP(2, solver_type="heun"), r"solver_type must be one of"),
         (lambda: UniPC(2, variant="bh3"), r"variant must be one of \['bh1', 'bh2'\]"),
-        (lambda: UniPC(2, predict="both"), r"predict must be one of"),
+        (lambda: UniPC(2, space="both"), r"space must be one of"),
         (lambda: DEIS(2, basis="sigma"), r"basis must be one of \['t', 'rho', 'log_rho'\]"),
         (lambda: DPMSolver(2, orders=(2, 2)), r"orders: per-step orders apply to"),
         (lambda: DPMSolver(2, method="singlestep", orders=(2, 4)), r"order must be one of"),

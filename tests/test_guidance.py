@@ -11,17 +11,16 @@ from conftest import SCHEDULES
 from diffsolve import DDIM, DEIS, DPMSolver, DPMSolverPP, GaussianModel, Heun, ModelWrapper, UniPC
 from diffsolve import grids as grid_lib
 from diffsolve.app.classifier import classifier_accuracy, load_classifier
+from diffsolve.ode.model import Prediction
+from diffsolve.ode.sampling import sample
 from diffsolve.wrappers.guidance import (
     AdaptiveProjectedGuidance,
     ClassifierFreeGuidance,
     ClassifierGuidance,
-    DynamicThresholding,
     class_conditioning,
     projected_guidance,
-    row_quantile,
 )
-from diffsolve.ode.model import Prediction
-from diffsolve.ode.sampling import sample
+from diffsolve.wrappers.thresholding import DynamicThresholding, row_quantile
 
 SOLVERS = {
     "ddim": DDIM(),

@@ -26,18 +26,18 @@ from diffsolve import (
     sample,
 )
 from diffsolve.app.loader import demo_path, load_model
-from diffsolve.solvers.registry import nfe_grid
 from diffsolve.app.seeds import noise_for_seeds
+from diffsolve.solvers.registry import nfe_grid
 
 diffusers = pytest.importorskip("diffusers")
 
+from diffsolve.app.diffusers_export import digits_unet_to_diffusers  # noqa: E402
 from diffsolve.integrations.diffusers import (  # noqa: E402
     DiffsolveDDIMScheduler,
     DiffsolveDEISScheduler,
     DiffsolveDPMSolverPPScheduler,
     DiffsolveUniPCScheduler,
     DPMSolverV3Scheduler,
-    digits_unet_to_diffusers,
     shift_flow_times,
 )
 from diffsolve.integrations.k_diffusion import make_sampler, sample_denoiser  # noqa: E402
@@ -103,7 +103,7 @@ CASES = {
     "unipc-bh2-noise": (
         DiffsolveUniPCScheduler,
         {"predict_x0": False, "disable_corrector": [2]},
-        UniPC(2, "bh2", predict="noise", disable_corrector=(2,)),
+        UniPC(2, "bh2", space="noise", disable_corrector=(2,)),
     ),
     "deis-3": (DiffsolveDEISScheduler, {"solver_order": 3}, DEIS(3)),
 }

@@ -27,14 +27,14 @@ from diffsolve import (
     sample,
 )
 from diffsolve.numerics import solve_vandermonde
+from diffsolve.solvers.dpm_solver import ei_weights
 from diffsolve.solvers.engine import (
     GridValues,
-    MultistepPlan,
-    MultistepStep,
+    StepPlan,
     Update,
     multistep_orders,
+    multistep_plan,
 )
-from diffsolve.solvers.dpm_solver import ei_weights
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -179,21 +179,22 @@ def test_unipc_bh1_final_zero_deviation():
         assert rel_err(result, theirs) <= 1e-5
 
 
-def diffusers_3m_plan(grid: torch.Tensor) -> MultistepPlan:
+def diffusers_3m_plan(grid: torch.Tensor) -> StepPlan:
     """DPM-Solver++ 3M with diffusers' (and the official code's) weights: the second-derivative
     term carries hφ₃ instead of the Taylor coefficient 2hφ₃."""
     v = GridValues.of(SCHEDULE, grid)
-    orders = multistep_orders(len(grid) - 1, 3, len(grid) - 1 < 15, v.ends_at_zero)
-    steps = []
-    for i, p in enumerate(orders):
-        e = v.exp_step(v.space_of_step("data", i), i, i + 1)
+    orders = multistep_orders(v, 3, len(grid) - 1 < 15)
+
+    def predictor(i: int, p: int) -> Update:
+        e = v.exp_step("data", i, i + 1)
         nodes = v.nodes(i, range(i, i - p, -1))
         if p < 3:  # warm-up and final steps: diffusers' default 2M is the midpoint form
             w = ei_weights(e, nodes, "midpoint")
         else:  # Taylor would be [coef0, coef1, 2 coef2]
             w = solve_vandermonde(nodes, [e.coef(0), e.coef(1), e.coef(2)])
-        steps.append(MultistepStep(v.t[i], v.t[i + 1], Update(e.a, tuple(w), "x0")))
-    return MultistepPlan(SCHEDULE, grid, tuple(steps), memory=3)
+        return Update(e.a, tuple(w), "data")
+
+    return multistep_plan(v, orders, predictor)
 
 
 @pytest.mark.parametrize("steps", [5, 10, 20])

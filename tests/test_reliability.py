@@ -21,10 +21,10 @@ from diffsolve import (
     invert,
     sample,
 )
-from diffsolve.stats.ems import EMS
 from diffsolve.app.loader import load_model
 from diffsolve.solvers import BDIA, bdia_invert, bdia_reconstruct
 from diffsolve.solvers.dpm_solver_v3 import DPMSolverV3
+from diffsolve.stats.ems import EMS
 
 SCHEDULE = VPLinear()
 
@@ -93,7 +93,8 @@ def test_half_precision_network(dtype, solver_name):
 
     full = load_model("digits")
     half = load_model("digits", dtype=dtype)
-    solver, grid = setup_solver(solver_name, full.schedule, 8, model=full)
+    context = full.solver_context(full.available())
+    solver, grid = setup_solver(solver_name, full.schedule, 8, context=context)
     x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     seen = []
     out = sample(

@@ -8,9 +8,15 @@ import torch
 from conftest import SCHEDULES, make_solvers, noise
 from diffsolve import DDIM, DPMSolver, DPMSolverAdaptive, DPMSolverPP, GaussianModel
 from diffsolve import grids as grid_lib
-from diffsolve.solvers.registry import setup_solver
 from diffsolve.ode.sampling import sample
-from diffsolve.wrappers.teleport import Teleported, TeleportPlan, skip_time, teleport, teleported_setup
+from diffsolve.solvers.registry import SolverContext, setup_solver
+from diffsolve.wrappers.teleport import (
+    Teleported,
+    TeleportPlan,
+    skip_time,
+    teleport,
+    teleported_setup,
+)
 
 ALL_SOLVERS = make_solvers()
 
@@ -138,17 +144,18 @@ def test_teleported_setup_keeps_the_budget(name):
     g = GaussianModel.random((6,), seed=6)
     x = noise(schedule)
     plain_solver, plain_grid = setup_solver(name, schedule, 10)
-    solver, grid = teleported_setup(name, schedule, 10, g, 0.3)
+    context = SolverContext(gaussian=g)
+    solver, grid = teleported_setup(name, schedule, 10, 0.3, context=context)
     assert isinstance(solver, Teleported)
     assert float(grid[0]) == float(plain_grid[0]) and float(grid[-1]) == 0.0
     assert float(grid[1]) == skip_time(schedule, plain_grid, 0.3)
     out = sample(g.denoiser(schedule), x, solver, grid)
     plain = sample(g.denoiser(schedule), x, plain_solver, plain_grid)
     assert out.nfe == plain.nfe
-    same_solver, same_grid = teleported_setup(name, schedule, 10, g, 0.0)
+    same_solver, same_grid = teleported_setup(name, schedule, 10, 0.0, context=context)
     assert same_solver == plain_solver and torch.equal(same_grid, plain_grid)
     with pytest.raises(ValueError, match="lower the fraction"):
-        teleported_setup(name, schedule, 10, g, 0.99)
+        teleported_setup(name, schedule, 10, 0.99, context=context)
 
 
 def test_teleport_validation():

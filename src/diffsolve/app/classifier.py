@@ -5,7 +5,8 @@ accuracy meter.
 noisy inputs :math:`x_t = \alpha_t x_0 + \sigma_t\epsilon` (VP discrete schedule: linear
 betas 1e-4 … 0.02 over 1000 steps), given the network time of the ``digits`` model, the
 (fractional) training timestep ``i ∈ [0, 999]``. Its gradient
-:math:`\nabla_{x_t}\log p(c\mid x_t)` drives :class:`diffsolve.wrappers.guidance.ClassifierGuidance`
+:math:`\nabla_{x_t}\log p(c\mid x_t)` drives
+:class:`diffsolve.wrappers.guidance.ClassifierGuidance`
 (Dhariwal & Nichol 2021, "Diffusion Models Beat GANs on Image Synthesis", arXiv 2105.05233);
 evaluated at timestep 0 it classifies clean samples, which makes it the accuracy meter of
 guided sampling (:func:`classifier_accuracy`).

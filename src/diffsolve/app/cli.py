@@ -1,16 +1,89 @@
-"""The ``diffsolve`` command line."""
+"""The ``diffsolve`` command line.
+
+Choices are read from where they are declared: ``--solver`` from the solver registry,
+``--grid`` from :data:`diffsolve.ode.grids.GRIDS`, ``--guidance`` from
+:data:`diffsolve.app.conditioning.GUIDANCE`; options shared by several commands are declared
+once below.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 import numpy as np
 import torch
 
+from diffsolve.app.conditioning import GUIDANCE
+from diffsolve.ode.grids import GRIDS
 from diffsolve.solvers.registry import SOLVERS
 
+F = TypeVar("F", bound=Callable[..., Any])
 
+
+# ---------------------------------------------------------------------------------------
+# Options shared by several commands
+def model_option(help: str = "Model.") -> Callable[[F], F]:
+    """``--model NAME|DIR``: a demo model or a model folder."""
+    return click.option("--model", "model_name", default="digits", metavar="NAME|DIR", help=help)
+
+
+def device_option(help: str = "torch device.") -> Callable[[F], F]:
+    """``--device``."""
+    return click.option("--device", default="cpu", help=help)
+
+
+def seed_option(help: str = "First seed.") -> Callable[[F], F]:
+    """``--seed N``."""
+    return click.option("--seed", default=0, type=click.IntRange(0, None), help=help)
+
+
+def data_option(help: str) -> Callable[[F], F]:
+    """``--data digits|FILE``."""
+    return click.option(
+        "--data", "data_source", default="digits", metavar="digits|FILE", help=help
+    )
+
+
+def out_file_option(what: str) -> Callable[[F], F]:
+    """``--out FILE`` (default: the model folder's file)."""
+    return click.option(
+        "--out",
+        "out_path",
+        default=None,
+        type=click.Path(dir_okay=False),
+        help=f"Output file (default: the model's {what}).",
+    )
+
+
+@contextmanager
+def usage_errors() -> Iterator[None]:
+    """Bad input (``ValueError``, a missing file) is a usage error: exit code 2 and the
+    message, never a traceback."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as err:
+        raise click.UsageError(str(err)) from None
+
+
+def _csv(text: str, convert: Callable[[str], Any], option: str, example: str) -> list[Any]:
+    try:
+        return [convert(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.UsageError(f"{option}: expected {example}, got {text!r}") from None
+
+
+def _nfe_list(text: str) -> list[int]:
+    nfes = _csv(text, int, "--nfe", "integers like 5,6,8")
+    if not nfes or min(nfes) < 2:
+        raise click.UsageError("--nfe: give at least one budget, each >= 2")
+    return nfes
+
+
+# ---------------------------------------------------------------------------------------
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="diffsolve")
 def main() -> None:
@@ -26,13 +99,7 @@ def list_solvers() -> None:
 
 
 @main.command("sample")
-@click.option(
-    "--model",
-    "model_name",
-    default="digits",
-    metavar="NAME|DIR",
-    help="Demo model (digits, digits-cond, digits-flow, gaussian, gmm) or a folder.",
-)
+@model_option("Demo model (digits, digits-cond, digits-flow, gaussian, gmm) or a folder.")
 @click.option(
     "--solver",
     default="auto",
@@ -46,7 +113,7 @@ def list_solvers() -> None:
     "--grid",
     "grid_kind",
     default=None,
-    type=click.Choice(["logsnr", "time_uniform", "time_quadratic", "karras"]),
+    type=click.Choice(list(GRIDS)),
     help="Step grid (default: the solver's).",
 )
 @click.option("--seeds", default="0-63", metavar="LIST", help="Seeds, e.g. 0-49999 or 0,5,9-12.")
@@ -74,11 +141,11 @@ def list_solvers() -> None:
     default=True,
     help="Merge the shards into samples.npz when all are done.",
 )
-@click.option("--device", default="cpu", help="torch device (cuda: one GPU per torchrun rank).")
+@device_option("torch device (cuda: one GPU per torchrun rank).")
 @click.option(
     "--guidance",
     default="none",
-    type=click.Choice(["none", "cfg", "apg", "classifier"]),
+    type=click.Choice(list(GUIDANCE)),
     help="Classifier-free (cfg) or adaptive projected (apg) guidance of a class-conditional "
     "model, or classifier guidance with the shipped digits classifier.",
 )
@@ -117,21 +184,12 @@ def list_solvers() -> None:
 )
 def sample_command(
     model_name: str,
-    solver: str,
-    nfe: int,
-    grid_kind: str | None,
-    seeds: str,
-    batch_size: int,
-    shard_size: int,
-    out_dir: str,
-    merge: bool,
-    device: str,
     guidance: str,
     guidance_scale: float,
     threshold: float | None,
-    class_label: int | None,
-    teleport: float,
-    gaussian_stats: str | None,
+    out_dir: str,
+    grid_kind: str | None,
+    **options: Any,
 ) -> None:
     """Sample a model into --out: shard files, a manifest, samples.npz and grid.png.
 
@@ -140,34 +198,17 @@ def sample_command(
     rank r takes shards r::R. Rerunning the same command resumes: valid shards are kept,
     missing or corrupt ones recomputed; a folder made with other settings is refused.
     """
-    from diffsolve.wrappers.guidance import GuidanceSpec
+    from diffsolve.app.conditioning import GuidanceSpec
     from diffsolve.app.scale import RunConfig, SamplingError, distributed, run_sampling
 
+    with usage_errors():
+        spec = GuidanceSpec(guidance, guidance_scale, threshold)
+        config = RunConfig(
+            model=model_name, grid=grid_kind, out_dir=out_dir, guidance=spec, **options
+        )
     try:
-        spec = GuidanceSpec(guidance, guidance_scale, threshold)  # type: ignore[arg-type]
-    except ValueError as err:
-        raise click.UsageError(str(err)) from None
-    config = RunConfig(
-        model=model_name,
-        solver=solver,
-        nfe=nfe,
-        grid=grid_kind,
-        seeds=seeds,
-        out_dir=out_dir,
-        batch_size=batch_size,
-        shard_size=shard_size,
-        device=device,
-        merge=merge,
-        guidance=spec,
-        class_label=class_label,
-        teleport=teleport,
-        gaussian_stats=gaussian_stats,
-    )
-    try:
-        with distributed() as dist:
+        with distributed() as dist, usage_errors():
             report = run_sampling(config, dist, progress=True)
-    except (ValueError, FileNotFoundError) as err:
-        raise click.UsageError(str(err)) from None
     except SamplingError as err:
         raise click.ClickException(str(err)) from None
     for path, reason in report.recomputed.items():
@@ -207,7 +248,7 @@ def merge_command(out_dir: str) -> None:
 
 
 @main.command("bench")
-@click.option("--model", "model_name", default="digits", metavar="NAME|DIR", help="Model.")
+@model_option()
 @click.option(
     "--nfe",
     "nfe_list",
@@ -225,7 +266,7 @@ def merge_command(out_dir: str) -> None:
 @click.option(
     "--samples", default=512, type=click.IntRange(2, None), help="Samples (same noise for all)."
 )
-@click.option("--seed", default=0, type=click.IntRange(0, None), help="First seed.")
+@seed_option()
 @click.option(
     "--reference-steps",
     default=500,
@@ -246,7 +287,7 @@ def merge_command(out_dir: str) -> None:
     type=click.Path(dir_okay=False),
     help="Write a PNG plot of RMSE against NFE.",
 )
-@click.option("--device", default="cpu", help="torch device.")
+@device_option()
 @click.option("--no-overhead", is_flag=True, help="Skip the null-model overhead measurement.")
 @click.option(
     "--sweep",
@@ -269,55 +310,36 @@ def merge_command(out_dir: str) -> None:
     "--scales", default="1,2,3,5,7,10", metavar="LIST", help="Guidance scales (--sweep guidance)."
 )
 def bench_command(
-    model_name: str,
     nfe_list: str,
     solvers: str | None,
-    samples: int,
-    seed: int,
-    reference_steps: int,
     json_path: str | None,
     plot_path: str | None,
     device: str,
     no_overhead: bool,
     sweep: str | None,
-    skips: str,
-    methods: str,
-    scales: str,
+    **options: Any,
 ) -> None:
     """Measure solvers against diffusers' schedulers: RMSE to a reference, FD, speed."""
     from diffsolve.app.bench import BenchConfig, run_bench
     from diffsolve.app.bench.report import format_table, plot, write_json
 
     nfes = _nfe_list(nfe_list)
+    names = [s.strip() for s in solvers.split(",")] if solvers else None
     if sweep is not None:
-        _run_sweep(
-            sweep,
-            model_name,
-            nfes,
-            solvers,
-            samples,
-            seed,
-            reference_steps,
-            skips,
-            methods,
-            scales,
-            json_path,
-        )
+        _run_sweep(sweep, nfes, names, json_path, **options)
         return
+    for key in ("skips", "methods", "scales"):
+        options.pop(key)
     config = BenchConfig(
-        model=model_name,
+        model=options.pop("model_name"),
         nfes=nfes,
-        samples=samples,
-        seed=seed,
-        solvers=[s.strip() for s in solvers.split(",")] if solvers else None,
-        reference_steps=reference_steps,
+        solvers=names,
         device=device,
         overhead=not no_overhead,
+        **options,
     )
-    try:
+    with usage_errors():
         result = run_bench(config)
-    except (ValueError, FileNotFoundError) as err:
-        raise click.UsageError(str(err)) from None
     click.echo(format_table(result))
     if json_path:
         write_json(result, json_path)
@@ -325,84 +347,58 @@ def bench_command(
         plot(result, plot_path)
 
 
-def _nfe_list(text: str) -> list[int]:
-    try:
-        nfes = [int(n) for n in text.split(",") if n.strip()]
-    except ValueError:
-        raise click.UsageError(f"--nfe: expected integers like 5,6,8, got {text!r}") from None
-    if not nfes or min(nfes) < 2:
-        raise click.UsageError("--nfe: give at least one budget, each >= 2")
-    return nfes
-
-
-def _floats(text: str, option: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise click.UsageError(f"{option}: expected numbers like 1,2,3, got {text!r}") from None
-
-
 def _run_sweep(
     sweep: str,
-    model_name: str,
     nfes: list[int],
-    solvers: str | None,
+    names: list[str] | None,
+    json_path: str | None,
+    *,
+    model_name: str,
     samples: int,
     seed: int,
     reference_steps: int,
     skips: str,
     methods: str,
     scales: str,
-    json_path: str | None,
 ) -> None:
     """The accelerations' sweeps of ``diffsolve bench --sweep``."""
     import json
 
-    from diffsolve.app.bench.sweeps import (
-        INVERSION_SOLVERS,
-        format_guidance,
-        format_inversion,
-        format_teleport,
-        guidance_sweep,
-        inversion_sweep,
-        teleport_sweep,
-    )
+    from diffsolve.app.bench import sweeps
 
-    try:
+    with usage_errors():
         if sweep == "teleport":
-            names = (
-                solvers.split(",")
-                if solvers
-                else ["dpm-solver++-2m", "unipc-bh2-3", "dpm-solver-v3"]
-            )
-            result = teleport_sweep(
-                model_name, names, nfes, _floats(skips, "--skips"), samples, seed, reference_steps
-            )
-            click.echo(format_teleport(result))
-        elif sweep == "inversion":
-            names = solvers.split(",") if solvers else list(INVERSION_SOLVERS)
-            result = inversion_sweep(model_name, names, nfes, min(samples, 397))
-            click.echo(format_inversion(result))
-        else:
-            name = solvers.split(",")[0] if solvers else "dpm-solver++-2m"
-            result = guidance_sweep(
+            result = sweeps.teleport_sweep(
                 model_name,
-                name,
+                names or ["dpm-solver++-2m", "unipc-bh2-3", "dpm-solver-v3"],
+                nfes,
+                _csv(skips, float, "--skips", "numbers like 0,0.1,0.2"),
+                samples,
+                seed,
+                reference_steps,
+            )
+            text = sweeps.format_teleport(result)
+        elif sweep == "inversion":
+            result = sweeps.inversion_sweep(model_name, names, nfes, min(samples, 397))
+            text = sweeps.format_inversion(result)
+        else:
+            result = sweeps.guidance_sweep(
+                model_name,
+                (names or ["dpm-solver++-2m"])[0],
                 nfes[0],
                 methods.split(","),
-                _floats(scales, "--scales"),
+                _csv(scales, float, "--scales", "numbers like 1,2,3"),
                 samples,
                 seed,
             )
-            click.echo(format_guidance(result))
-    except (ValueError, FileNotFoundError) as err:
-        raise click.UsageError(str(err)) from None
+            text = sweeps.format_guidance(result)
+    click.echo(text)
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2))
 
 
 @main.command("ems")
-@click.option("--model", "model_name", default="digits", metavar="NAME|DIR", help="Model.")
+@model_option()
 @click.option("--samples", default=1024, type=click.IntRange(2, None), help="K: data points.")
 @click.option(
     "--grid",
@@ -411,23 +407,11 @@ def _run_sweep(
     type=click.IntRange(2, None),
     help="N: intervals of the logSNR grid.",
 )
-@click.option(
-    "--out",
-    "out_path",
-    default=None,
-    type=click.Path(dir_okay=False),
-    help="Output file (default: the model's ems.safetensors).",
-)
-@click.option(
-    "--data",
-    "data_source",
-    default="digits",
-    metavar="digits|FILE",
-    help="x0 points: the digits training split, or a .pt/.npy/.npz array (M, ...).",
-)
+@out_file_option("ems.safetensors")
+@data_option("x0 points: the digits training split, or a .pt/.npy/.npz array (M, ...).")
 @click.option("--t-start", default=None, type=float, help="Noisiest time (default: schedule's).")
 @click.option("--t-end", default=None, type=float, help="Cleanest time (default: schedule's).")
-@click.option("--seed", default=0, type=click.IntRange(0, None), help="Noise and probe seed.")
+@seed_option("Noise and probe seed.")
 @click.option("--batch-size", default=512, type=click.IntRange(1, None), help="JVP batch.")
 @click.option(
     "--jvp",
@@ -449,80 +433,114 @@ def _run_sweep(
     help="Class-conditional models: class labels of the --data points (.pt/.npy/.npz). "
     "Default: the digits labels with --data digits, else the null class (unconditional).",
 )
-@click.option("--device", default="cpu", help="torch device.")
+@device_option()
 def ems_command(
     model_name: str,
-    samples: int,
-    grid_size: int,
     out_path: str | None,
     data_source: str,
-    t_start: float | None,
-    t_end: float | None,
-    seed: int,
-    batch_size: int,
-    jvp: str,
-    checkpoint: str | None,
     labels_source: str | None,
     device: str,
+    checkpoint: str | None,
+    **options: Any,
 ) -> None:
     """Estimate DPM-Solver-v3's empirical model statistics (shards over torchrun ranks).
 
     A class-conditional model is measured under its data's own labels (the conditional
     model, as sampled without guidance).
     """
-    from diffsolve.stats.ems.compute import compute_ems
     from diffsolve.app.loader import load_model
     from diffsolve.app.scale import distributed
+    from diffsolve.stats.ems.compute import compute_ems
 
     with distributed() as dist:
-        try:
+        with usage_errors():
             model = load_model(model_name, device=device)
-            data = _load_data(data_source)
-            labels = None
-            if labels_source is not None:
-                labels = _load_data(labels_source, "--labels").long()
-            elif data_source == "digits":
-                from diffsolve.app.data import load_digit_labels
-
-                labels = load_digit_labels("train")
-            if labels is not None and labels.shape[:1] != data.shape[:1]:
-                raise ValueError(
-                    f"--labels: {labels.shape[0]} labels for {data.shape[0]} data points"
-                )
-            out = Path(out_path) if out_path else model.ems_path
-            if out is None:
-                raise ValueError("--out is required for this model")
-            if tuple(data.shape[1:]) != model.data_shape:
-                raise ValueError(
-                    f"--data has samples of shape {tuple(data.shape[1:])}, the "
-                    f"model takes {model.data_shape}"
-                )
+            data = _model_data(model, data_source)
+            labels = _labels(labels_source, data_source, data)
+            out = _out_path(out_path, model.ems_path)
             ems = compute_ems(
                 model.denoiser,
                 data,
-                samples=samples,
-                grid_size=grid_size,
-                t_start=t_start,
-                t_end=t_end,
-                seed=seed,
-                batch_size=batch_size,
-                jvp=jvp,  # type: ignore[arg-type]
                 checkpoint=checkpoint or f"{out}.partial",
                 progress=True,
                 device=device,
                 conditioning=model.label_kwargs(labels),
                 model_name=model_name,
+                **options,
             )
-        except (ValueError, FileNotFoundError) as err:
-            raise click.UsageError(str(err)) from None
         if dist.rank == 0:
             ems.save(out)
-            for partial in Path(out).parent.glob(f"{Path(out).name}.partial*"):
+            for partial in out.parent.glob(f"{out.name}.partial*"):
                 partial.unlink()
-            click.echo(f"EMS (K={samples}, N={grid_size}, {dist.world_size} process(es)) → {out}")
+            click.echo(
+                f"EMS (K={options['samples']}, N={options['grid_size']}, "
+                f"{dist.world_size} process(es)) → {out}"
+            )
 
 
-def _load_data(source: str, option: str = "--data") -> torch.Tensor:
+@main.command("gaussian-stats")
+@model_option("Model whose input space the statistics are for (sets the default --out).")
+@data_option("Data in the model's input space: the digits training split or an array file.")
+@click.option(
+    "--rank",
+    default=None,
+    type=click.IntRange(1, None),
+    help="Top eigenpairs to keep (default: all for small data).",
+)
+@out_file_option("gaussian_stats.safetensors")
+def gaussian_stats_command(
+    model_name: str, data_source: str, rank: int | None, out_path: str | None
+) -> None:
+    """Mean and top eigenpairs of a data set (float64), for analytic teleportation."""
+    from diffsolve.app.loader import load_model
+    from diffsolve.stats.gaussian import compute_gaussian_stats
+
+    with usage_errors():
+        model = load_model(model_name)
+        data = _model_data(model, data_source)
+        out = _out_path(out_path, model.gaussian_stats_path)
+        stats = compute_gaussian_stats(
+            data, rank, description=f"{data_source} data for model {model_name}"
+        )
+    stats.save(out)
+    click.echo(f"Gaussian statistics of {data.shape[0]} samples → {out}")
+
+
+# ---------------------------------------------------------------------------------------
+# Inputs of the statistics commands
+def _out_path(out_path: str | None, default: Path | None) -> Path:
+    out = Path(out_path) if out_path else default
+    if out is None:
+        raise ValueError("--out is required for this model")
+    return out
+
+
+def _model_data(model: Any, source: str) -> torch.Tensor:
+    """``--data``, checked against the model's sample shape."""
+    data = _load_array(source)
+    if tuple(data.shape[1:]) != model.data_shape:
+        raise ValueError(
+            f"--data has samples of shape {tuple(data.shape[1:])}, the model takes "
+            f"{model.data_shape}"
+        )
+    return data
+
+
+def _labels(source: str | None, data_source: str, data: torch.Tensor) -> torch.Tensor | None:
+    """``--labels``: a file, the digits labels with ``--data digits``, else none."""
+    labels = None
+    if source is not None:
+        labels = _load_array(source, "--labels").long()
+    elif data_source == "digits":
+        from diffsolve.app.data import load_digit_labels
+
+        labels = load_digit_labels("train")
+    if labels is not None and labels.shape[:1] != data.shape[:1]:
+        raise ValueError(f"--labels: {labels.shape[0]} labels for {data.shape[0]} data points")
+    return labels
+
+
+def _load_array(source: str, option: str = "--data") -> torch.Tensor:
     """The digits training split, or an array file of shape (M, ...)."""
     if source == "digits" and option == "--data":
         from diffsolve.app.data import load_digits
@@ -539,65 +557,6 @@ def _load_data(source: str, option: str = "--data") -> torch.Tensor:
             array = array[array.files[0]]
         return torch.from_numpy(np.asarray(array, dtype=np.float32))
     raise ValueError(f"{option}: unsupported file type {path.suffix!r} (use .pt, .npy or .npz)")
-
-
-@main.command("gaussian-stats")
-@click.option(
-    "--model",
-    "model_name",
-    default="digits",
-    metavar="NAME|DIR",
-    help="Model whose input space the statistics are for (sets the default --out).",
-)
-@click.option(
-    "--data",
-    "data_source",
-    default="digits",
-    metavar="digits|FILE",
-    help="Data in the model's input space: the digits training split or an array file.",
-)
-@click.option(
-    "--rank",
-    default=None,
-    type=click.IntRange(1, None),
-    help="Top eigenpairs to keep (default: all for small data).",
-)
-@click.option(
-    "--out",
-    "out_path",
-    default=None,
-    type=click.Path(dir_okay=False),
-    help="Output file (default: the model's gaussian_stats.safetensors).",
-)
-def gaussian_stats_command(
-    model_name: str, data_source: str, rank: int | None, out_path: str | None
-) -> None:
-    """Mean and top eigenpairs of a data set (float64), for analytic teleportation."""
-    from diffsolve.stats.gaussian.estimate import compute_gaussian_stats
-    from diffsolve.app.loader import load_model
-
-    try:
-        model = load_model(model_name)
-        data = _load_data(data_source)
-        if tuple(data.shape[1:]) != model.data_shape:
-            raise ValueError(
-                f"--data has samples of shape {tuple(data.shape[1:])}, the model "
-                f"takes {model.data_shape}"
-            )
-        out = (
-            Path(out_path)
-            if out_path
-            else (model.folder / "gaussian_stats.safetensors" if model.folder else None)
-        )
-        if out is None:
-            raise ValueError("--out is required for this model")
-        stats = compute_gaussian_stats(
-            data, rank, description=f"{data_source} data for model {model_name}"
-        )
-    except (ValueError, FileNotFoundError) as err:
-        raise click.UsageError(str(err)) from None
-    stats.save(out)
-    click.echo(f"Gaussian statistics of {data.shape[0]} samples → {out}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,6 +10,7 @@ with exact denoisers and no training.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diffsolve.stats.ems.statistics import EMS, load_ems, model_fingerprint
-from diffsolve.stats.gaussian.analytic import GaussianMixtureModel, GaussianModel
 from diffsolve.ode.model import Denoiser, ModelWrapper
 from diffsolve.ode.schedule import NoiseSchedule, VPDiscrete, schedule_from_config
+from diffsolve.solvers.registry import NEEDS, SolverContext
+from diffsolve.stats.ems import EMS, load_ems, model_fingerprint
+from diffsolve.stats.gaussian import GaussianMixtureModel, GaussianModel, load_gaussian_stats
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "demos"
 TRAINED_DEMOS = ("digits", "digits-cond", "digits-flow")
@@ -59,9 +61,20 @@ class LoadedModel:
         return None if self.folder is None else self.folder / "ems.safetensors"
 
     @property
+    def gaussian_stats_path(self) -> Path | None:
+        """Where the Gaussian statistics of its data live (``gaussian_stats.safetensors``)."""
+        return None if self.folder is None else self.folder / "gaussian_stats.safetensors"
+
+    @property
     def has_ems(self) -> bool:
         """Whether the model folder holds an EMS file."""
         return self.ems_path is not None and self.ems_path.is_file()
+
+    def available(self) -> frozenset[str]:
+        """What the model folder can give solvers (see
+        :class:`~diffsolve.solvers.registry.SolverContext`): ``"ems"``, ``"gaussian"``."""
+        files = {"ems": self.ems_path, "gaussian": self.gaussian_stats_path}
+        return frozenset(k for k, path in files.items() if path is not None and path.is_file())
 
     def load_ems(self, path: str | Path | None = None) -> EMS:
         """Load and check the model's EMS (default: :attr:`ems_path`)."""
@@ -74,6 +87,29 @@ class LoadedModel:
         ems = load_ems(target)
         ems.check_compatible(self.schedule, self.data_shape, model_fingerprint(self.denoiser))
         return ems
+
+    def load_gaussian(self, path: str | Path | None = None) -> GaussianModel:
+        """Load the Gaussian statistics of the data (default: :attr:`gaussian_stats_path`)."""
+        target = Path(path) if path is not None else self.gaussian_stats_path
+        if target is None:
+            raise ValueError(
+                f"model {self.name!r} has no folder with gaussian_stats.safetensors; pass a "
+                "statistics file (`diffsolve gaussian-stats`)"
+            )
+        return load_gaussian_stats(target, expect_shape=self.data_shape)
+
+    def solver_context(
+        self, needs: Collection[str] = (), gaussian_stats: str | Path | None = None
+    ) -> SolverContext:
+        """Resolve once what solvers and wrappers need from this model: the EMS and the
+        Gaussian statistics among ``needs``, loaded and checked against the model."""
+        unknown = set(needs) - set(NEEDS)
+        if unknown:
+            raise ValueError(f"unknown needs {sorted(unknown)}; known: {sorted(NEEDS)}")
+        return SolverContext(
+            ems=self.load_ems() if "ems" in needs else None,
+            gaussian=self.load_gaussian(gaussian_stats) if "gaussian" in needs else None,
+        )
 
     def label_kwargs(self, class_labels: Tensor | None) -> dict[str, Tensor] | None:
         """Network arguments for per-sample ``class_labels`` (``None`` for an unconditional

@@ -40,8 +40,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffsolve.wrappers.guidance import GuidanceSpec
+from diffsolve.app.conditioning import GuidanceSpec
+from diffsolve.app.loader import LoadedModel
 from diffsolve.app.seeds import noise_for_seeds, parse_seeds
+from diffsolve.ode.plan import Plan, Solver
 
 __all__ = [
     "MANIFEST_NAME",
@@ -376,9 +378,9 @@ class SeedSampler:
 
     def __init__(
         self,
-        model: Any,
-        solver: Any,
-        plan: Any,
+        model: LoadedModel,
+        solver: Solver,
+        plan: Plan[Any],
         device: str,
         batch_size: int,
         guidance: GuidanceSpec | None = None,
@@ -510,9 +512,7 @@ def run_sampling(
     ``grid.png``. Raises ``ValueError`` for bad settings, :class:`SamplingError` when the
     run cannot go on.
     """
-    from diffsolve import __version__
-    from diffsolve.app.loader import DEMO_MODELS, load_model
-    from diffsolve.solvers.registry import SOLVERS, default_solver, setup_solver
+    from diffsolve.app.loader import load_model
 
     dist = dist or Distributed()
     seeds = parse_seeds(config.seeds)
@@ -521,65 +521,14 @@ def run_sampling(
         raise ValueError(f"batch_size must be a positive integer, got {config.batch_size!r}")
     device = dist.device(config.device)
     model = load_model(config.model, device=device)
-    if config.solver == "auto":
-        config = replace(config, solver=default_solver(model))
-    spec = SOLVERS.get(config.solver)
-    # solvers built from model statistics (DPM-Solver-v3's EMS) need the loaded model
-    needs_model = {"model": model} if getattr(spec, "needs_model", False) else {}
-    if config.teleport:
-        from diffsolve.stats.gaussian.estimate import load_gaussian_stats
-        from diffsolve.wrappers.teleport import teleported_setup
-
-        stats = config.gaussian_stats or (
-            model.folder / "gaussian_stats.safetensors" if model.folder else None
-        )
-        if stats is None:
-            raise ValueError("--teleport needs --gaussian-stats FILE for this model")
-        gaussian = load_gaussian_stats(stats, expect_shape=model.data_shape)
-        method, grid = teleported_setup(
-            config.solver,
-            model.schedule,
-            config.nfe,
-            gaussian,
-            config.teleport,
-            config.grid,
-            **needs_model,
-        )
-    else:
-        method, grid = setup_solver(
-            config.solver, model.schedule, config.nfe, config.grid, **needs_model
-        )
+    config, method, grid = resolve_method(config, model)
     plan = method.plan(model.schedule, grid)
-    if config.class_label is not None and not 0 <= config.class_label < (model.num_classes or 10):
+    classes = model.num_classes or 10
+    if config.class_label is not None and not 0 <= config.class_label < classes:
         raise ValueError(
-            f"class_label must lie in [0, {(model.num_classes or 10) - 1}], got "
-            f"{config.class_label}"
+            f"class_label must lie in [0, {classes - 1}], got {config.class_label}"
         )
-    model_id = config.model
-    if model_id not in DEMO_MODELS:
-        model_id = str(Path(model_id).resolve())
-    manifest = RunManifest(
-        model=model_id,
-        model_config_sha256=model_config_hash(model.config),
-        solver=config.solver,
-        nfe=int(plan.nfe),
-        nfe_budget=config.nfe,
-        grid=config.grid or spec.grid_kind(config.nfe),
-        grid_t=tuple(float(t) for t in grid),
-        seeds=format_seeds(seeds),
-        num_seeds=len(seeds),
-        shard_size=config.shard_size,
-        data_shape=tuple(model.data_shape),
-        conditioning=json.dumps(
-            {
-                "guidance": asdict(config.guidance),
-                "class_label": config.class_label,
-                "teleport": config.teleport,
-            },
-            sort_keys=True,
-        ),
-        version=__version__,
-    )
+    manifest = run_manifest(config, model, plan, seeds)
     out_dir = Path(config.out_dir)
     _prepare_folder(out_dir, manifest, dist)
     report = RunReport(manifest)
@@ -602,6 +551,62 @@ def run_sampling(
         if _is_image(manifest.data_shape):
             report.grid_png = _overview(out_dir, shards, manifest)
     return report
+
+
+def resolve_method(config: RunConfig, model: LoadedModel) -> tuple[RunConfig, Solver, Tensor]:
+    """The solver and grid of a run: ``solver="auto"`` resolved (the manifest records the
+    name), what it needs from the model loaded once, teleportation wrapped around it."""
+    from diffsolve.solvers import registry
+    from diffsolve.wrappers.teleport import teleported_setup
+
+    if config.solver == "auto":
+        config = replace(config, solver=registry.default_solver(model.available()))
+    needs = set(registry.preset(config.solver).needs)
+    if config.teleport:
+        needs.add("gaussian")
+    context = model.solver_context(needs, config.gaussian_stats)
+    if config.teleport:
+        method, grid = teleported_setup(
+            config.solver, model.schedule, config.nfe, config.teleport, config.grid, context
+        )
+    else:
+        method, grid = registry.setup_solver(
+            config.solver, model.schedule, config.nfe, config.grid, context=context
+        )
+    return config, method, grid
+
+
+def run_manifest(
+    config: RunConfig, model: LoadedModel, plan: Plan[Any], seeds: Sequence[int]
+) -> RunManifest:
+    """What defines the run's samples (see :class:`RunManifest`)."""
+    from diffsolve import __version__
+    from diffsolve.app.loader import DEMO_MODELS
+    from diffsolve.solvers.registry import preset
+
+    model_id = config.model
+    if model_id not in DEMO_MODELS:
+        model_id = str(Path(model_id).resolve())
+    conditioning = {
+        "guidance": asdict(config.guidance),
+        "class_label": config.class_label,
+        "teleport": config.teleport,
+    }
+    return RunManifest(
+        model=model_id,
+        model_config_sha256=model_config_hash(model.config),
+        solver=config.solver,
+        nfe=int(plan.nfe or 0),
+        nfe_budget=config.nfe,
+        grid=config.grid or preset(config.solver).grid_kind(config.nfe),
+        grid_t=tuple(float(t) for t in plan.grid),
+        seeds=format_seeds(seeds),
+        num_seeds=len(seeds),
+        shard_size=config.shard_size,
+        data_shape=tuple(model.data_shape),
+        conditioning=json.dumps(conditioning, sort_keys=True),
+        version=__version__,
+    )
 
 
 def _prepare_folder(out_dir: Path, manifest: RunManifest, dist: Distributed) -> None:

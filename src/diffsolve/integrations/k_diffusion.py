@@ -11,6 +11,12 @@ k-diffusion). So every fixed-grid diffsolve solver runs on k-diffusion's σ list
 
     x = sample_denoiser(denoiser, noise * sigmas[0], sigmas, solver="unipc-bh2-3")
 
+:func:`make_sampler` turns any registry name into a function with k-diffusion's sampler
+signature, and :func:`samplers` gives one per registry name (``sample_<name>``, as
+k-diffusion's ``sample_dpmpp_2m``), so every registered solver is a k-diffusion sampler. A
+solver that needs model statistics (DPM-Solver-v3) takes them from ``context``; for EMS of an
+EDM model the EMS's own schedule is used, and the σ list must lie inside its range.
+
 Nothing here imports k-diffusion. Differences from k-diffusion's ``sample_*`` functions: no
 progress bar unless ``disable=False`` (library code has no side effects), and the callback's
 ``x`` is the sample *after* the step (k-diffusion passes the one before it).
@@ -25,12 +31,13 @@ import torch
 from torch import Tensor
 
 from diffsolve.ode.model import ModelWrapper
-from diffsolve.solvers.registry import SOLVERS
+from diffsolve.ode.plan import Solver
 from diffsolve.ode.sampling import StepInfo, sample
-from diffsolve.ode.schedule import EDM
-from diffsolve.solvers import DPMSolverPP, Solver
+from diffsolve.ode.schedule import EDM, schedule_from_config
+from diffsolve.solvers import DPMSolverPP
+from diffsolve.solvers.registry import SOLVERS, SolverContext, preset
 
-__all__ = ["edm_schedule_for", "make_sampler", "resolve_solver", "sample_denoiser"]
+__all__ = ["edm_schedule_for", "make_sampler", "resolve_solver", "sample_denoiser", "samplers"]
 
 KCallback = Callable[[dict[str, Any]], None]
 KSampler = Callable[..., Tensor]
@@ -47,29 +54,47 @@ def _sigmas(sigmas: Tensor | Sequence[float]) -> Tensor:
     return s
 
 
-def edm_schedule_for(sigmas: Tensor | Sequence[float]) -> EDM:
-    """The :class:`~diffsolve.EDM` schedule spanning a σ list (its range: the largest σ and
-    the smallest positive one)."""
+def edm_schedule_for(
+    sigmas: Tensor | Sequence[float], context: SolverContext | None = None
+) -> EDM:
+    """The :class:`~diffsolve.EDM` schedule of a σ list: the EMS's own when ``context``
+    holds EMS (made for an EDM schedule), else the list's range (its largest σ and smallest
+    positive one)."""
+    if context is not None and context.ems is not None:
+        return _ems_schedule(context)
     s = _sigmas(sigmas)
     sigma_max = float(s[0])
-    positive = s[s > 0]
-    sigma_min = float(positive.min())
+    sigma_min = float(s[s > 0].min())
     if not sigma_min < sigma_max:  # a single positive level: [sigma_max, 0]
         sigma_min = sigma_max / 2
     return EDM(sigma_min=sigma_min, sigma_max=sigma_max)
 
 
-def resolve_solver(solver: Solver | str, steps: int) -> Solver:
-    """A :class:`~diffsolve.solvers.Solver`, or a registry name (``diffsolve solvers``)
-    configured for a grid of ``steps`` steps."""
+def _ems_schedule(context: SolverContext) -> EDM:
+    """The EDM schedule the context's EMS were computed for (their λ range is checked by the
+    solver's plan)."""
+    made_for = (context.ems.metadata if context.ems is not None else {}).get("schedule")
+    schedule = schedule_from_config(made_for) if made_for else None
+    if not isinstance(schedule, EDM):
+        raise ValueError(
+            "the EMS were computed for a non-EDM schedule; the k-diffusion entry point "
+            "samples D(x, sigma) in the EDM convention, so compute EMS for the model under "
+            "diffsolve's EDM schedule"
+        )
+    return schedule
+
+
+def resolve_solver(
+    solver: Solver | str, steps: int, context: SolverContext | None = None
+) -> Solver:
+    """A :class:`~diffsolve.ode.plan.Solver`, or a registry name (``diffsolve solvers``)
+    configured for a grid of ``steps`` steps (its needs read from ``context``)."""
     if isinstance(solver, Solver):
         return solver
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be a Solver or one of {sorted(SOLVERS)}, got {solver!r}")
-    spec = SOLVERS[solver]
+    spec = preset(solver)
     for nfe in range(max(2, steps), 3 * steps + 2):
         if spec.steps(nfe) == steps:
-            return spec.build(nfe)
+            return spec.build(nfe, context)
     raise ValueError(f"solver {solver!r} cannot run on a grid of {steps} step(s)")
 
 
@@ -82,6 +107,7 @@ def sample_denoiser(
     disable: bool | None = None,
     *,
     solver: Solver | str | None = None,
+    context: SolverContext | None = None,
 ) -> Tensor:
     r"""Solve the probability-flow ODE of a k-diffusion denoiser with a diffsolve solver.
 
@@ -93,15 +119,17 @@ def sample_denoiser(
         callback: Called after every step with k-diffusion's dict ``{"x", "i", "sigma",
             "sigma_hat", "denoised"}`` (``x`` after the step).
         disable: Show a progress bar only when ``False``.
-        solver: A :class:`~diffsolve.solvers.Solver` or a registry name; default
+        solver: A :class:`~diffsolve.ode.plan.Solver` or a registry name; default
             DPM-Solver++(2M) (:class:`~diffsolve.DPMSolverPP`, order 2).
+        context: What a registry solver needs from the model (DPM-Solver-v3: ``ems``, made
+            for diffsolve's EDM schedule).
 
     Returns:
         The sample at ``sigmas[-1]``, in ``x``'s dtype.
     """
     s = _sigmas(sigmas)
-    schedule = edm_schedule_for(s)
-    method = resolve_solver(DPMSolverPP(2) if solver is None else solver, s.numel() - 1)
+    schedule = edm_schedule_for(s, context)
+    method = resolve_solver(DPMSolverPP(2) if solver is None else solver, s.numel() - 1, context)
     denoiser = ModelWrapper(model, schedule, "x0", "sigma", model_kwargs=extra_args)
     step_callback = None if callback is None else _k_callback(callback, s)
     return sample(denoiser, x, method, s, callback=step_callback, progress=disable is False).x
@@ -118,7 +146,7 @@ def _k_callback(callback: KCallback, sigmas: Tensor) -> Callable[[StepInfo], Non
     return call
 
 
-def make_sampler(solver: Solver | str) -> KSampler:
+def make_sampler(solver: Solver | str, context: SolverContext | None = None) -> KSampler:
     """A function with k-diffusion's sampler signature
     ``(model, x, sigmas, extra_args=None, callback=None, disable=None)`` running ``solver``
     (for tools that accept a k-diffusion sampler function)."""
@@ -131,8 +159,26 @@ def make_sampler(solver: Solver | str) -> KSampler:
         callback: KCallback | None = None,
         disable: bool | None = None,
     ) -> Tensor:
-        return sample_denoiser(model, x, sigmas, extra_args, callback, disable, solver=solver)
+        return sample_denoiser(
+            model, x, sigmas, extra_args, callback, disable, solver=solver, context=context
+        )
 
     name = solver if isinstance(solver, str) else type(solver).__name__
-    sampler.__name__ = f"sample_diffsolve_{name}".replace("-", "_").replace("+", "p")
+    sampler.__name__ = sampler_name(name)
     return sampler
+
+
+def sampler_name(solver: str) -> str:
+    """k-diffusion's spelling of a sampler: ``dpm-solver++-2m`` → ``sample_dpm_solverpp_2m``."""
+    return f"sample_{solver}".replace("-", "_").replace("+", "p")
+
+
+def samplers(context: SolverContext | None = None) -> dict[str, KSampler]:
+    """One k-diffusion sampler per registry name, keyed by :func:`sampler_name` (solvers
+    whose needs ``context`` cannot meet are left out)."""
+    provided = (context or SolverContext()).provides()
+    return {
+        sampler_name(name): make_sampler(name, context)
+        for name, spec in SOLVERS.items()
+        if set(spec.needs) <= provided
+    }

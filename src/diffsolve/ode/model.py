@@ -30,6 +30,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from diffsolve.numerics.expint import Space
 from diffsolve.ode.schedule import NoiseSchedule, VPDiscrete
 
 PredictionType = Literal["epsilon", "x0", "v", "score", "flow"]
@@ -109,9 +110,9 @@ class Prediction:
             )
         return self._eps
 
-    def get(self, space: Literal["x0", "eps"]) -> Tensor:
-        """``x0`` or ``eps`` by name (solvers store which one they integrate)."""
-        return self.x0 if space == "x0" else self.eps
+    def get(self, space: Space) -> Tensor:
+        """The ``"data"`` (:attr:`x0`) or ``"noise"`` (:attr:`eps`) prediction."""
+        return self.x0 if space == "data" else self.eps
 
 
 def normalize_prediction(prediction: str) -> PredictionType:

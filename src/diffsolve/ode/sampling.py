@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from diffsolve.ode.model import Denoiser, Prediction
+from diffsolve.ode.plan import Plan, Solver, State
 from diffsolve.ode.schedule import NoiseSchedule
-from diffsolve.solvers.engine import Plan, Solver, State
 
 
 @dataclass(frozen=True)

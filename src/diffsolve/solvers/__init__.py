@@ -1,30 +1,40 @@
-"""Solvers: one file per method over the shared exponential-integrator kernel."""
+"""Solvers: one self-describing file per method over the plan engine (:mod:`.engine`);
+:mod:`.registry` collects their presets. Importing this package registers every solver."""
 
+from diffsolve.ode.plan import Plan, Solver, State
 from diffsolve.solvers.adaptive import DPMSolverAdaptive
-from diffsolve.solvers.engine import Plan, Solver, State, Update
 from diffsolve.solvers.bdia import BDIA, bdia_invert, bdia_reconstruct
 from diffsolve.solvers.ddim import DDIM
 from diffsolve.solvers.deis import DEIS
 from diffsolve.solvers.dpm_solver import DPMSolver, fast_orders
 from diffsolve.solvers.dpm_solver_pp import DPMSolverPP
+from diffsolve.solvers.dpm_solver_v3 import DPMSolverV3
+from diffsolve.solvers.engine import StepPlan, Update
 from diffsolve.solvers.euler_heun import Euler, Heun
+from diffsolve.solvers.registry import SOLVERS, Preset, SolverContext, register
 from diffsolve.solvers.unipc import UniPC
 
 __all__ = [
     "BDIA",
     "DDIM",
     "DEIS",
+    "SOLVERS",
     "DPMSolver",
     "DPMSolverAdaptive",
     "DPMSolverPP",
+    "DPMSolverV3",
     "Euler",
     "Heun",
     "Plan",
+    "Preset",
     "Solver",
+    "SolverContext",
     "State",
+    "StepPlan",
     "UniPC",
     "Update",
     "bdia_invert",
     "bdia_reconstruct",
     "fast_orders",
+    "register",
 ]

@@ -18,23 +18,17 @@ order. The NFE spent is known only afterwards: :func:`diffsolve.sample` reports 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
+from diffsolve.numerics.expint import Space
 from diffsolve.ode.model import Denoiser, Prediction
+from diffsolve.ode.plan import Plan, Solver, State
 from diffsolve.ode.schedule import NoiseSchedule
-from diffsolve.solvers.engine import (
-    GridValues,
-    Plan,
-    Solver,
-    State,
-    Update,
-    check_choice,
-    check_order,
-)
-from diffsolve.solvers.dpm_solver import ei_weights, singlestep_step
+from diffsolve.solvers.dpm_solver import SolverType, ei_weights, singlestep_step
+from diffsolve.solvers.engine import GridValues, Update, check_options, check_order
 
 _NODES = {2: (0.5,), 3: (1 / 3, 2 / 3)}
 
@@ -50,8 +44,9 @@ class AdaptiveState(State):
 
 
 @dataclass(frozen=True)
-class AdaptivePlan(Plan):
-    """Plan of the adaptive solver: the range and the controller's settings."""
+class AdaptivePlan(Plan[AdaptiveState]):
+    """Plan of the adaptive solver: the range and the controller's settings; each attempt
+    is one single-step stage step of the engine, built for the proposed interval."""
 
     schedule: NoiseSchedule
     grid: Tensor
@@ -70,8 +65,7 @@ class AdaptivePlan(Plan):
         lam = float(self.schedule.lambda_(t0))
         return AdaptiveState(x=x, t=t0, lam=lam, h=self.solver.h_init, x_lower=x)
 
-    def step(self, model: Denoiser, state: State) -> AdaptiveState:
-        assert isinstance(state, AdaptiveState)
+    def step(self, model: Denoiser, state: AdaptiveState) -> AdaptiveState:
         cfg = self.solver
         t_end = float(self.grid[-1])
         lam_end = float(self.schedule.lambda_(t_end))
@@ -88,24 +82,15 @@ class AdaptivePlan(Plan):
             last = h >= sign * (lam_end - state.lam)
             t_next = t_end if last else float(self.schedule.t_of_lambda(state.lam + sign * h))
             x_low, x_high, prediction = self._attempt(model, state.x, state.t, t_next)
-            delta = torch.clamp(
-                cfg.rtol * torch.maximum(x_low.abs(), state.x_lower.abs()), min=cfg.atol
-            )
-            error = float(((x_high - x_low) / delta).flatten(1).pow(2).mean(1).sqrt().max())
-            if not error == error:  # NaN
-                raise FloatingPointError(
-                    f"DPMSolverAdaptive: non-finite error estimate at t={state.t:.6g}"
-                )
-            accepted = error <= 1.0
+            error = self._error(x_low, x_high, state)
             h_new = cfg.theta * h * max(error, 1e-10) ** (-1.0 / cfg.order)
-            if accepted:
-                lam = lam_end if last else state.lam + sign * h
+            if error <= 1.0:
                 return replace(
                     state,
                     x=x_high,
                     t=t_next,
                     step=state.step + 1,
-                    lam=lam,
+                    lam=lam_end if last else state.lam + sign * h,
                     x_lower=x_low,
                     h=h_new,
                     attempts=attempts,
@@ -114,21 +99,32 @@ class AdaptivePlan(Plan):
                 )
             h = min(h_new, sign * (lam_end - state.lam))
 
+    def _error(self, x_low: Tensor, x_high: Tensor, state: AdaptiveState) -> float:
+        """:math:`E`, the worst sample's RMS of the scaled difference (module docstring)."""
+        cfg = self.solver
+        assert state.x_lower is not None
+        delta = torch.clamp(
+            cfg.rtol * torch.maximum(x_low.abs(), state.x_lower.abs()), min=cfg.atol
+        )
+        error = float(((x_high - x_low) / delta).flatten(1).pow(2).mean(1).sqrt().max())
+        if not error == error:  # NaN
+            raise FloatingPointError(
+                f"DPMSolverAdaptive: non-finite error estimate at t={state.t:.6g}"
+            )
+        return error
+
     def _attempt(
         self, model: Denoiser, x: Tensor, t: float, t_next: float
     ) -> tuple[Tensor, Tensor, Prediction]:
         cfg = self.solver
         v = GridValues.of(self.schedule, torch.tensor([t, t_next], dtype=torch.float64))
-        high = singlestep_step(v, 0, cfg.order, cfg.predict, cfg.solver_type, _NODES[cfg.order])
-        predictions = []
-        y = x
-        for t_eval, update in zip(high.evals, high.updates, strict=True):
-            predictions.append(model(y, t_eval))
-            y = update.apply(x, predictions)
-        e = v.exp_step(v.space_of_step(cfg.predict, 0), 0, 1)
-        low_nodes = [0.0, *_NODES[cfg.order][: cfg.order - 2]]
-        low = Update(e.a, ei_weights(e, low_nodes, cfg.solver_type), high.updates[-1].space)
-        return low.apply(x, predictions), y, predictions[0]
+        nodes = _NODES[cfg.order]
+        high = singlestep_step(v, 0, cfg.order, cfg.space, cfg.solver_type, nodes)
+        x_high, points = high.run(model, x)
+        e = v.exp_step(cfg.space, 0, 1)
+        low_nodes = [0.0, *nodes[: cfg.order - 2]]
+        low = Update(e.a, ei_weights(e, low_nodes, cfg.solver_type), cfg.space)
+        return low.apply(x, points), x_high, points[0].prediction
 
 
 @dataclass(frozen=True)
@@ -144,16 +140,15 @@ class DPMSolverAdaptive(Solver):
     atol: float = 0.0078
     h_init: float = 0.05
     theta: float = 0.9
-    predict: Literal["data", "noise"] = "data"
-    solver_type: Literal["midpoint", "taylor"] = "midpoint"
+    space: Space = "data"
+    solver_type: SolverType = "midpoint"
     max_attempts: int = 100_000
 
     name: ClassVar[str] = "dpm-solver-adaptive"
 
     def __post_init__(self) -> None:
         check_order(self.order, (2, 3), "DPMSolverAdaptive")
-        check_choice(self.predict, ("data", "noise"), "predict")
-        check_choice(self.solver_type, ("midpoint", "taylor"), "solver_type")
+        check_options(self)
         for name in ("rtol", "atol", "h_init"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")

@@ -7,17 +7,13 @@ from typing import ClassVar
 
 from torch import Tensor
 
+from diffsolve.ode.plan import Solver
 from diffsolve.ode.schedule import NoiseSchedule
-from diffsolve.solvers.engine import (
-    GridValues,
-    MultistepPlan,
-    MultistepStep,
-    Solver,
-    Update,
-    check_order,
-)
+from diffsolve.solvers.engine import GridValues, StepPlan, Update, check_order, multistep_plan
+from diffsolve.solvers.registry import DiffusersMapping, Preset, register
 
 
+@register
 @dataclass(frozen=True)
 class DDIM(Solver):
     r"""DDIM with :math:`\eta = 0`: re-noise the data prediction to the next time,
@@ -33,15 +29,21 @@ class DDIM(Solver):
     """
 
     order: int = 1
+
     name: ClassVar[str] = "ddim"
+    presets: ClassVar[tuple[Preset, ...]] = (
+        Preset("ddim", "DDIM (eta = 0), first order", lineup=True),
+    )
+    diffusers: ClassVar[DiffusersMapping] = DiffusersMapping("DiffsolveDDIMScheduler", "ddim")
 
     def __post_init__(self) -> None:
         check_order(self.order, (1,), "DDIM")
 
-    def build_plan(self, schedule: NoiseSchedule, grid: Tensor) -> MultistepPlan:
+    def build_plan(self, schedule: NoiseSchedule, grid: Tensor) -> StepPlan:
         v = GridValues.of(schedule, grid)
-        steps = []
-        for i in range(len(v.t) - 1):
+
+        def predictor(i: int, order: int) -> Update:
             e = v.exp_step("data", i, i + 1)
-            steps.append(MultistepStep(v.t[i], v.t[i + 1], Update(e.a, (e.coef(0),), "x0")))
-        return MultistepPlan(schedule, grid, tuple(steps), memory=1)
+            return Update(e.a, (e.coef(0),), "data")
+
+        return multistep_plan(v, [1] * v.num_steps, predictor)

@@ -27,22 +27,24 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from diffsolve.ode.plan import Solver
 from diffsolve.ode.schedule import NoiseSchedule
 from diffsolve.solvers.engine import (
     GridValues,
-    MultistepPlan,
-    MultistepStep,
-    Solver,
+    StepPlan,
     Update,
-    check_choice,
+    check_options,
     check_order,
     multistep_orders,
+    multistep_plan,
 )
+from diffsolve.solvers.registry import ConfigKey, DiffusersMapping, Preset, register
 
 Basis = Literal["t", "rho", "log_rho"]
 _QUADRATURE_NODES = 48
 
 
+@register
 @dataclass(frozen=True)
 class DEIS(Solver):
     """DEIS multistep (AB) of order 1–3.
@@ -58,28 +60,37 @@ class DEIS(Solver):
     lower_order_final: bool = True
 
     name: ClassVar[str] = "deis"
+    presets: ClassVar[tuple[Preset, ...]] = (
+        Preset("deis-2", "DEIS tAB, order 2", {"order": 2}),
+        Preset("deis-3", "DEIS tAB, order 3", {"order": 3}, lineup=True),
+    )
+    diffusers: ClassVar[DiffusersMapping] = DiffusersMapping(
+        "DiffsolveDEISScheduler",
+        "deis-2",
+        {
+            "solver_order": ConfigKey(2, "order"),
+            "basis": ConfigKey("t", "basis"),
+            "lower_order_final": ConfigKey(True, "lower_order_final"),
+        },
+    )
 
     def __post_init__(self) -> None:
         check_order(self.order, (1, 2, 3), "DEIS")
-        check_choice(self.basis, ("t", "rho", "log_rho"), "basis")
+        check_options(self)
 
     def min_steps(self) -> int:
         return self.order
 
-    def build_plan(self, schedule: NoiseSchedule, grid: Tensor) -> MultistepPlan:
+    def build_plan(self, schedule: NoiseSchedule, grid: Tensor) -> StepPlan:
         v = GridValues.of(schedule, grid)
-        n = len(v.t) - 1
-        orders = multistep_orders(n, self.order, self.lower_order_final, v.ends_at_zero)
-        steps = []
-        for i, p in enumerate(orders):
-            if v.sigma[i + 1] == 0.0:  # last step to clean data: return x0
-                update = Update(0.0, (1.0,), "x0")
-            else:
-                points = list(range(i, i - p, -1))
-                c = self._coefficients(v, i, points)
-                update = Update(v.alpha[i + 1] / v.alpha[i], tuple(v.alpha[i + 1] * c), "eps")
-            steps.append(MultistepStep(v.t[i], v.t[i + 1], update))
-        return MultistepPlan(schedule, grid, tuple(steps), memory=self.order)
+
+        def predictor(i: int, p: int) -> Update:
+            c = self._coefficients(v, i, list(range(i, i - p, -1)))
+            return Update(v.alpha[i + 1] / v.alpha[i], tuple(v.alpha[i + 1] * c), "noise")
+
+        return multistep_plan(
+            v, multistep_orders(v, self.order, self.lower_order_final), predictor
+        )
 
     def _coefficients(self, v: GridValues, i: int, points: list[int]) -> np.ndarray:
         """:math:`C_{ij} = -\\int_{\\lambda_i}^{\\lambda_{i+1}} \\ell_j(u(\\lambda))

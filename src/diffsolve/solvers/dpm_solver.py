@@ -18,8 +18,8 @@ integrates the interpolating polynomial exactly (:math:`h\varphi_2`); ``"midpoin
 paper's DPM-Solver-2 form, weighting the first difference by :math:`h\varphi_1/2`. Both are
 second order and differ at :math:`O(h^3)`. For order 3, single-step ``"midpoint"`` is the
 paper's DPM-Solver-3 (Alg. 3) and everything else integrates the quadratic interpolant
-exactly. A step that ends at clean data (``t = 0``) is always the first-order step in data
-space, which returns :math:`\hat x_0`.
+exactly. A step that ends at clean data (``t = 0``) returns :math:`\hat x_0`
+(:data:`~diffsolve.solvers.engine.FINAL`).
 """
 
 from __future__ import annotations
@@ -29,25 +29,24 @@ from typing import ClassVar, Literal
 
 from torch import Tensor
 
-from diffsolve.numerics.expint import ExpStep, taylor_weights
+from diffsolve.numerics.expint import ExpStep, Space, taylor_weights
+from diffsolve.ode.plan import Solver
 from diffsolve.ode.schedule import NoiseSchedule
 from diffsolve.solvers.engine import (
     GridValues,
-    MultistepPlan,
-    MultistepStep,
-    Plan,
-    SinglestepPlan,
-    SinglestepStep,
-    Solver,
+    StageStep,
+    StepPlan,
     Update,
-    check_choice,
+    check_options,
     check_order,
     multistep_orders,
+    multistep_plan,
+    stage_plan,
 )
+from diffsolve.solvers.registry import Preset, register
 
 SolverType = Literal["midpoint", "taylor"]
 Method = Literal["multistep", "singlestep"]
-Space = Literal["data", "noise"]
 
 #: Intermediate stage positions (fractions of the λ-step) of the single-step methods.
 SINGLESTEP_NODES: dict[int, tuple[float, ...]] = {1: (), 2: (0.5,), 3: (1 / 3, 2 / 3)}
@@ -70,6 +69,22 @@ def fast_orders(nfe: int, order: int = 3) -> tuple[int, ...]:
     return (3,) * ((nfe - sum(tail)) // 3) + tail
 
 
+def singlestep_preset(name: str, description: str, order: int, **extra: object) -> Preset:
+    """A single-step preset: the DPM-Solver-fast order mix on ``nfe - 1`` evaluations, then
+    the final step to ``t = 0`` (one more)."""
+
+    def orders(nfe: int) -> tuple[int, ...]:
+        return (*fast_orders(nfe - 1, order), 1)
+
+    return Preset(
+        name,
+        description,
+        lambda nfe: {"order": order, "method": "singlestep", "orders": orders(nfe)},
+        steps=lambda nfe: len(orders(nfe)),
+        **extra,  # type: ignore[arg-type]
+    )
+
+
 def ei_weights(e: ExpStep, nodes: list[float], solver_type: SolverType) -> tuple[float, ...]:
     """Weights on predictions at normalised ``nodes`` (``nodes[0] = 0``) for one step."""
     if len(nodes) == 2 and solver_type == "midpoint":
@@ -79,6 +94,7 @@ def ei_weights(e: ExpStep, nodes: list[float], solver_type: SolverType) -> tuple
     return taylor_weights(e, nodes)
 
 
+@register
 @dataclass(frozen=True)
 class DPMSolver(Solver):
     """DPM-Solver (noise prediction).
@@ -101,14 +117,21 @@ class DPMSolver(Solver):
     lower_order_final: bool = True
     orders: tuple[int, ...] | None = None
 
+    #: The prediction the method integrates (DPM-Solver: noise; DPM-Solver++: data).
     space: ClassVar[Space] = "noise"
     name: ClassVar[str] = "dpm-solver"
+    presets: ClassVar[tuple[Preset, ...]] = (
+        Preset("dpm-solver-2m", "DPM-Solver multistep, order 2 (noise prediction)", {"order": 2}),
+        Preset("dpm-solver-3m", "DPM-Solver multistep, order 3 (noise prediction)", {"order": 3}),
+        singlestep_preset(
+            "dpm-solver-fast", "DPM-Solver-fast: single-step order 3 mix (noise)", 3, lineup=True
+        ),
+    )
 
     def __post_init__(self) -> None:
         solver = type(self).__name__
         check_order(self.order, (1, 2, 3), solver)
-        check_choice(self.method, ("multistep", "singlestep"), "method")
-        check_choice(self.solver_type, ("midpoint", "taylor"), "solver_type")
+        check_options(self)
         if self.orders is not None:
             if self.method != "singlestep":
                 raise ValueError("orders: per-step orders apply to method='singlestep' only")
@@ -119,37 +142,32 @@ class DPMSolver(Solver):
     def min_steps(self) -> int:
         return self.order if self.method == "multistep" else 1
 
-    def build_plan(self, schedule: NoiseSchedule, grid: Tensor) -> Plan:
+    def build_plan(self, schedule: NoiseSchedule, grid: Tensor) -> StepPlan:
         v = GridValues.of(schedule, grid)
         if self.method == "multistep":
-            return self._multistep_plan(v, grid)
-        return self._singlestep_plan(v, grid)
+            return self._multistep_plan(v)
+        return self._singlestep_plan(v)
 
-    def _multistep_plan(self, v: GridValues, grid: Tensor) -> MultistepPlan:
-        n = len(v.t) - 1
-        orders = multistep_orders(n, self.order, self.lower_order_final, v.ends_at_zero)
-        steps = []
-        for i, p in enumerate(orders):
-            e = v.exp_step(v.space_of_step(self.space, i), i, i + 1)
+    def _multistep_plan(self, v: GridValues) -> StepPlan:
+        def predictor(i: int, p: int) -> Update:
+            e = v.exp_step(self.space, i, i + 1)
             weights = ei_weights(e, v.nodes(i, range(i, i - p, -1)), self.solver_type)
-            update = Update(e.a, weights, _prediction(e.space))
-            steps.append(MultistepStep(v.t[i], v.t[i + 1], update))
-        return MultistepPlan(v.schedule, grid, tuple(steps), memory=self.order)
+            return Update(e.a, weights, self.space)
 
-    def _singlestep_plan(self, v: GridValues, grid: Tensor) -> SinglestepPlan:
-        n = len(v.t) - 1
-        orders = list(self.orders) if self.orders is not None else [self.order] * n
-        if len(orders) != n:
+        return multistep_plan(
+            v, multistep_orders(v, self.order, self.lower_order_final), predictor
+        )
+
+    def _singlestep_plan(self, v: GridValues) -> StepPlan:
+        orders = list(self.orders) if self.orders is not None else [self.order] * v.num_steps
+        if len(orders) != v.num_steps:
             raise ValueError(
-                f"orders: got {len(orders)} per-step orders for a grid of {n} "
+                f"orders: got {len(orders)} per-step orders for a grid of {v.num_steps} "
                 "steps; they must match"
             )
-        if v.ends_at_zero:
-            orders[-1] = 1
-        steps = tuple(
-            singlestep_step(v, i, p, self.space, self.solver_type) for i, p in enumerate(orders)
+        return stage_plan(
+            v, lambda i: singlestep_step(v, i, orders[i], self.space, self.solver_type)
         )
-        return SinglestepPlan(v.schedule, grid, steps)
 
 
 def singlestep_step(
@@ -159,7 +177,7 @@ def singlestep_step(
     space: Space,
     solver_type: SolverType,
     nodes: tuple[float, ...] | None = None,
-) -> SinglestepStep:
+) -> StageStep:
     """One single-step DPM-Solver(++) step from grid point ``i`` to ``i + 1``.
 
     ``nodes`` are the intermediate stage positions as fractions of the λ-step (default
@@ -167,13 +185,11 @@ def singlestep_step(
     first difference :math:`(D_1 - D_0)`, rescaled from :math:`r_1` to the stage's own length
     :math:`r_2` (Lu et al. 2022, Alg. 3).
     """
-    space = v.space_of_step(space, i)
-    pred = _prediction(space)
     h = v.lam[i + 1] - v.lam[i]
     r = SINGLESTEP_NODES[order] if nodes is None else nodes
     if len(r) != order - 1:
         raise ValueError(f"nodes: order {order} needs {order - 1} stage positions, got {r}")
-    evals, updates = [v.t[i]], []
+    times, updates = [v.t[i]], []
     for j, r_j in enumerate(r):
         t_j, e = v.step_to_lambda(space, i, v.lam[i] + r_j * h)
         if j == 0:
@@ -181,8 +197,8 @@ def singlestep_step(
         else:
             d1 = e.coef(1) * r_j / r[0]
             w = (e.coef(0) - d1, d1)
-        evals.append(t_j)
-        updates.append(Update(e.a, w, pred))
+        times.append(t_j)
+        updates.append(Update(e.a, w, space))
     e = v.exp_step(space, i, i + 1)
     if order == 3 and solver_type == "midpoint":
         # DPM-Solver-3: only the r_2 stage enters the final update.
@@ -190,9 +206,5 @@ def singlestep_step(
         w = (e.coef(0) - d, 0.0, d)
     else:
         w = ei_weights(e, [0.0, *r], solver_type)
-    updates.append(Update(e.a, w, pred))
-    return SinglestepStep(v.t[i], v.t[i + 1], tuple(evals), tuple(updates))
-
-
-def _prediction(space: Space) -> Literal["x0", "eps"]:
-    return "x0" if space == "data" else "eps"
+    updates.append(Update(e.a, w, space))
+    return StageStep(v.t[i], v.t[i + 1], tuple(times), tuple(updates))

@@ -24,12 +24,50 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from diffsolve.solvers.dpm_solver import DPMSolver, Space
+from diffsolve.numerics.expint import Space
+from diffsolve.solvers.dpm_solver import DPMSolver, singlestep_preset
+from diffsolve.solvers.registry import (
+    SIBLING_SOLVER_TYPES,
+    ConfigKey,
+    DiffusersMapping,
+    Preset,
+    register,
+)
 
 
+def _solver_type(value: str) -> str:
+    """diffusers' ``"heun"`` is the Taylor form, which it computes."""
+    return "taylor" if value in ("taylor", "heun") else "midpoint"
+
+
+@register
 @dataclass(frozen=True)
 class DPMSolverPP(DPMSolver):
     """DPM-Solver++ (data prediction). Arguments as :class:`DPMSolver`."""
 
     space: ClassVar[Space] = "data"
     name: ClassVar[str] = "dpm-solver++"
+    presets: ClassVar[tuple[Preset, ...]] = (
+        Preset("dpm-solver++-2m", "DPM-Solver++(2M), midpoint form", {"order": 2}, lineup=True),
+        Preset(
+            "dpm-solver++-3m", "DPM-Solver++(3M), exact third order", {"order": 3}, lineup=True
+        ),
+        singlestep_preset("dpm-solver++-2s", "DPM-Solver++(2S), single-step", 2),
+        singlestep_preset("dpm-solver++-3s", "DPM-Solver++(3S), single-step", 3),
+    )
+    diffusers: ClassVar[DiffusersMapping] = DiffusersMapping(
+        "DiffsolveDPMSolverPPScheduler",
+        "dpm-solver++-2m",
+        {
+            "solver_order": ConfigKey(2, "order"),
+            "solver_type": ConfigKey(
+                "midpoint",
+                "solver_type",
+                _solver_type,
+                ("midpoint", "taylor", "heun"),
+                SIBLING_SOLVER_TYPES,
+            ),
+            "lower_order_final": ConfigKey(True, "lower_order_final"),
+        },
+        mirrors="DPMSolverMultistepScheduler",
+    )

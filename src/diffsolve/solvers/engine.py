@@ -1,234 +1,283 @@
-"""The solver contract, the coefficient plans solvers build, and the state they carry.
+r"""The plan engine: every solver of diffsolve is data over these few records.
 
-A :class:`Solver` is a frozen configuration. ``solver.plan(schedule, grid)`` computes, once
-and in float64, every coefficient the method needs on that grid and returns a :class:`Plan`.
-A plan is data — a tuple of per-step coefficient records — plus the few lines that apply one
-record: ``plan.init(x)`` gives the initial :class:`State`, ``plan.step(model, state)`` advances
-one grid interval. :func:`diffsolve.sample` is the only loop.
+Every update in diffsolve has the form
 
-Every update in diffsolve has the form :math:`x_{new} = a\\,x_{base} + \\sum_k w_k D_k` with
-:math:`D_k` the data or noise predictions of earlier model evaluations (:class:`Update`).
+.. math:: x_{new} = a \odot x_{base} + \sum_k w_k \odot D_k \;(+\, a_{prev}\, x_{prev} + c),
+
+an :class:`Update`: the coefficients are Python floats or per-dimension tensors (DPM-Solver-v3),
+and the :math:`D_k` are one *feature* of earlier model evaluations — the data prediction
+:math:`\hat x_0` (``"data"``), the noise prediction :math:`\hat\epsilon` (``"noise"``) or
+DPM-Solver-v3's :math:`f = -\hat x_0 + f_x \odot x` (``"f"``). A step record says when to
+evaluate the model and which updates to apply:
+
+* :class:`MultistepStep` — one evaluation, appended to the history; then an optional
+  corrector recomputes the current point from the previous one with the new evaluation
+  (UniC, v3's corrector; no extra evaluation), and the predictor gives the next point;
+* :class:`StageStep` — a single-step (Runge–Kutta-like) interval: stage ``j`` evaluates the
+  model, update ``j`` gives the next stage point; the last update gives the next point.
+
+A :class:`StepPlan` is a tuple of such records on a grid. :func:`multistep_plan` and
+:func:`stage_plan` build one from a solver's per-step rule and give every step that ends at
+clean data (``t = 0``) the one shared final step, :data:`FINAL`: return :math:`\hat x_0`.
+The coefficients depend on the grid only, never on ``x``: a plan is computed once, in float64.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from typing import ClassVar, Literal
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from diffsolve.numerics.expint import ExpStep
-from diffsolve.ode.grids import validate_grid
+from diffsolve.numerics.expint import ExpStep, Space
 from diffsolve.ode.model import Denoiser, Prediction
+from diffsolve.ode.plan import Plan, State
 from diffsolve.ode.schedule import NoiseSchedule
 
-PredictionSpace = Literal["x0", "eps"]
+#: A coefficient: a float64 scalar or a per-dimension tensor (shape of one sample).
+Coef = float | Tensor
+#: What an update combines: the data or noise prediction, or DPM-Solver-v3's ``f``.
+Feature = Literal["data", "noise", "f"]
 
 
-@dataclass(frozen=True)
+class Point:
+    """One model evaluation, as updates read it: :meth:`feature` ``"data"``/``"noise"`` come
+    from the prediction (computed on first use), ``"f"`` is stored when the step defines
+    :math:`f_x` (DPM-Solver-v3)."""
+
+    __slots__ = ("f", "prediction")
+
+    def __init__(self, prediction: Prediction, f: Tensor | None = None) -> None:
+        self.prediction, self.f = prediction, f
+
+    def feature(self, name: Feature) -> Tensor:
+        """The feature ``name`` of this evaluation."""
+        if name == "f":
+            if self.f is None:
+                raise RuntimeError("an update reads f, but its step defines no f_x")
+            return self.f
+        return self.prediction.get(name)
+
+
+def _to(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    return value.to(device, dtype) if isinstance(value, Tensor) else value
+
+
+@dataclass(frozen=True, eq=False)
 class Update:
-    """:math:`x_{new} = a\\,x_{base} + \\sum_k w_k D_k`, with :math:`D_k` read from
-    predictions as ``space`` (``"x0"`` or ``"eps"``)."""
-
-    a: float
-    w: tuple[float, ...]
-    space: PredictionSpace = "x0"
-
-    def apply(self, x: Tensor, predictions: Sequence[Prediction]) -> Tensor:
-        """Evaluate the linear combination (``predictions`` aligned with :attr:`w`)."""
-        if len(predictions) < len(self.w):
-            raise RuntimeError("Update.apply: fewer predictions than weights")
-        out = x * self.a if self.a != 0.0 else None
-        for w, p in zip(self.w, predictions, strict=False):
-            if w == 0.0:
-                continue
-            d = p.get(self.space)
-            out = d * w if out is None else out.add_(d, alpha=w)
-        return torch.zeros_like(x) if out is None else out
-
-
-@dataclass(frozen=True)
-class State:
-    """Explicit solver state; plans extend it with the history they need.
+    r""":math:`x_{new} = a \odot x_{base} + \sum_k w_k \odot D_k + a_{prev}\,x_{prev} + c`.
 
     Attributes:
-        x: Current sample (at time :attr:`t`).
-        t: Current solver time.
-        step: Number of grid intervals done.
-        denoised: The latest data prediction, if any (for callbacks and previews).
-        done: True once the grid's last point is reached.
+        a: Coefficient of the base point.
+        w: Coefficients of the features, one per entry of :attr:`points`.
+        feature: Which feature of the evaluations the update combines.
+        points: Indices of the evaluations in the sequence :meth:`apply` receives (the
+            history, newest first, or a step's stages, oldest first); default ``0, 1, …``.
+        prev: Coefficient of the state before the last step (BDIA's two-step recurrence).
+        c: A constant term (v3), or ``None``.
     """
 
-    x: Tensor
-    t: float
-    step: int = 0
-    denoised: Tensor | None = None
-    done: bool = False
+    a: Coef
+    w: tuple[Coef, ...]
+    feature: Feature = "data"
+    points: tuple[int, ...] = ()
+    prev: float = 0.0
+    c: Tensor | None = None
 
-
-class Plan(ABC):
-    """Coefficients of one solver on one grid, and how to apply them."""
-
-    grid: Tensor
-    schedule: NoiseSchedule
-
-    @property
-    @abstractmethod
-    def num_steps(self) -> int | None:
-        """Grid intervals this plan will take (``None`` when adaptive)."""
+    def __post_init__(self) -> None:
+        if not self.points:
+            object.__setattr__(self, "points", tuple(range(len(self.w))))
+        if len(self.points) != len(self.w):
+            raise ValueError("Update: one point index per weight")
 
     @property
-    @abstractmethod
-    def nfe(self) -> int | None:
-        """Model evaluations the plan will spend (``None`` when adaptive)."""
+    def per_dimension(self) -> bool:
+        """Whether any coefficient is a tensor (and must live on the state's device)."""
+        return any(isinstance(v, Tensor) for v in (self.a, self.c, *self.w))
 
-    @abstractmethod
-    def init(self, x: Tensor) -> State:
-        """Initial state for a sample ``x`` at the grid's first time."""
+    def to(self, device: torch.device, dtype: torch.dtype) -> Update:
+        """The update with its tensor coefficients on ``device`` in ``dtype``."""
+        return Update(
+            _to(self.a, device, dtype),
+            tuple(_to(w, device, dtype) for w in self.w),
+            self.feature,
+            self.points,
+            self.prev,
+            _to(self.c, device, dtype),
+        )
 
-    @abstractmethod
-    def step(self, model: Denoiser, state: State) -> State:
-        """Advance by one grid interval."""
+    def apply(
+        self, x: Tensor, evaluations: Sequence[Point], x_prev: Tensor | None = None
+    ) -> Tensor:
+        """Evaluate the combination on base point ``x``."""
+        if isinstance(self.a, Tensor):
+            out = x * self.a if self.c is None else torch.addcmul(self.c, self.a, x)
+        else:
+            out = x * self.a if self.a != 0.0 else None
+        for w, i in zip(self.w, self.points, strict=True):
+            d = evaluations[i].feature(self.feature)
+            if isinstance(w, Tensor):
+                out = d * w if out is None else out.addcmul_(w, d)
+            elif w != 0.0:
+                out = d * w if out is None else out.add_(d, alpha=w)
+        if out is None:
+            out = torch.zeros_like(x)
+        if self.prev != 0.0:
+            if x_prev is None:
+                raise RuntimeError("an update reads the previous state, but there is none")
+            out = out.add_(x_prev, alpha=self.prev)
+        return out
 
-
-class Solver(ABC):
-    """A sampling method: a frozen configuration that builds coefficient plans.
-
-    Subclasses are frozen dataclasses with an ``order`` field (the order a user asks for,
-    as in diffusers' ``solver_order``) and a class-level :attr:`name`.
-    """
-
-    #: Human-readable name used by the CLI and the bench.
-    name: ClassVar[str] = ""
-    order: int
-
-    @property
-    def convergence_order(self) -> int:
-        """Declared order of accuracy: global error :math:`O(h^p)` in the step size. The
-        test suite measures it on the Gaussian oracle."""
-        return self.order
-
-    @abstractmethod
-    def build_plan(self, schedule: NoiseSchedule, grid: Tensor) -> Plan:
-        """Compute the plan on an already validated grid."""
-
-    def plan(
-        self, schedule: NoiseSchedule, grid: Tensor | Sequence[float], *, inverse: bool = False
-    ) -> Plan:
-        """Validate ``grid`` once and compute this solver's float64 coefficient plan.
-
-        ``inverse=True`` takes a strictly *increasing* grid (clean to noisy): the same
-        coefficients with negative λ-steps integrate the ODE backwards (inversion).
-        """
-        ts = validate_grid(schedule, grid, allow_increasing=inverse)
-        if inverse and not bool(ts[-1] > ts[0]):
-            raise ValueError(
-                "grid: an inversion grid must be strictly increasing (clean to noisy)"
-            )
-        check_steps(ts, self.min_steps(), f"{type(self).__name__}(order={self.order})")
-        return self.build_plan(schedule, ts)
-
-    def min_steps(self) -> int:
-        """Fewest grid steps the configuration needs (a multistep method of order ``p``
-        needs ``p`` steps to ever reach that order)."""
-        return 1
+    def last_point(self) -> int:
+        """Largest evaluation index read (-1 for none)."""
+        return max(self.points, default=-1)
 
 
-# ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class MultistepState(State):
-    """State of a linear multistep method: past predictions (newest first) and the
-    previous sample, which a corrector uses as its base."""
-
-    history: tuple[Prediction, ...] = ()
-    x_prev: Tensor | None = None
+#: The shared final step to clean data (``t = 0``, λ = ∞): :math:`x_0 = \hat x_0`. It is the
+#: limit :math:`\sigma_t \to 0` of every exponential integrator and of Euler's step.
+FINAL = Update(0.0, (1.0,), "data")
 
 
-@dataclass(frozen=True)
+def final_update(f_x: Coef | None = None) -> Update:
+    r"""The final step to clean data: :data:`FINAL`; for plans on DPM-Solver-v3's feature
+    :math:`f = -\hat x_0 + f_x \odot x`, the same :math:`\hat x_0 = f_x \odot x - f` at the
+    current (possibly corrected) state with :math:`f` held fixed, as its corrector does."""
+    return FINAL if f_x is None else Update(f_x, (-1.0,), "f")
+
+
+@dataclass(frozen=True, eq=False)
 class MultistepStep:
-    """One interval ``t → t_next`` of a multistep method.
+    """One interval ``t → t_next`` of a multistep method (one model evaluation).
 
     After evaluating the model at ``(x, t)`` and prepending it to the history:
 
-    1. optional corrector: ``x ← corrector.apply(x_prev, history)`` (UniC-style; the model
-       output is kept, so it costs no evaluation);
-    2. predictor: ``x_next = predictor.apply(x, history)``.
+    1. optional corrector: ``x ← corrector.apply(x_prev, history)`` (the evaluation is kept,
+       so correcting costs nothing);
+    2. predictor: ``x_next = predictor.apply(x, history, x_prev)``.
+
+    ``f_x`` (DPM-Solver-v3) stores the feature :math:`f = -\\hat x_0 + f_x \\odot x` of the
+    evaluation, with :math:`f_x = (1 - l)/\\alpha` at ``t``.
     """
 
     t: float
     t_next: float
     predictor: Update
     corrector: Update | None = None
+    f_x: Coef | None = None
 
-
-@dataclass(frozen=True)
-class MultistepPlan(Plan):
-    """Plan of any linear multistep method (one model evaluation per step)."""
-
-    schedule: NoiseSchedule
-    grid: Tensor
-    steps: tuple[MultistepStep, ...]
-    memory: int = field(default=1)
+    evals: int = field(default=1, init=False)
 
     @property
-    def num_steps(self) -> int:
-        return len(self.steps)
+    def updates(self) -> tuple[Update, ...]:
+        """Every update the step applies."""
+        return (self.predictor,) if self.corrector is None else (self.predictor, self.corrector)
 
-    @property
-    def nfe(self) -> int:
-        return len(self.steps)
+    def to(self, device: torch.device, dtype: torch.dtype) -> MultistepStep:
+        """The step with its tensor coefficients on ``device`` in ``dtype``."""
+        corrector = None if self.corrector is None else self.corrector.to(device, dtype)
+        return MultistepStep(
+            self.t,
+            self.t_next,
+            self.predictor.to(device, dtype),
+            corrector,
+            _to(self.f_x, device, dtype),
+        )
 
-    def init(self, x: Tensor) -> MultistepState:
-        return MultistepState(x=x, t=self.steps[0].t)
-
-    def step(self, model: Denoiser, state: State) -> MultistepState:
-        assert isinstance(state, MultistepState)
-        c = self.steps[state.step]
-        prediction = model(state.x, c.t)
-        history = (prediction, *state.history[: self.memory - 1])
+    def advance(self, model: Denoiser, state: State, memory: int, done: bool) -> State:
+        """Take the step from ``state``, keeping ``memory`` evaluations (``done``: it is the
+        plan's last)."""
+        prediction = model(state.x, self.t)
+        f = None if self.f_x is None else torch.addcmul(-prediction.x0, self.f_x, state.x)
+        history = (Point(prediction, f), *state.history[: memory - 1])
         x = state.x
-        if c.corrector is not None and state.x_prev is not None:
-            x = c.corrector.apply(state.x_prev, history)
-        x_next = c.predictor.apply(x, history)
-        return MultistepState(
-            x=x_next,
-            t=c.t_next,
+        if self.corrector is not None and state.x_prev is not None:
+            x = self.corrector.apply(state.x_prev, history)
+        return State(
+            x=self.predictor.apply(x, history, state.x_prev),
+            t=self.t_next,
             step=state.step + 1,
             denoised=prediction.x0,
-            done=state.step + 1 == len(self.steps),
+            done=done,
             history=history,
             x_prev=x,
         )
 
 
-# ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SinglestepStep:
+@dataclass(frozen=True, eq=False)
+class StageStep:
     """One interval of a single-step (Runge–Kutta-like) method.
 
-    Stage ``j`` evaluates the model at time ``evals[j]`` on the current stage point (the
+    Stage ``j`` evaluates the model at time ``times[j]`` on the current stage point (the
     step's start for ``j = 0``); then ``updates[j]`` — applied to the step's start ``x`` and
-    the stage predictions so far, oldest first — gives the next stage point, and the last
+    the stage evaluations so far, oldest first — gives the next stage point, and the last
     update gives ``x_next``.
     """
 
     t: float
     t_next: float
-    evals: tuple[float, ...]
+    times: tuple[float, ...]
     updates: tuple[Update, ...]
 
+    @property
+    def evals(self) -> int:
+        """Model evaluations of the step."""
+        return len(self.times)
 
-@dataclass(frozen=True)
-class SinglestepPlan(Plan):
-    """Plan of any single-step method (``len(evals)`` model evaluations per step)."""
+    def to(self, device: torch.device, dtype: torch.dtype) -> StageStep:
+        """The step with its tensor coefficients on ``device`` in ``dtype``."""
+        return StageStep(
+            self.t, self.t_next, self.times, tuple(u.to(device, dtype) for u in self.updates)
+        )
+
+    def run(self, model: Denoiser, x: Tensor) -> tuple[Tensor, list[Point]]:
+        """The stages from ``x``: the step's result and every stage evaluation."""
+        points: list[Point] = []
+        y = x
+        for t_eval, update in zip(self.times, self.updates, strict=True):
+            points.append(Point(model(y, t_eval)))
+            y = update.apply(x, points)
+        return y, points
+
+    def advance(self, model: Denoiser, state: State, memory: int, done: bool) -> State:
+        """Take the step from ``state`` (single-step methods keep no history)."""
+        y, points = self.run(model, state.x)
+        denoised = points[0].prediction.x0
+        return State(x=y, t=self.t_next, step=state.step + 1, denoised=denoised, done=done)
+
+
+Step = MultistepStep | StageStep
+
+
+@dataclass(frozen=True, eq=False)
+class StepPlan(Plan[State]):
+    """A solver's coefficient plan on one grid: one step record per interval.
+
+    ``memory`` (evaluations kept in the history) is derived from what the updates read.
+    Plans with per-dimension coefficients keep one copy of their steps per device and dtype.
+    """
 
     schedule: NoiseSchedule
     grid: Tensor
-    steps: tuple[SinglestepStep, ...]
+    steps: tuple[Step, ...]
+    memory: int = field(init=False)
+    _per_dimension: bool = field(init=False, repr=False)
+    _placed: dict[tuple[torch.device, torch.dtype], tuple[Step, ...]] = field(
+        init=False, repr=False, default_factory=dict
+    )
+
+    def __post_init__(self) -> None:
+        updates = [u for s in self.steps for u in s.updates]
+        memory = 1 + max((u.last_point() for u in updates), default=0)
+        per_dimension = any(u.per_dimension for u in updates) or any(
+            isinstance(getattr(s, "f_x", None), Tensor) for s in self.steps
+        )
+        object.__setattr__(self, "memory", memory)
+        object.__setattr__(self, "_per_dimension", per_dimension)
 
     @property
     def num_steps(self) -> int:
@@ -236,29 +285,139 @@ class SinglestepPlan(Plan):
 
     @property
     def nfe(self) -> int:
-        return sum(len(s.evals) for s in self.steps)
+        return sum(s.evals for s in self.steps)
 
     def init(self, x: Tensor) -> State:
         return State(x=x, t=self.steps[0].t)
 
+    def steps_for(self, x: Tensor) -> tuple[Step, ...]:
+        """The step records with their coefficients on ``x``'s device and dtype."""
+        if not self._per_dimension:
+            return self.steps
+        key = (x.device, x.dtype)
+        placed = self._placed.get(key)
+        if placed is None:
+            placed = self._placed[key] = tuple(s.to(x.device, x.dtype) for s in self.steps)
+        return placed
+
     def step(self, model: Denoiser, state: State) -> State:
-        c = self.steps[state.step]
-        predictions: list[Prediction] = []
-        y = state.x
-        for t_eval, update in zip(c.evals, c.updates, strict=True):
-            predictions.append(model(y, t_eval))
-            y = update.apply(state.x, predictions)
-        return replace(
-            state,
-            x=y,
-            t=c.t_next,
-            step=state.step + 1,
-            denoised=predictions[0].x0,
-            done=state.step + 1 == len(self.steps),
-        )
+        done = state.step + 1 == len(self.steps)
+        return self.steps_for(state.x)[state.step].advance(model, state, self.memory, done)
 
 
 # ---------------------------------------------------------------------------------------
+# Building plans
+@dataclass(frozen=True, eq=False)
+class GridValues:
+    """Schedule values at every grid point, as Python floats (float64).
+
+    At ``t = 0`` (clean data): ``alpha = 1``, ``sigma = 0``, ``lam = inf``.
+    """
+
+    schedule: NoiseSchedule
+    grid: Tensor
+    t: tuple[float, ...]
+    alpha: tuple[float, ...]
+    sigma: tuple[float, ...]
+    lam: tuple[float, ...]
+
+    @classmethod
+    def of(cls, schedule: NoiseSchedule, grid: Tensor) -> GridValues:
+        """Evaluate ``schedule`` on ``grid``."""
+        log_alpha, log_sigma = schedule.log_alpha_sigma(grid)
+        return cls(
+            schedule=schedule,
+            grid=grid,
+            t=tuple(grid.tolist()),
+            alpha=tuple(torch.exp(log_alpha).tolist()),
+            sigma=tuple(torch.exp(log_sigma).tolist()),
+            lam=tuple((log_alpha - log_sigma).tolist()),
+        )
+
+    @property
+    def num_steps(self) -> int:
+        """Intervals of the grid."""
+        return len(self.t) - 1
+
+    @property
+    def ends_at_zero(self) -> bool:
+        """True when the grid's last point is clean data."""
+        return self.sigma[-1] == 0.0
+
+    def is_final(self, i: int) -> bool:
+        """Whether step ``i`` ends at clean data (and takes :data:`FINAL`)."""
+        return self.sigma[i + 1] == 0.0
+
+    def exp_step(self, space: Space, i: int, j: int) -> ExpStep:
+        """The exponential-integrator step from grid point ``i`` to ``j``."""
+        return ExpStep.between(space, self.alpha[i], self.sigma[i], self.alpha[j], self.sigma[j])
+
+    def step_to_lambda(self, space: Space, i: int, lam: float) -> tuple[float, ExpStep]:
+        """Time of log-SNR ``lam`` and the step from grid point ``i`` to it (for stages)."""
+        t = float(self.schedule.t_of_lambda(lam))
+        log_alpha, log_sigma = (float(x) for x in self.schedule.log_alpha_sigma(t))
+        alpha, sigma = math.exp(log_alpha), math.exp(log_sigma)
+        return t, ExpStep.between(space, self.alpha[i], self.sigma[i], alpha, sigma)
+
+    def nodes(self, i: int, points: Sequence[int]) -> list[float]:
+        """Normalised positions :math:`(\\lambda_p - \\lambda_i)/(\\lambda_{i+1}-\\lambda_i)`
+        of grid points ``points`` relative to the step ``i → i+1``."""
+        h = self.lam[i + 1] - self.lam[i]
+        return [(self.lam[p] - self.lam[i]) / h for p in points]
+
+
+def multistep_plan(
+    v: GridValues,
+    orders: Sequence[int],
+    predictor: Callable[[int, int], Update],
+    corrector: Callable[[int], Update | None] | None = None,
+    f_x: Callable[[int], Coef] | None = None,
+    extra: Sequence[MultistepStep] = (),
+) -> StepPlan:
+    """A multistep plan: step ``i`` predicts with ``predictor(i, orders[i])`` (or
+    :func:`final_update` when it ends at clean data), is preceded by ``corrector(i)`` (the
+    corrector of the step that ended at point ``i``) and stores ``f_x(i)`` features.
+    ``extra`` steps (e.g. UniPC's final corrector) are appended as they are."""
+    steps = []
+    for i, p in enumerate(orders):
+        feature = None if f_x is None else f_x(i)
+        update = final_update(feature) if v.is_final(i) else predictor(i, p)
+        steps.append(
+            MultistepStep(
+                v.t[i], v.t[i + 1], update, None if corrector is None else corrector(i), feature
+            )
+        )
+    return StepPlan(v.schedule, v.grid, (*steps, *extra))
+
+
+def stage_plan(v: GridValues, step: Callable[[int], StageStep]) -> StepPlan:
+    """A single-step plan: ``step(i)`` for every interval, :data:`FINAL` (one evaluation) for
+    an interval that ends at clean data."""
+    steps = [
+        StageStep(v.t[i], v.t[i + 1], (v.t[i],), (FINAL,)) if v.is_final(i) else step(i)
+        for i in range(v.num_steps)
+    ]
+    return StepPlan(v.schedule, v.grid, tuple(steps))
+
+
+def multistep_orders(v: GridValues, order: int, lower_order_final: bool) -> list[int]:
+    """Per-step orders of a multistep method: warm-up ``1, 2, …``, then ``order``; with
+    ``lower_order_final`` the last steps fall back to ``min(order, steps_left)``; a final
+    step to ``t = 0`` is first order (it returns :math:`\\hat x_0`)."""
+    n = v.num_steps
+    orders = []
+    for i in range(n):
+        p = min(order, i + 1)
+        if lower_order_final:
+            p = min(p, n - i)
+        orders.append(p)
+    if v.ends_at_zero:
+        orders[-1] = 1
+    return orders
+
+
+# ---------------------------------------------------------------------------------------
+# Option checks shared by the solvers
 def check_order(order: int, allowed: Sequence[int], solver: str) -> None:
     """Raise a clear error when ``order`` is not one a solver implements."""
     if not isinstance(order, int) or isinstance(order, bool) or order not in allowed:
@@ -271,82 +430,18 @@ def check_choice(value: object, allowed: Sequence[object], argument: str) -> Non
         raise ValueError(f"{argument} must be one of {list(allowed)}, got {value!r}")
 
 
-def check_steps(grid: Tensor, needed: int, solver: str) -> None:
-    """Raise when a grid has fewer steps than a method needs."""
-    steps = grid.numel() - 1
-    if steps < needed:
-        raise ValueError(
-            f"{solver}: the grid has {steps} step(s) but this configuration needs "
-            f"at least {needed}; pass a grid with more steps or lower the order"
-        )
+def check_options(solver: object) -> None:
+    """Check every ``Literal``-typed option of a solver dataclass against its values (the
+    choices are read from the annotations, so they are declared once)."""
+    for name, allowed in _choices(type(solver)):
+        check_choice(getattr(solver, name), allowed, name)
 
 
-def multistep_orders(
-    num_steps: int, order: int, lower_order_final: bool, ends_at_zero: bool
-) -> list[int]:
-    """Per-step orders of a multistep method: warm-up ``1, 2, …``, then ``order``; with
-    ``lower_order_final`` the last steps fall back to ``min(order, steps_left)``; a final
-    step to ``t = 0`` is always first order (it returns :math:`\\hat x_0`)."""
-    orders = []
-    for i in range(num_steps):
-        p = min(order, i + 1)
-        if lower_order_final:
-            p = min(p, num_steps - i)
-        orders.append(p)
-    if ends_at_zero:
-        orders[-1] = 1
-    return orders
-
-
-@dataclass(frozen=True)
-class GridValues:
-    """Schedule values at every grid point, as Python floats (float64).
-
-    At ``t = 0`` (clean data): ``alpha = 1``, ``sigma = 0``, ``lam = inf``.
-    """
-
-    schedule: NoiseSchedule
-    t: tuple[float, ...]
-    alpha: tuple[float, ...]
-    sigma: tuple[float, ...]
-    lam: tuple[float, ...]
-
-    @classmethod
-    def of(cls, schedule: NoiseSchedule, grid: Tensor) -> GridValues:
-        """Evaluate ``schedule`` on ``grid``."""
-        log_alpha, log_sigma = schedule.log_alpha_sigma(grid)
-        return cls(
-            schedule=schedule,
-            t=tuple(grid.tolist()),
-            alpha=tuple(torch.exp(log_alpha).tolist()),
-            sigma=tuple(torch.exp(log_sigma).tolist()),
-            lam=tuple((log_alpha - log_sigma).tolist()),
-        )
-
-    @property
-    def ends_at_zero(self) -> bool:
-        """True when the grid's last point is clean data."""
-        return self.sigma[-1] == 0.0
-
-    def exp_step(self, space: Literal["data", "noise"], i: int, j: int) -> ExpStep:
-        """The exponential-integrator step from grid point ``i`` to ``j``."""
-        return ExpStep.between(space, self.alpha[i], self.sigma[i], self.alpha[j], self.sigma[j])
-
-    def step_to_lambda(
-        self, space: Literal["data", "noise"], i: int, lam: float
-    ) -> tuple[float, ExpStep]:
-        """Time of log-SNR ``lam`` and the step from grid point ``i`` to it (for stages)."""
-        t = float(self.schedule.t_of_lambda(lam))
-        log_alpha, log_sigma = (float(x) for x in self.schedule.log_alpha_sigma(t))
-        alpha, sigma = math.exp(log_alpha), math.exp(log_sigma)
-        return t, ExpStep.between(space, self.alpha[i], self.sigma[i], alpha, sigma)
-
-    def space_of_step(self, space: Literal["data", "noise"], i: int) -> Literal["data", "noise"]:
-        """``space``, except that a step to clean data is always taken in data space."""
-        return "data" if self.sigma[i + 1] == 0.0 else space
-
-    def nodes(self, i: int, points: Sequence[int]) -> list[float]:
-        """Normalised positions :math:`(\\lambda_p - \\lambda_i)/(\\lambda_{i+1}-\\lambda_i)`
-        of grid points ``points`` relative to the step ``i → i+1``."""
-        h = self.lam[i + 1] - self.lam[i]
-        return [(self.lam[p] - self.lam[i]) / h for p in points]
+@functools.cache
+def _choices(cls: type) -> tuple[tuple[str, tuple[object, ...]], ...]:
+    hints = typing.get_type_hints(cls)
+    return tuple(
+        (f.name, typing.get_args(hints[f.name]))
+        for f in fields(cls)
+        if typing.get_origin(hints[f.name]) is Literal
+    )

@@ -4,7 +4,8 @@ Diffusion-Based Generative Models", Algorithm 1 with :math:`S_{churn} = 0`).
 Both step the ODE :math:`dy/d\rho = (y - D(y;\rho))/\rho` in the EDM variables
 :math:`y = x/\alpha`, :math:`\rho = \sigma/\alpha` (``ρ`` is EDM's σ), for any schedule. Euler is
 algebraically DDIM; Heun adds the trapezoidal correction and costs two evaluations per step,
-except on a final step to :math:`\rho = 0`, where Algorithm 1 takes the Euler step only.
+except on a final step to :math:`\rho = 0`, where Algorithm 1 takes the Euler step only,
+which returns :math:`\hat x_0` (:data:`~diffsolve.solvers.engine.FINAL`).
 """
 
 from __future__ import annotations
@@ -14,15 +15,17 @@ from typing import ClassVar
 
 from torch import Tensor
 
+from diffsolve.ode.plan import Solver
 from diffsolve.ode.schedule import NoiseSchedule
 from diffsolve.solvers.engine import (
     GridValues,
-    SinglestepPlan,
-    SinglestepStep,
-    Solver,
+    StageStep,
+    StepPlan,
     Update,
     check_order,
+    stage_plan,
 )
+from diffsolve.solvers.registry import Preset, register
 
 
 def _euler_update(v: GridValues, i: int) -> Update:
@@ -30,7 +33,7 @@ def _euler_update(v: GridValues, i: int) -> Update:
     (\\rho_{i+1} - \\rho_i) d_i`, written on :math:`x = \\alpha y`."""
     a_i, a_n = v.alpha[i], v.alpha[i + 1]
     rho_i, rho_n = v.sigma[i] / a_i, v.sigma[i + 1] / a_n
-    return Update(a_n / a_i * rho_n / rho_i, (a_n * (1.0 - rho_n / rho_i),), "x0")
+    return Update(a_n / a_i * rho_n / rho_i, (a_n * (1.0 - rho_n / rho_i),), "data")
 
 
 def _heun_update(v: GridValues, i: int) -> Update:
@@ -42,48 +45,57 @@ def _heun_update(v: GridValues, i: int) -> Update:
     delta = rho_n - rho_i
     w_d = -a_n * 0.5 * delta * (rho_n + delta) / (rho_i * rho_n)
     w_d_prime = -a_n * 0.5 * delta / rho_n
-    return Update(a_n / a_i * rho_n / rho_i, (w_d, w_d_prime), "x0")
+    return Update(a_n / a_i * rho_n / rho_i, (w_d, w_d_prime), "data")
 
 
+@register
 @dataclass(frozen=True)
 class Euler(Solver):
     """Euler's method on :math:`(x/\\alpha, \\sigma/\\alpha)`; one evaluation per step."""
 
     order: int = 1
+
     name: ClassVar[str] = "euler"
+    presets: ClassVar[tuple[Preset, ...]] = (
+        Preset("euler", "Euler on (x/alpha, sigma/alpha), first order (= DDIM)"),
+    )
 
     def __post_init__(self) -> None:
         check_order(self.order, (1,), "Euler")
 
-    def build_plan(self, schedule: NoiseSchedule, grid: Tensor) -> SinglestepPlan:
+    def build_plan(self, schedule: NoiseSchedule, grid: Tensor) -> StepPlan:
         v = GridValues.of(schedule, grid)
-        steps = tuple(
-            SinglestepStep(v.t[i], v.t[i + 1], (v.t[i],), (_euler_update(v, i),))
-            for i in range(len(v.t) - 1)
+        return stage_plan(
+            v, lambda i: StageStep(v.t[i], v.t[i + 1], (v.t[i],), (_euler_update(v, i),))
         )
-        return SinglestepPlan(schedule, grid, steps)
 
 
+@register
 @dataclass(frozen=True)
 class Heun(Solver):
     """Heun's second-order method (EDM Algorithm 1); two evaluations per step."""
 
     order: int = 2
+
     name: ClassVar[str] = "heun"
+    presets: ClassVar[tuple[Preset, ...]] = (
+        Preset(
+            "heun",
+            "Heun, EDM Algorithm 1, 2 NFE per step, Karras grid",
+            steps=lambda nfe: (nfe + 1) // 2,
+            grid="karras",
+            lineup=True,
+        ),
+    )
 
     def __post_init__(self) -> None:
         check_order(self.order, (2,), "Heun")
 
-    def build_plan(self, schedule: NoiseSchedule, grid: Tensor) -> SinglestepPlan:
+    def build_plan(self, schedule: NoiseSchedule, grid: Tensor) -> StepPlan:
         v = GridValues.of(schedule, grid)
-        steps = []
-        for i in range(len(v.t) - 1):
-            euler = _euler_update(v, i)
-            if v.sigma[i + 1] == 0.0:  # Alg. 1 line 6: no correction when sigma_{i+1} = 0
-                steps.append(SinglestepStep(v.t[i], v.t[i + 1], (v.t[i],), (euler,)))
-            else:
-                stages = (v.t[i], v.t[i + 1])
-                steps.append(
-                    SinglestepStep(v.t[i], v.t[i + 1], stages, (euler, _heun_update(v, i)))
-                )
-        return SinglestepPlan(schedule, grid, tuple(steps))
+
+        def step(i: int) -> StageStep:
+            times = (v.t[i], v.t[i + 1])
+            return StageStep(v.t[i], v.t[i + 1], times, (_euler_update(v, i), _heun_update(v, i)))
+
+        return stage_plan(v, step)

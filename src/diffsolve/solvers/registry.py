@@ -1,162 +1,269 @@
-"""Named solver configurations, set up for a budget of model evaluations (NFE).
+"""The solver registry: every solver file describes itself, this module only collects.
 
-The CLI and the bench speak in NFE; :func:`setup_solver` turns a name and a budget into a
-solver and a grid that spend exactly that many evaluations (Heun at even budgets: one less).
-Every grid ends at clean data (``t = 0``): its last step returns the model's :math:`\\hat x_0`
-at the last positive time without an extra evaluation — the convention of diffusers'
+A solver class declares, next to its options and its plan:
+
+* ``presets`` — named configurations (:class:`Preset`): registry name, one-line description,
+  options (fixed or chosen from the NFE budget), grid steps per budget, default grid kind,
+  and whether the bench's default line-up runs it;
+* ``needs`` — constructor arguments taken from the model (``"ems"``: DPM-Solver-v3's
+  statistics), supplied by a :class:`SolverContext` that the caller resolves once;
+* ``diffusers`` — how a diffusers scheduler config maps onto its options
+  (:class:`DiffusersMapping`), from which :mod:`diffsolve.integrations.diffusers` generates a
+  drop-in scheduler class;
+
+and is decorated with :func:`register`. The CLI (``diffsolve solvers``, ``--solver``), the
+bench line-up and its diffusers twins, the k-diffusion entry point and the diffusers
+schedulers are all derived from what is registered here.
+
+**NFE budgets.** The CLI and the bench speak in model evaluations; :func:`setup_solver` turns
+a name and a budget into a solver and a grid that spend exactly that many (Heun at even
+budgets: one less). Every grid ends at clean data (``t = 0``): its last step returns the
+model's :math:`\\hat x_0` at the last positive time without an extra evaluation — diffusers'
 ``final_sigmas_type="zero"`` — so every contestant of the bench targets the same endpoint.
 Grids uniform in ``t`` or :math:`\\sqrt t` run straight to 0 (``nfe`` intervals, as diffusers'
 ``linspace`` timesteps do); logSNR and Karras grids cannot reach λ = ∞, so they run to the
 schedule's ``t_end`` and then take the step to 0.
 
 The default grid is ``time_quadratic``: on the digits demo it gave the lowest error at every
-NFE from 5 to 20 for DPM-Solver++, UniPC and DEIS (BENCHMARKS.md, "Step grids"). Heun and the
-noise-prediction DPM-Solvers default to ``time_uniform`` (DPM-Solver's own default), which
-suits their larger steps near the data better.
+NFE from 5 to 20 for DPM-Solver++, UniPC and DEIS (BENCHMARKS.md, "Step grids").
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
 from torch import Tensor
 
 from diffsolve.ode import grids
+from diffsolve.ode.plan import Solver
 from diffsolve.ode.schedule import NoiseSchedule
-from diffsolve.solvers import (
-    DDIM,
-    DEIS,
-    DPMSolver,
-    DPMSolverPP,
-    Euler,
-    Heun,
-    Solver,
-    UniPC,
-    fast_orders,
-)
-from diffsolve.solvers.dpm_solver_v3 import DPMSolverV3
+from diffsolve.stats.ems import EMS, load_ems
+from diffsolve.stats.gaussian import GaussianModel, load_gaussian_stats
 
-if TYPE_CHECKING:
-    from diffsolve.app.loader import LoadedModel
+SolverType = TypeVar("SolverType", bound=type[Solver])
 
 
-def _v3(nfe: int, model: LoadedModel) -> Solver:
-    """DPM-Solver-v3 with the settings measured best on the demo models (BENCHMARKS.md).
-
-    Order-2 predictor with the pseudo-order corrector (order 3) after every evaluation, on the
-    time-quadratic grid: on ``digits`` it beat order 3 at every budget but 15 NFE (where the
-    two are within 3%), and the time-quadratic grid beat logSNR- and time-uniform grids at
-    every budget from 5 to 20 NFE.
-    """
-    return DPMSolverV3(model.load_ems(), order=2, corrector=True, corrector_pseudo=True)
+def _same(nfe: int) -> int:
+    return nfe
 
 
 @dataclass(frozen=True)
-class SolverSpec:
-    """A named solver configuration.
+class Preset:
+    """A named solver configuration, set up for a budget of model evaluations.
 
     Attributes:
         name: Registry key (CLI ``--solver``).
         description: One line for ``diffsolve solvers``.
-        build: ``nfe -> Solver`` (single-step methods pick their order mix from the budget);
-            with ``needs_model``, ``(nfe, model) -> Solver`` (DPM-Solver-v3 loads the model's EMS).
+        options: Constructor options, or ``nfe -> options`` (single-step methods choose their
+            order mix from the budget).
         steps: ``nfe -> number of grid steps``, including the final step to ``t = 0``.
         grid: Default grid kind (see :data:`diffsolve.ode.grids.GRIDS`), or ``nfe -> kind``.
+        lineup: Run in the bench's default line-up.
+        lineup_grids: Grid kinds the line-up also runs it on (``NAME@GRID``).
     """
 
     name: str
     description: str
-    build: Callable[[int], Solver]
-    steps: Callable[[int], int]
+    options: Mapping[str, Any] | Callable[[int], Mapping[str, Any]] = field(default_factory=dict)
+    steps: Callable[[int], int] = _same
     grid: str | Callable[[int], str] = "time_quadratic"
-    needs_model: bool = False
+    lineup: bool = False
+    lineup_grids: tuple[str, ...] = ()
+    solver: type[Solver] | None = field(default=None, compare=False)
 
     def grid_kind(self, nfe: int) -> str:
         """The default grid kind at this budget (:attr:`grid` may depend on ``nfe``)."""
         return self.grid(nfe) if callable(self.grid) else self.grid
 
+    def options_for(self, nfe: int) -> dict[str, Any]:
+        """The constructor options at this budget."""
+        return dict(self.options(nfe) if callable(self.options) else self.options)
 
-def _multistep(
-    name: str, description: str, make: Callable[[], Solver], grid: str = "time_quadratic"
-) -> SolverSpec:
-    return SolverSpec(name, description, lambda nfe: make(), lambda nfe: nfe, grid)
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """What the solver takes from the model (see :class:`SolverContext`)."""
+        return getattr(self.solver, "needs", ())
 
-
-def _singlestep(
-    name: str, description: str, cls: type[DPMSolver], order: int, grid: str = "time_quadratic"
-) -> SolverSpec:
-    def orders(nfe: int) -> tuple[int, ...]:
-        return (*fast_orders(nfe - 1, order), 1)  # last: the free step to t = 0
-
-    return SolverSpec(
-        name,
-        description,
-        lambda nfe: cls(order, method="singlestep", orders=orders(nfe)),
-        lambda nfe: len(orders(nfe)),
-        grid,
-    )
+    def build(self, nfe: int, context: SolverContext | None = None) -> Solver:
+        """The solver for a budget of ``nfe`` evaluations, its needs read from ``context``."""
+        assert self.solver is not None, "a preset is bound to its solver by @register"
+        context = context or SolverContext()
+        needed = {need: context.require(need, self.name) for need in self.needs}
+        return self.solver(**needed, **self.options_for(nfe))
 
 
-SOLVERS: dict[str, SolverSpec] = {
-    spec.name: spec
-    for spec in (
-        _multistep("ddim", "DDIM (eta = 0), first order", DDIM),
-        _multistep("euler", "Euler on (x/alpha, sigma/alpha), first order (= DDIM)", Euler),
-        SolverSpec(
-            "heun",
-            "Heun, EDM Algorithm 1, 2 NFE per step, Karras grid",
-            lambda nfe: Heun(),
-            lambda nfe: (nfe + 1) // 2,
-            grid="karras",
-        ),
-        _multistep(
-            "dpm-solver-2m",
-            "DPM-Solver multistep, order 2 (noise prediction)",
-            lambda: DPMSolver(2),
-        ),
-        _multistep(
-            "dpm-solver-3m",
-            "DPM-Solver multistep, order 3 (noise prediction)",
-            lambda: DPMSolver(3),
-        ),
-        _singlestep(
-            "dpm-solver-fast", "DPM-Solver-fast: single-step order 3 mix (noise)", DPMSolver, 3
-        ),
-        _multistep("dpm-solver++-2m", "DPM-Solver++(2M), midpoint form", lambda: DPMSolverPP(2)),
-        _multistep(
-            "dpm-solver++-3m", "DPM-Solver++(3M), exact third order", lambda: DPMSolverPP(3)
-        ),
-        _singlestep("dpm-solver++-2s", "DPM-Solver++(2S), single-step", DPMSolverPP, 2),
-        _singlestep("dpm-solver++-3s", "DPM-Solver++(3S), single-step", DPMSolverPP, 3),
-        _multistep("unipc-bh1-2", "UniPC bh1, order 2 + corrector", lambda: UniPC(2, "bh1")),
-        _multistep("unipc-bh1-3", "UniPC bh1, order 3 + corrector", lambda: UniPC(3, "bh1")),
-        _multistep("unipc-bh2-2", "UniPC bh2, order 2 + corrector", lambda: UniPC(2, "bh2")),
-        _multistep("unipc-bh2-3", "UniPC bh2, order 3 + corrector", lambda: UniPC(3, "bh2")),
-        _multistep("deis-2", "DEIS tAB, order 2", lambda: DEIS(2)),
-        _multistep("deis-3", "DEIS tAB, order 3", lambda: DEIS(3)),
-        SolverSpec(
-            "dpm-solver-v3",
-            "DPM-Solver-v3 with the model's EMS (order 2 + pseudo-order-3 corrector)",
-            _v3,
-            lambda nfe: nfe,
-            needs_model=True,
-        ),  # type: ignore[arg-type]
-    )
+# ---------------------------------------------------------------------------------------
+# What solvers need from the model
+@dataclass(frozen=True)
+class Need:
+    """Something a solver takes from the model: how to name it, load it, check it."""
+
+    what: str
+    hint: str
+    load: Callable[[str], Any]
+    check: Callable[[Any, NoiseSchedule], None] = lambda value, schedule: None
+
+
+def _check_ems(ems: EMS, schedule: NoiseSchedule) -> None:
+    ems.check_compatible(schedule)
+
+
+NEEDS: dict[str, Need] = {
+    "ems": Need(
+        "the model's empirical model statistics (EMS)",
+        "compute them with `diffsolve ems --model MODEL --out ems.safetensors`",
+        load_ems,
+        _check_ems,
+    ),
+    "gaussian": Need(
+        "Gaussian statistics of the data",
+        "compute them with `diffsolve gaussian-stats`",
+        load_gaussian_stats,
+    ),
 }
 
 
-#: Used by :func:`default_solver` for models without EMS: the best of the other solvers at
-#: 10 NFE on the demo models (BENCHMARKS.md).
-FALLBACK_SOLVER = "unipc-bh2-3"
+@dataclass(frozen=True)
+class SolverContext:
+    """What solvers (and wrappers) may need from the model, resolved once by the caller.
+
+    Attributes:
+        ems: DPM-Solver-v3's empirical model statistics (:func:`~diffsolve.stats.ems.load_ems`).
+        gaussian: Gaussian statistics of the data (teleportation).
+    """
+
+    ems: EMS | None = None
+    gaussian: GaussianModel | None = None
+
+    def provides(self) -> frozenset[str]:
+        """The needs this context can satisfy."""
+        return frozenset(name for name in NEEDS if getattr(self, name) is not None)
+
+    def require(self, need: str, solver: str) -> Any:
+        """The value of ``need``, or a clear error naming what is missing and the fix."""
+        value = getattr(self, need, None)
+        if value is None:
+            spec = NEEDS[need]
+            raise ValueError(f"solver {solver!r} needs {spec.what}; {spec.hint}")
+        return value
 
 
-def default_solver(model: LoadedModel) -> str:
-    """The solver ``diffsolve sample`` uses unless told: ``dpm-solver-v3`` where the model
-    folder holds EMS (the best solver at 5–20 NFE on every demo model, BENCHMARKS.md), else
-    :data:`FALLBACK_SOLVER`."""
-    return "dpm-solver-v3" if model.has_ems else FALLBACK_SOLVER
+# ---------------------------------------------------------------------------------------
+# How diffusers scheduler configs map onto a solver
+#: ``solver_type`` values of diffusers' and diffsolve's multistep schedulers: a value that
+#: belongs to a sibling scheduler (a config taken over with ``from_config``) becomes the
+#: default, as diffusers does.
+SIBLING_SOLVER_TYPES = ("midpoint", "heun", "taylor", "logrho", "bh1", "bh2")
+
+
+@dataclass(frozen=True)
+class ConfigKey:
+    """One diffusers config key of a solver's scheduler.
+
+    Attributes:
+        default: The key's default in the scheduler's config.
+        option: The solver constructor argument it sets.
+        convert: Config value -> option value.
+        choices: Allowed config values (``None``: any).
+        siblings: Values of other schedulers for the same key, replaced by ``default``.
+    """
+
+    default: Any
+    option: str
+    convert: Callable[[Any], Any] = lambda value: value
+    choices: tuple[Any, ...] | None = None
+    siblings: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True)
+class DiffusersMapping:
+    """A solver's drop-in diffusers scheduler: its class name, the registry preset whose
+    default grid it uses, its own config keys, and diffusers' scheduler it re-implements
+    (for the bench's twins)."""
+
+    scheduler: str
+    preset: str
+    keys: Mapping[str, ConfigKey] = field(default_factory=dict)
+    mirrors: str | None = None
+
+    def options(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """Solver options from a scheduler config (keys not given take their default)."""
+        return {
+            key.option: key.convert(config.get(name, key.default))
+            for name, key in self.keys.items()
+        }
+
+
+# ---------------------------------------------------------------------------------------
+# The registry
+SOLVERS: dict[str, Preset] = {}
+_CLASSES: list[type[Solver]] = []
+
+
+def register(cls: SolverType) -> SolverType:
+    """Class decorator: add a solver's presets to :data:`SOLVERS` (names must be new)."""
+    presets = cls.__dict__.get("presets", ())
+    taken = [p.name for p in presets if p.name in SOLVERS]
+    if taken:
+        raise ValueError(f"{cls.__name__}: solver names {taken} are registered already")
+    for preset in presets:
+        SOLVERS[preset.name] = replace(preset, solver=cls)
+    _CLASSES.append(cls)
+    return cls
+
+
+def unregister(cls: type[Solver]) -> None:
+    """Remove a solver class and its presets (tests that register a solver of their own)."""
+    for name in [n for n, p in SOLVERS.items() if p.solver is cls]:
+        del SOLVERS[name]
+    if cls in _CLASSES:
+        _CLASSES.remove(cls)
+
+
+def solver_classes() -> tuple[type[Solver], ...]:
+    """Every registered solver class, in registration order."""
+    return tuple(_CLASSES)
+
+
+def preset(name: str) -> Preset:
+    """The preset ``name``, or a clear error listing the names."""
+    if name not in SOLVERS:
+        raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {name!r}")
+    return SOLVERS[name]
+
+
+def mirror_of(diffusers_scheduler: str) -> type[Solver] | None:
+    """The registered solver that re-implements a diffusers scheduler class, if any."""
+    for cls in _CLASSES:
+        mapping = getattr(cls, "diffusers", None)
+        if mapping is not None and mapping.mirrors == diffusers_scheduler:
+            return cls
+    return None
+
+
+#: Preference of :func:`default_solver`: DPM-Solver-v3 where the model ships EMS (the best
+#: solver at 5–20 NFE on every demo model), else the best of the others at 10 NFE
+#: (BENCHMARKS.md).
+DEFAULT_ORDER = ("dpm-solver-v3", "unipc-bh2-3")
+
+
+def default_solver(available: Collection[str]) -> str:
+    """The first solver of :data:`DEFAULT_ORDER` whose needs are all ``available``."""
+    for name in DEFAULT_ORDER:
+        if set(preset(name).needs) <= set(available):
+            return name
+    raise ValueError(f"no default solver runs with {sorted(available)}")
+
+
+def lineup(available: Collection[str]) -> list[str]:
+    """The bench's default contestants among our solvers: every line-up preset whose needs
+    are ``available``, then its extra grids as ``NAME@GRID``."""
+    presets = [p for p in SOLVERS.values() if p.lineup and set(p.needs) <= set(available)]
+    return [p.name for p in presets] + [
+        f"{p.name}@{kind}" for p in presets for kind in p.lineup_grids
+    ]
 
 
 def setup_solver(
@@ -166,24 +273,14 @@ def setup_solver(
     grid: str | None = None,
     t_start: float | None = None,
     t_end: float | None = None,
-    model: LoadedModel | None = None,
+    context: SolverContext | None = None,
 ) -> tuple[Solver, Tensor]:
-    """The solver ``name`` and a grid spending ``nfe`` model evaluations on ``schedule``.
-
-    ``model`` is needed by solvers that use model statistics (DPM-Solver-v3 picks up the
-    model's shipped EMS file).
-    """
-    if name not in SOLVERS:
-        raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {name!r}")
+    """The solver ``name`` and a grid spending ``nfe`` model evaluations on ``schedule``;
+    what the solver needs from the model comes from ``context``."""
+    spec = preset(name)
     if not isinstance(nfe, int) or nfe < 2:
         raise ValueError(f"nfe must be an integer >= 2, got {nfe!r}")
-    spec = SOLVERS[name]
-    if spec.needs_model:
-        if model is None:
-            raise ValueError(f"solver {name!r} needs the model (its statistics); pass model=")
-        solver = spec.build(nfe, model)  # type: ignore[call-arg]
-    else:
-        solver = spec.build(nfe)
+    solver = spec.build(nfe, context)
     kind = grid or spec.grid_kind(nfe)
     return solver, nfe_grid(schedule, spec.steps(nfe), kind, t_start, t_end)
 

@@ -27,17 +27,26 @@ from typing import ClassVar, Literal
 
 from torch import Tensor
 
-from diffsolve.numerics.expint import ExpStep, solve_vandermonde
+from diffsolve.numerics.expint import ExpStep, Space, solve_vandermonde
+from diffsolve.numerics.phi import phi
+from diffsolve.ode.plan import Solver
 from diffsolve.ode.schedule import NoiseSchedule
 from diffsolve.solvers.engine import (
     GridValues,
-    MultistepPlan,
     MultistepStep,
-    Solver,
+    StepPlan,
     Update,
-    check_choice,
+    check_options,
     check_order,
     multistep_orders,
+    multistep_plan,
+)
+from diffsolve.solvers.registry import (
+    SIBLING_SOLVER_TYPES,
+    ConfigKey,
+    DiffusersMapping,
+    Preset,
+    register,
 )
 
 Variant = Literal["bh1", "bh2"]
@@ -45,11 +54,7 @@ Variant = Literal["bh1", "bh2"]
 
 def _b_factor(e: ExpStep, variant: Variant) -> float:
     """:math:`B(h)` in the sign convention of :class:`ExpStep` (``bh1``: h, ``bh2``: hφ₁)."""
-    return e.h if variant == "bh1" else e.h * _phi1(e.z)
-
-
-def _phi1(z: float) -> float:
-    return math.expm1(z) / z if abs(z) > 1e-8 else 1.0 + 0.5 * z
+    return e.h if variant == "bh1" else e.h * phi(1, e.z)
 
 
 def _rhs(e: ExpStep, variant: Variant, count: int) -> list[float]:
@@ -59,8 +64,9 @@ def _rhs(e: ExpStep, variant: Variant, count: int) -> list[float]:
 
 
 def predictor_weights(e: ExpStep, r: list[float], variant: Variant) -> tuple[float, ...]:
-    """UniP weights on ``(m_s, m_{s_1}, …)`` for history positions ``r`` (negative)."""
-    rho = [0.5] if len(r) == 1 else list(_solve(r, _rhs(e, variant, len(r))))
+    """UniP weights on ``(m_s, m_{s_1}, …)`` for history positions ``r`` (negative):
+    :math:`\\sum_k \\rho_k r_k^{n-1} = b_n` (a transposed Vandermonde system)."""
+    rho = [0.5] if len(r) == 1 else list(solve_vandermonde(r, _rhs(e, variant, len(r))))
     k = e.c * _b_factor(e, variant)
     w_hist = [k * rho_k / r_k for rho_k, r_k in zip(rho, r, strict=True)]
     return (e.coef(0) - sum(w_hist), *w_hist)
@@ -70,18 +76,23 @@ def corrector_weights(e: ExpStep, r: list[float], variant: Variant) -> tuple[flo
     """UniC weights on ``(m_t, m_s, m_{s_1}, …)``: the new evaluation first, then the
     predictor's points (history positions ``r``)."""
     nodes = [*r, 1.0]
-    rho = [0.5] if not r else list(_solve(nodes, _rhs(e, variant, len(nodes))))
+    rho = [0.5] if not r else list(solve_vandermonde(nodes, _rhs(e, variant, len(nodes))))
     k = e.c * _b_factor(e, variant)
     w_hist = [k * rho_k / r_k for rho_k, r_k in zip(rho[:-1], r, strict=True)]
     w_new = k * rho[-1]
     return (w_new, e.coef(0) - sum(w_hist) - w_new, *w_hist)
 
 
-def _solve(r: list[float], b: list[float]) -> tuple[float, ...]:
-    # sum_k rho_k r_k^(n-1) = b_n, n = 1..len(r): the transposed Vandermonde system.
-    return solve_vandermonde(r, b)
+def _preset(variant: Variant, order: int, lineup: bool = False) -> Preset:
+    return Preset(
+        f"unipc-{variant}-{order}",
+        f"UniPC {variant}, order {order} + corrector",
+        {"order": order, "variant": variant},
+        lineup=lineup,
+    )
 
 
+@register
 @dataclass(frozen=True)
 class UniPC(Solver):
     """UniPC multistep predictor–corrector.
@@ -91,7 +102,7 @@ class UniPC(Solver):
         variant: ``"bh1"`` (recommended below 10 steps, unconditional) or ``"bh2"``.
         corrector: Apply UniC after every step but the last.
         final_corrector: Also correct the last step, at the price of one more evaluation.
-        predict: Integrate the ``"data"`` (default, diffusers' ``predict_x0``) or ``"noise"``
+        space: Integrate the ``"data"`` (default, diffusers' ``predict_x0``) or ``"noise"``
             prediction.
         lower_order_final: Lower the predictor order on the last steps to
             ``min(order, steps_left)``.
@@ -103,16 +114,36 @@ class UniPC(Solver):
     variant: Variant = "bh2"
     corrector: bool = True
     final_corrector: bool = False
-    predict: Literal["data", "noise"] = "data"
+    space: Space = "data"
     lower_order_final: bool = True
     disable_corrector: tuple[int, ...] = ()
 
     name: ClassVar[str] = "unipc"
+    presets: ClassVar[tuple[Preset, ...]] = (
+        _preset("bh1", 2),
+        _preset("bh1", 3, lineup=True),
+        _preset("bh2", 2),
+        _preset("bh2", 3, lineup=True),
+    )
+    diffusers: ClassVar[DiffusersMapping] = DiffusersMapping(
+        "DiffsolveUniPCScheduler",
+        "unipc-bh2-2",
+        {
+            "solver_order": ConfigKey(2, "order"),
+            "solver_type": ConfigKey(
+                "bh2", "variant", choices=("bh1", "bh2"), siblings=SIBLING_SOLVER_TYPES
+            ),
+            "predict_x0": ConfigKey(True, "space", lambda x0: "data" if x0 else "noise"),
+            "use_corrector": ConfigKey(True, "corrector"),
+            "disable_corrector": ConfigKey(None, "disable_corrector", lambda v: tuple(v or ())),
+            "lower_order_final": ConfigKey(True, "lower_order_final"),
+        },
+        mirrors="UniPCMultistepScheduler",
+    )
 
     def __post_init__(self) -> None:
         check_order(self.order, (1, 2, 3), "UniPC")
-        check_choice(self.variant, ("bh1", "bh2"), "variant")
-        check_choice(self.predict, ("data", "noise"), "predict")
+        check_options(self)
         object.__setattr__(self, "disable_corrector", tuple(self.disable_corrector))
 
     @property
@@ -123,39 +154,32 @@ class UniPC(Solver):
     def min_steps(self) -> int:
         return self.order
 
-    def build_plan(self, schedule: NoiseSchedule, grid: Tensor) -> MultistepPlan:
+    def build_plan(self, schedule: NoiseSchedule, grid: Tensor) -> StepPlan:
         v = GridValues.of(schedule, grid)
-        n = len(v.t) - 1
         if self.final_corrector and v.ends_at_zero:
             raise ValueError(
                 "final_corrector: the grid ends at t = 0, where the model cannot "
                 "be evaluated; end the grid at t > 0 or disable final_corrector"
             )
-        orders = multistep_orders(n, self.order, self.lower_order_final, v.ends_at_zero)
-        steps, previous = [], None
-        for i, p in enumerate(orders):
-            space = v.space_of_step(self.predict, i)
-            e = v.exp_step(space, i, i + 1)
-            r = v.nodes(i, range(i - 1, i - p, -1))
-            predictor = Update(e.a, predictor_weights(e, r, self.variant), _pred(space))
-            steps.append(
-                MultistepStep(v.t[i], v.t[i + 1], predictor, self._corrector(previous, i))
-            )
-            previous = (e, r, space)
-        if self.final_corrector:
-            identity = Update(1.0, (), "x0")
-            steps.append(MultistepStep(v.t[n], v.t[n], identity, self._corrector(previous, n)))
-        return MultistepPlan(schedule, grid, tuple(steps), memory=self.order + 1)
+        orders = multistep_orders(v, self.order, self.lower_order_final)
 
-    def _corrector(
-        self, previous: tuple[ExpStep, list[float], str] | None, i: int
-    ) -> Update | None:
-        """UniC for the step that ended at grid point ``i`` (applied after evaluating there)."""
-        if previous is None or not self.corrector or (i - 1) in self.disable_corrector:
-            return None
-        e, r, space = previous
-        return Update(e.a, corrector_weights(e, r, self.variant), _pred(space))  # type: ignore[arg-type]
+        def points(i: int) -> tuple[ExpStep, list[float]]:
+            """Step ``i``'s coefficients and its history positions."""
+            return v.exp_step(self.space, i, i + 1), v.nodes(i, range(i - 1, i - orders[i], -1))
 
+        def predictor(i: int, p: int) -> Update:
+            e, r = points(i)
+            return Update(e.a, predictor_weights(e, r, self.variant), self.space)
 
-def _pred(space: str) -> Literal["x0", "eps"]:
-    return "x0" if space == "data" else "eps"
+        def corrector(i: int) -> Update | None:
+            """UniC for the step that ended at point ``i`` (applied after evaluating there)."""
+            if i == 0 or not self.corrector or (i - 1) in self.disable_corrector:
+                return None
+            e, r = points(i - 1)
+            return Update(e.a, corrector_weights(e, r, self.variant), self.space)
+
+        n = v.num_steps
+        extra = ()
+        if self.final_corrector:  # evaluate at the grid's end to correct the last step
+            extra = (MultistepStep(v.t[n], v.t[n], Update(1.0, ()), corrector(n)),)
+        return multistep_plan(v, orders, predictor, corrector, extra=extra)

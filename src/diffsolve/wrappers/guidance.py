@@ -2,8 +2,9 @@ r"""Guidance and thresholding as :class:`~diffsolve.ode.model.Denoiser` wrappers
 
 Each wrapper takes a denoiser and is a denoiser: it has the wrapped model's ``schedule`` and
 maps ``(x, t)`` to a :class:`~diffsolve.ode.model.Prediction`, so it works with every solver and
-the one sampling loop, and wrappers compose (e.g. ``DynamicThresholding(
-ClassifierFreeGuidance(...))``). A wrapper is one call of the loop: a conditional /
+the one sampling loop, and wrappers compose (e.g.
+:class:`~diffsolve.wrappers.thresholding.DynamicThresholding` around
+``ClassifierFreeGuidance(...)``). A wrapper is one call of the loop: a conditional /
 unconditional pair evaluated in one batched network call counts as **one** model evaluation,
 as papers count NFE.
 
@@ -28,10 +29,6 @@ as papers count NFE.
   with :math:`\Delta_\perp = \Delta - \Delta_\parallel`, norms and inner products per sample
   over all non-batch dimensions, the projection in float64. With :math:`\eta = 1, \beta = 0,
   r = \infty` it is classifier-free guidance.
-* :class:`DynamicThresholding` — Saharia et al. 2022 (Imagen, arXiv 2205.11487), as in
-  DPM-Solver: per sample :math:`q = \max(\mathrm{quantile}(|\hat x_0|, p), v_{\max})`,
-  :math:`\hat x_0 \leftarrow \mathrm{clamp}(\hat x_0, -q, q)/q`.
-
 **APG: how diffusers differs from the paper.** ``diffusers.guiders.AdaptiveProjectedGuidance``
 (``src/diffusers/guiders/adaptive_projected_guidance.py``, read in diffusers 0.42.1):
 
@@ -87,25 +84,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from diffsolve.ode.model import Denoiser, ModelWrapper, Prediction, conversion_for
-from diffsolve.ode.schedule import NoiseSchedule, VPDiscrete
+from diffsolve.wrappers.base import DenoiserWrapper
 
 __all__ = [
     "APG_NORM_PER_SQRT_NUMEL",
     "AdaptiveProjectedGuidance",
     "ClassifierFreeGuidance",
     "ClassifierGuidance",
-    "DynamicThresholding",
-    "GuidanceSpec",
     "class_conditioning",
     "projected_guidance",
-    "row_quantile",
 ]
 
 #: ``norm_threshold="auto"`` of APG: :math:`r = 0.0625\sqrt{\text{numel}}` per sample (0.5 for
@@ -113,36 +106,13 @@ __all__ = [
 APG_NORM_PER_SQRT_NUMEL = 0.0625
 
 
-def _check_scale(scale: float, argument: str = "scale") -> float:
+def check_scale(scale: float, argument: str = "scale") -> float:
+    """``scale`` as a float, or a clear error unless it is a finite number >= 0."""
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"{argument} must be a finite number >= 0, got {scale!r}")
     if scale < 0:
         raise ValueError(f"{argument} must be a finite number >= 0, got {scale!r}")
     return float(scale)
-
-
-class _Wrapper:
-    """Shared plumbing of the wrappers: the schedule, ``reset`` and ``model_time`` are
-    passed through to the wrapped denoiser."""
-
-    model: Any
-    schedule: NoiseSchedule
-
-    def reset(self) -> None:
-        """Forget any state between runs (passed on to the wrapped denoiser)."""
-        reset = getattr(self.model, "reset", None)
-        if callable(reset):
-            reset()
-
-    def model_time(self, t: float) -> float:
-        """The network's own time input for solver time ``t`` (from the wrapped model; for
-        models without one: the training timestep on discrete VP schedules, else ``t``)."""
-        inner = getattr(self.model, "model_time", None)
-        if callable(inner):
-            return float(inner(t))
-        if isinstance(self.schedule, VPDiscrete):
-            return float(self.schedule.timestep(t))
-        return float(t)
 
 
 # ---------------------------------------------------------------------------------------
@@ -216,7 +186,7 @@ def _batch_kwargs(
     return out
 
 
-class _GuidedPair(_Wrapper):
+class _GuidedPair(DenoiserWrapper):
     """A :class:`~diffsolve.ode.model.ModelWrapper` evaluated on a conditional and an
     unconditional input in one batched network call."""
 
@@ -236,7 +206,7 @@ class _GuidedPair(_Wrapper):
             raise ValueError("cond_kwargs and uncond_kwargs must be dicts of network arguments")
         self.model = model
         self.schedule = model.schedule
-        self.scale = _check_scale(scale)
+        self.scale = check_scale(scale)
         self.cond_kwargs = dict(cond_kwargs)
         self.uncond_kwargs = dict(uncond_kwargs)
         _batch_kwargs(self.uncond_kwargs, self.cond_kwargs, None)  # validate keys and types
@@ -434,7 +404,7 @@ class AdaptiveProjectedGuidance(_GuidedPair):
 
 
 # ---------------------------------------------------------------------------------------
-class ClassifierGuidance(_Wrapper):
+class ClassifierGuidance(DenoiserWrapper):
     r"""Classifier guidance (Dhariwal & Nichol 2021, arXiv 2105.05233) in DPM-Solver's form.
 
     .. math:: \hat\epsilon \leftarrow \hat\epsilon - s\,\sigma_t\,\nabla_{x_t}\log
@@ -474,7 +444,7 @@ class ClassifierGuidance(_Wrapper):
         self.labels = torch.as_tensor(labels).long()
         if self.labels.ndim > 1:
             raise ValueError(f"labels must be a scalar or 1-D, got {tuple(self.labels.shape)}")
-        self.scale = _check_scale(scale)
+        self.scale = check_scale(scale)
         self.classifier_time = classifier_time or self.model_time
         self.classifier_kwargs = dict(classifier_kwargs or {})
 
@@ -505,114 +475,3 @@ class ClassifierGuidance(_Wrapper):
         c = prediction.conversion
         eps = prediction.eps - (self.scale * c.sigma) * self.grad_log_prob(x, t)
         return Prediction(x, eps, conversion_for("epsilon", c.alpha, c.sigma), t)
-
-
-# ---------------------------------------------------------------------------------------
-def row_quantile(values: Tensor, q: float) -> Tensor:
-    """Per-row quantile of a 2-D tensor with linear interpolation (``torch.quantile``'s
-    default), by sorting: no size limit, any floating dtype."""
-    n = values.shape[1]
-    ordered = values.sort(dim=1).values
-    pos = q * (n - 1)
-    lo = min(math.floor(pos), n - 1)
-    hi = min(lo + 1, n - 1)
-    frac = pos - lo
-    return ordered[:, lo] + frac * (ordered[:, hi] - ordered[:, lo])
-
-
-class DynamicThresholding(_Wrapper):
-    r"""Dynamic thresholding of :math:`\hat x_0` (Saharia et al. 2022, Imagen; as in
-    DPM-Solver's ``correcting_x0_fn="dynamic_thresholding"``).
-
-    Per sample, :math:`q = \max(\mathrm{quantile}(|\hat x_0|, \text{ratio}), \text{max\_value})`
-    and :math:`\hat x_0 \leftarrow \mathrm{clamp}(\hat x_0, -q, q)/q`; computed in at least
-    float32 (half-precision inputs included). The result is returned as a data prediction.
-
-    Args:
-        model: Any denoiser.
-        ratio: Quantile level in ``(0, 1]`` (0.995 in Imagen and DPM-Solver).
-        max_value: Lower bound of :math:`q` (the data range; 1 for data in [-1, 1]).
-    """
-
-    def __init__(self, model: Denoiser, ratio: float = 0.995, max_value: float = 1.0) -> None:
-        if not isinstance(ratio, (int, float)) or not 0.0 < ratio <= 1.0:
-            raise ValueError(f"ratio must lie in (0, 1], got {ratio!r}")
-        if not isinstance(max_value, (int, float)) or not 0.0 < max_value < math.inf:
-            raise ValueError(f"max_value must be a finite number > 0, got {max_value!r}")
-        self.model = model
-        self.schedule = model.schedule
-        self.ratio = float(ratio)
-        self.max_value = float(max_value)
-
-    def threshold(self, x0: Tensor) -> Tensor:
-        """Apply dynamic thresholding to a batch of data predictions."""
-        compute = torch.promote_types(x0.dtype, torch.float32)
-        v = x0.to(compute)
-        q = row_quantile(v.abs().flatten(1), self.ratio).clamp(min=self.max_value)
-        q = q.view(-1, *([1] * (v.ndim - 1)))
-        return (torch.maximum(torch.minimum(v, q), -q) / q).to(x0.dtype)
-
-    def __call__(self, x: Tensor, t: float) -> Prediction:
-        prediction = self.model(x, t)
-        c = prediction.conversion
-        return Prediction.from_x0(x, self.threshold(prediction.x0), c.alpha, c.sigma, t)
-
-
-# ---------------------------------------------------------------------------------------
-GuidanceMethod = Literal["none", "cfg", "apg", "classifier"]
-GUIDANCE_METHODS: tuple[str, ...] = ("none", "cfg", "apg", "classifier")
-
-
-@dataclass(frozen=True)
-class GuidanceSpec:
-    """How to guide a loaded model (the CLI's ``--guidance``, ``--scale``, ``--threshold``).
-
-    Attributes:
-        method: ``"none"`` (a class-conditional model samples its labels unguided),
-            ``"cfg"``, ``"apg"`` (class-conditional models, null class as unconditional) or
-            ``"classifier"`` (the shipped digits classifier on the unconditional model).
-        scale: Guidance weight (CFG/APG :math:`w`, classifier :math:`s`).
-        threshold: Dynamic-thresholding ratio (e.g. 0.995), or ``None`` for none.
-    """
-
-    method: GuidanceMethod = "none"
-    scale: float = 1.0
-    threshold: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.method not in GUIDANCE_METHODS:
-            raise ValueError(
-                f"guidance must be one of {list(GUIDANCE_METHODS)}, got {self.method!r}"
-            )
-        _check_scale(self.scale)
-        if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
-            raise ValueError(f"threshold must lie in (0, 1], got {self.threshold!r}")
-
-    def build(self, loaded: Any, labels: Tensor | None) -> Denoiser:
-        """The denoiser for a :class:`~diffsolve.app.loader.LoadedModel` and per-sample labels."""
-        model: Denoiser = loaded.denoiser
-        conditioning = (loaded.config.get("conditioning") or {}) if loaded.config else {}
-        if self.method in ("cfg", "apg"):
-            if not loaded.num_classes or labels is None:
-                raise ValueError(
-                    f"guidance {self.method!r} needs a class-conditional model "
-                    f"(e.g. digits-cond); {loaded.name!r} is not"
-                )
-            cond, uncond = class_conditioning(
-                labels, conditioning.get("null_class", loaded.num_classes)
-            )
-            cls = ClassifierFreeGuidance if self.method == "cfg" else AdaptiveProjectedGuidance
-            model = cls(loaded.denoiser, self.scale, cond, uncond)
-        elif self.method == "classifier":
-            from diffsolve.app.classifier import load_classifier
-
-            if labels is None:
-                raise ValueError("classifier guidance needs target labels")
-            classifier = load_classifier(device=str(labels.device))
-            base = loaded.conditional(labels) if loaded.num_classes else loaded.denoiser
-            model = ClassifierGuidance(base, classifier, labels, self.scale)
-        elif loaded.num_classes and labels is not None:
-            model = loaded.conditional(labels)
-        if self.threshold is not None:
-            model = DynamicThresholding(model, self.threshold)
-        return model

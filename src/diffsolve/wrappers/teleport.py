@@ -29,19 +29,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from diffsolve.stats.gaussian.analytic import GaussianModel
 from diffsolve.ode.grids import validate_grid
 from diffsolve.ode.model import Denoiser
+from diffsolve.ode.plan import Plan, Solver, State
 from diffsolve.ode.schedule import NoiseSchedule
-from diffsolve.solvers.engine import Plan, Solver, State
-
-if TYPE_CHECKING:
-    from diffsolve.app.loader import LoadedModel
+from diffsolve.solvers.registry import SolverContext, nfe_grid, preset, setup_solver
+from diffsolve.stats.gaussian import GaussianModel
 
 __all__ = [
     "TeleportPlan",
@@ -116,14 +114,14 @@ class TeleportState(State):
 
 
 @dataclass(frozen=True)
-class TeleportPlan(Plan):
+class TeleportPlan(Plan[TeleportState]):
     """The jump ``grid[0] → grid[1]`` in closed form, then the inner plan on ``grid[1:]``
     (``None`` when the whole range is teleported)."""
 
     schedule: NoiseSchedule
     grid: Tensor
     gaussian: GaussianModel
-    inner: Plan | None
+    inner: Plan[Any] | None
 
     @property
     def t_start(self) -> float:
@@ -149,8 +147,7 @@ class TeleportPlan(Plan):
     def init(self, x: Tensor) -> TeleportState:
         return TeleportState(x=x, t=self.t_start)
 
-    def step(self, model: Denoiser, state: State) -> TeleportState:
-        assert isinstance(state, TeleportState)
+    def step(self, model: Denoiser, state: TeleportState) -> TeleportState:
         if not state.teleported:
             return self._jump(state.x)
         assert state.inner is not None and self.inner is not None
@@ -233,47 +230,44 @@ def teleported_setup(
     name: str,
     schedule: NoiseSchedule,
     nfe: int,
-    gaussian: GaussianModel,
     fraction: float,
     grid_kind: str | None = None,
-    model: LoadedModel | None = None,
+    context: SolverContext | None = None,
 ) -> tuple[Solver, Tensor]:
     """Registry solver ``name`` with teleportation, spending ``nfe`` model evaluations.
 
     The skip time is the point reached after ``fraction`` of the steps of the solver's usual
-    grid at this budget (:func:`~diffsolve.solvers.registry.setup_solver`, :func:`skip_time`). The
-    solver then gets a fresh grid of the same kind from the skip time to ``t = 0`` with the
-    whole budget (:func:`~diffsolve.solvers.registry.nfe_grid` with ``t_start = t_skip``), so the
-    total NFE is unchanged. ``fraction = 0`` returns the plain solver and its grid.
+    grid at this budget (:func:`~diffsolve.solvers.registry.setup_solver`, :func:`skip_time`).
+    The solver then gets a fresh grid of the same kind from the skip time to ``t = 0`` with
+    the whole budget (:func:`~diffsolve.solvers.registry.nfe_grid` with ``t_start = t_skip``),
+    so the total NFE is unchanged. ``fraction = 0`` returns the plain solver and its grid.
 
     Args:
         name: Registry solver name (:data:`diffsolve.solvers.registry.SOLVERS`).
         schedule: The model's noise schedule.
         nfe: Model evaluations to spend (all after the jump).
-        gaussian: Gaussian statistics of the data in the model's input space.
         fraction: Share of the usual grid's steps to skip, in ``[0, 1)``.
         grid_kind: Grid kind of both grids (default: the solver's registry default).
-        model: The loaded model, for registry solvers that need it (passed on to
-            :func:`~diffsolve.solvers.registry.setup_solver`).
+        context: What the model provides: the Gaussian statistics of its data in its input
+            space (``gaussian``), and whatever the solver needs (e.g. ``ems``).
 
     Returns:
         ``(solver, grid)`` for :func:`diffsolve.sample`; the grid starts at the usual start
         time (where ``x_start`` lives) and its first interval is the jump.
     """
-    from diffsolve.solvers.registry import SOLVERS, nfe_grid, setup_solver
-
-    extra = {} if model is None else {"model": model}
-    inner, original = setup_solver(name, schedule, nfe, grid_kind, **extra)
+    context = context or SolverContext()
+    inner, original = setup_solver(name, schedule, nfe, grid_kind, context=context)
     t_skip = skip_time(schedule, original, fraction)
     if t_skip == float(original[0]):
         return inner, original
+    gaussian = context.require("gaussian", f"{name} with teleportation")
     last_positive = float(original[-2]) if float(original[-1]) == 0.0 else float(original[-1])
     if t_skip <= last_positive:
         raise ValueError(
             f"fraction={fraction} skips to t={t_skip:.6g}, at or past the grid's last positive "
             f"time {last_positive:.6g}; nothing is left for the solver — lower the fraction"
         )
-    spec = SOLVERS[name]
+    spec = preset(name)
     kind = grid_kind or spec.grid_kind(nfe)
     fresh = nfe_grid(schedule, spec.steps(nfe), kind, t_start=t_skip)
     grid = torch.cat([original[:1], fresh])

@@ -151,11 +151,11 @@ def null_overhead(batch: int, steps: int = 20, repeats: int = 5) -> dict[str, fl
     ``DPMSolverMultistepScheduler.step`` (with ``scale_model_input``)."""
     import diffusers
 
+    from diffsolve.app.loader import digits_schedule
     from diffsolve.ode import grids
     from diffsolve.ode.model import ModelWrapper
-    from diffsolve.solvers import DPMSolverPP
-    from diffsolve.app.loader import digits_schedule
     from diffsolve.ode.sampling import sample
+    from diffsolve.solvers import DPMSolverPP
 
     schedule = digits_schedule()
     x0 = torch.randn(batch, 1, 8, 8)

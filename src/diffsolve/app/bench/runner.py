@@ -11,29 +11,18 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from diffsolve.ode import grids
 from diffsolve.app.bench.peers import Peer, default_peers, null_overhead
 from diffsolve.app.bench.timing import TimedModel, synchronize
-from diffsolve.app.metrics import frechet_distance
 from diffsolve.app.loader import LoadedModel
-from diffsolve.solvers.registry import SOLVERS, setup_solver
-from diffsolve.ode.sampling import sample
+from diffsolve.app.metrics import frechet_distance
 from diffsolve.app.seeds import noise_for_seeds
-from diffsolve.solvers import DPMSolverPP, Solver, UniPC
+from diffsolve.ode import grids
+from diffsolve.ode.plan import Solver
+from diffsolve.ode.sampling import sample
+from diffsolve.solvers import DPMSolverPP, UniPC
+from diffsolve.solvers.registry import SOLVERS, SolverContext, lineup, setup_solver
 
 DEFAULT_NFES = (5, 6, 8, 10, 12, 15, 20)
-DEFAULT_SOLVERS = (
-    "ddim",
-    "heun",
-    "dpm-solver-fast",
-    "dpm-solver++-2m",
-    "dpm-solver++-3m",
-    "unipc-bh1-3",
-    "unipc-bh2-3",
-    "deis-3",
-)
-#: DPM-Solver-v3 on its default (time-quadratic) grid and on the two other usual grids.
-V3_CONTESTANTS = ("dpm-solver-v3", "dpm-solver-v3@logsnr", "dpm-solver-v3@time_uniform")
 
 
 @dataclass
@@ -98,22 +87,23 @@ class Contestant:
     run: Callable[[TimedModel, Tensor, int], tuple[Tensor, int, float]]
 
 
-def _ours(name: str, loaded: LoadedModel, grid_kind: str | None = None) -> Contestant:
+def _ours(name: str, context: SolverContext, grid_kind: str | None = None) -> Contestant:
     def run(model: TimedModel, x: Tensor, nfe: int) -> tuple[Tensor, int, float]:
-        solver, grid = setup_solver(name, model.schedule, nfe, grid_kind, model=loaded)
+        solver, grid = setup_solver(name, model.schedule, nfe, grid_kind, context=context)
         return _run_solver(solver, grid, model, x)
 
     label = name if grid_kind is None else f"{name}@{grid_kind}"
     return Contestant(label, "diffsolve", run)
 
 
-def _twin(peer: Peer, make: Callable[[int], Solver]) -> Contestant:
-    """A diffsolve solver on the grid of a diffusers peer (with the peer's final-order rule)."""
+def _twin(peer: Peer, context: SolverContext) -> Contestant:
+    """The registry solver ``peer.twin`` on the grid of its diffusers peer."""
+    twin = SOLVERS[peer.twin or ""]
 
     def run(model: TimedModel, x: Tensor, nfe: int) -> tuple[Tensor, int, float]:
-        return _run_solver(make(nfe), peer.grid(model.schedule, nfe), model, x)
+        return _run_solver(twin.build(nfe, context), peer.grid(model.schedule, nfe), model, x)
 
-    return Contestant(f"{peer.twin}@diffusers-grid", "diffsolve", run)
+    return Contestant(f"{twin.name}@diffusers-grid", "diffsolve", run)
 
 
 def _run_solver(
@@ -126,54 +116,40 @@ def _run_solver(
     return out.x, plan.num_steps or out.nfe, time.perf_counter() - start
 
 
-TWIN_SOLVERS: dict[str, Callable[[int], Solver]] = {
-    "dpm-solver++-2m": lambda nfe: DPMSolverPP(2, lower_order_final=nfe < 15),
-    "unipc-bh1-2": lambda nfe: UniPC(2, "bh1"),
-    "unipc-bh1-3": lambda nfe: UniPC(3, "bh1"),
-    "unipc-bh2-2": lambda nfe: UniPC(2, "bh2"),
-    "unipc-bh2-3": lambda nfe: UniPC(3, "bh2"),
-}
-
-
-def contestants(names: Sequence[str] | None, loaded: LoadedModel) -> list[Contestant]:
+def contestants(
+    names: Sequence[str] | None, loaded: LoadedModel, context: SolverContext | None = None
+) -> list[Contestant]:
     """Resolve contestant names: ``NAME`` (registry), ``NAME@GRID`` (grid override),
     ``NAME@diffusers-grid`` (on its diffusers twin's grid), ``diffusers:PEER``. ``None`` gives
-    the default line-up: our solvers (DPM-Solver-v3 on three grids where the model ships
-    EMS), every diffusers peer, and the twins."""
-    schedule = loaded.schedule
-    peers = {p.name: p for p in default_peers(schedule, bool(loaded.num_classes))}
+    the default line-up: the registry's line-up (:func:`~diffsolve.solvers.registry.lineup`;
+    DPM-Solver-v3 where the model ships EMS), every diffusers peer, and the twins. ``context``
+    holds what solvers need from the model (default: every file the model folder ships)."""
+    context = context or loaded.solver_context(loaded.available())
+    peers = {p.name: p for p in default_peers(loaded.schedule, bool(loaded.num_classes))}
+    twins = {p.twin: p for p in peers.values() if p.twin}
     if names is None:
-        names = [
-            *DEFAULT_SOLVERS,
-            *(V3_CONTESTANTS if loaded.has_ems else ()),
-            *peers,
-            *(f"{p.twin}@diffusers-grid" for p in peers.values() if p.twin),
-        ]
-    out = []
-    for name in names:
-        base, _, grid_kind = name.partition("@")
-        if name in peers:
-            p = peers[name]
-            out.append(Contestant(p.name, "diffusers", p.run))
-        elif grid_kind == "diffusers-grid":
-            twin = next((p for p in peers.values() if p.twin == base), None)
-            if twin is None or base not in TWIN_SOLVERS:
-                raise ValueError(
-                    f"{name}: no diffusers twin for {base!r}; twins: "
-                    f"{sorted(p.twin for p in peers.values() if p.twin)}"
-                )
-            out.append(_twin(twin, TWIN_SOLVERS[base]))
-        elif base in SOLVERS:
-            if grid_kind and grid_kind not in grids.GRIDS:
-                raise ValueError(f"{name}: grid must be one of {sorted(grids.GRIDS)}")
-            out.append(_ours(base, loaded, grid_kind or None))
-        else:
-            raise ValueError(
-                f"unknown contestant {name!r}: use a solver from `diffsolve "
-                f"solvers`, NAME@GRID, NAME@diffusers-grid or one of "
-                f"{sorted(peers)}"
-            )
-    return out
+        names = [*lineup(context.provides()), *peers, *(f"{t}@diffusers-grid" for t in twins)]
+    return [_contestant(name, peers, twins, context) for name in names]
+
+
+def _contestant(
+    name: str, peers: dict[str, Peer], twins: dict[str, Peer], context: SolverContext
+) -> Contestant:
+    base, _, grid_kind = name.partition("@")
+    if name in peers:
+        return Contestant(name, "diffusers", peers[name].run)
+    if grid_kind == "diffusers-grid":
+        if base not in twins:
+            raise ValueError(f"{name}: no diffusers twin for {base!r}; twins: {sorted(twins)}")
+        return _twin(twins[base], context)
+    if base in SOLVERS:
+        if grid_kind and grid_kind not in grids.GRIDS:
+            raise ValueError(f"{name}: grid must be one of {sorted(grids.GRIDS)}")
+        return _ours(base, context, grid_kind or None)
+    raise ValueError(
+        f"unknown contestant {name!r}: use a solver from `diffsolve solvers`, NAME@GRID, "
+        f"NAME@diffusers-grid or one of {sorted(peers)}"
+    )
 
 
 def reference_solve(

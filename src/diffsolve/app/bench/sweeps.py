@@ -10,17 +10,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from diffsolve.ode import grids
 from diffsolve.app.bench.runner import reference_solve, rmse
+from diffsolve.app.loader import LoadedModel
 from diffsolve.app.metrics import frechet_distance
-from diffsolve.ode.sampling import sample
 from diffsolve.app.seeds import noise_for_seeds
+from diffsolve.ode import grids
+from diffsolve.ode.sampling import invert, sample
+from diffsolve.solvers.registry import SOLVERS, SolverContext, lineup, preset, setup_solver
 
 SATURATED = 0.98  # |x| at or beyond this counts as a pixel at ±1 (data are in [-1, 1])
 
@@ -60,16 +63,11 @@ def teleport_sweep(
 ) -> dict[str, Any]:
     """RMSE / FD against the skip fraction (0 = no teleportation) at each total NFE."""
     from diffsolve.app.data import load_digits
-    from diffsolve.stats.gaussian.estimate import load_gaussian_stats
     from diffsolve.app.loader import load_model
     from diffsolve.wrappers.teleport import teleported_setup
 
     loaded = load_model(model_name)
-    if loaded.folder is None:
-        raise ValueError(f"model {model_name!r} has no folder with gaussian_stats.safetensors")
-    gaussian = load_gaussian_stats(
-        loaded.folder / "gaussian_stats.safetensors", expect_shape=loaded.data_shape
-    )
+    context = loaded.solver_context(loaded.available() | {"gaussian"})
     x = noise_for_seeds(range(seed, seed + samples), loaded.data_shape)
     test = load_digits("test")
     with torch.inference_mode():
@@ -78,9 +76,7 @@ def teleport_sweep(
     for name in solvers:
         for nfe in nfes:
             for skip in skips:
-                solver, grid = teleported_setup(
-                    name, loaded.schedule, nfe, gaussian, skip, model=loaded
-                )
+                solver, grid = teleported_setup(name, loaded.schedule, nfe, skip, context=context)
                 with torch.inference_mode():
                     out = sample(loaded.denoiser, x, solver, grid)
                 t_skip = float(grid[1]) if skip else float(grid[0])
@@ -114,16 +110,16 @@ def guidance_sweep(
 ) -> dict[str, Any]:
     """Accuracy, FD and saturation against the guidance scale (targets: seed % 10)."""
     from diffsolve.app.classifier import classifier_accuracy, load_classifier
+    from diffsolve.app.conditioning import GuidanceSpec
     from diffsolve.app.data import load_digits
-    from diffsolve.wrappers.guidance import GuidanceSpec
     from diffsolve.app.loader import load_model
-    from diffsolve.solvers.registry import setup_solver
 
     loaded = load_model(model_name)
     seeds = list(range(seed, seed + samples))
     labels = torch.tensor(seeds) % 10
     x = noise_for_seeds(seeds, loaded.data_shape)
-    solver, grid = setup_solver(solver_name, loaded.schedule, nfe, model=loaded)
+    context = loaded.solver_context(preset(solver_name).needs)
+    solver, grid = setup_solver(solver_name, loaded.schedule, nfe, context=context)
     classifier = load_classifier()
     test = load_digits("test")
     rows = []
@@ -161,22 +157,18 @@ class InversionRow:
     max_error: float
 
 
-INVERSION_SOLVERS = (
-    "ddim",
-    "heun",
-    "dpm-solver++-2m",
-    "dpm-solver++-3m",
-    "unipc-bh2-3",
-    "deis-3",
-    "dpm-solver-v3",
-    "bdia",
-    "bdia-0.5",
-)
+def inversion_solvers(available: Collection[str]) -> list[str]:
+    """The default solvers of :func:`inversion_sweep`: the registry's line-up and every
+    solver with an exact inversion (``invert``/``reconstruct`` methods, e.g. BDIA)."""
+    exact = [
+        name for name, p in SOLVERS.items() if hasattr(p.solver, "reconstruct") and not p.needs
+    ]
+    return [n for n in lineup(available) if "@" not in n] + exact
 
 
 def inversion_sweep(
     model_name: str,
-    solvers: Sequence[str],
+    solvers: Sequence[str] | None,
     steps: Sequence[int],
     samples: int = 397,
 ) -> dict[str, Any]:
@@ -184,37 +176,41 @@ def inversion_sweep(
 
     The grid is each solver's default grid kind with ``steps`` steps from the schedule's
     noisiest to its cleanest time (not to :math:`t = 0`: :math:`\hat x_0` has no inverse);
-    the images are taken as the state at the cleanest time. ``bdia`` and ``bdia-0.5``
-    (γ = 1, 0.5) use BDIA's exact inversion (:func:`~diffsolve.solvers.bdia_invert`) on the
-    DDIM grid; every other name uses :func:`~diffsolve.ode.sampling.invert` with that solver.
-    ``steps`` counts grid steps (Heun spends two evaluations on each but the last).
+    the images are taken as the state at the cleanest time. Solvers with an exact inversion
+    (BDIA) use it (:meth:`~diffsolve.solvers.bdia.BDIA.invert`); every other one integrates
+    the ODE backwards (:func:`~diffsolve.ode.sampling.invert`). ``steps`` counts grid steps
+    (Heun spends two evaluations on each but the last). ``solvers=None``:
+    :func:`inversion_solvers`.
     """
     from diffsolve.app.data import load_digits
     from diffsolve.app.loader import load_model
-    from diffsolve.solvers.registry import SOLVERS, setup_solver
-    from diffsolve.ode.sampling import invert
-    from diffsolve.solvers.bdia import bdia_invert, bdia_reconstruct
 
     loaded = load_model(model_name)
+    context = loaded.solver_context(loaded.available())
     images = load_digits("test")[:samples].to(torch.float32)
-    t_clean = loaded.schedule.default_range[1]
     rows = []
-    for name in solvers:
+    for name in solvers or inversion_solvers(context.provides()):
         for n in steps:
-            gamma = {"bdia": 1.0, "bdia-0.5": 0.5}.get(name)
-            solver, _ = setup_solver("ddim" if gamma else name, loaded.schedule, n, model=loaded)
-            kind = SOLVERS["ddim" if gamma else name].grid_kind(n)
-            grid = grids.make_grid(loaded.schedule, n, kind, None, t_clean)
-            with torch.inference_mode():
-                if gamma is not None:
-                    x_t, x_next = bdia_invert(loaded.denoiser, images, grid, gamma)
-                    back = bdia_reconstruct(loaded.denoiser, x_t, x_next, grid, gamma)
-                else:
-                    x_t = invert(loaded.denoiser, images, solver, grid).x
-                    back = sample(loaded.denoiser, x_t, solver, grid).x
+            back = _round_trip(loaded, name, n, images, context)
             err = (back.float() - images).abs()
             rows.append(InversionRow(name, n, rmse(back, images), float(err.max())))
     return {"model": model_name, "samples": len(images), "rows": [asdict(r) for r in rows]}
+
+
+def _round_trip(
+    loaded: LoadedModel, name: str, steps: int, images: Tensor, context: SolverContext
+) -> Tensor:
+    """Images → noise → images with solver ``name`` on its grid of ``steps`` steps."""
+    solver, _ = setup_solver(name, loaded.schedule, steps, context=context)
+    kind = preset(name).grid_kind(steps)
+    t_clean = loaded.schedule.default_range[1]
+    grid = grids.make_grid(loaded.schedule, steps, kind, None, t_clean)
+    with torch.inference_mode():
+        if hasattr(solver, "reconstruct"):
+            x_t, x_next = solver.invert(loaded.denoiser, images, grid)
+            return solver.reconstruct(loaded.denoiser, x_t, x_next, grid)
+        x_t = invert(loaded.denoiser, images, solver, grid).x
+        return sample(loaded.denoiser, x_t, solver, grid).x
 
 
 def format_inversion(result: dict[str, Any]) -> str:

@@ -44,8 +44,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from diffsolve.stats.ems.statistics import EMS, make_metadata, model_fingerprint
 from diffsolve.ode.schedule import NoiseSchedule
+from diffsolve.stats.ems.statistics import EMS, make_metadata, model_fingerprint
 
 _F64 = torch.float64
 # per sample: e = e^{-lambda} eps, w = e - x/alpha = -x0_pred, d = e^{-lambda} eps'

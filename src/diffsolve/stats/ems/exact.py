@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import torch
 
+from diffsolve.ode.schedule import NoiseSchedule
 from diffsolve.stats.ems.compute import ems_grid
 from diffsolve.stats.ems.statistics import EMS, make_metadata, model_fingerprint
 from diffsolve.stats.gaussian.analytic import GaussianModel
-from diffsolve.ode.schedule import NoiseSchedule
 
 _F64 = torch.float64
 

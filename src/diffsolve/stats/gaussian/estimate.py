@@ -21,7 +21,7 @@ latents for a latent model. :func:`compute_gaussian_stats` streams over batches 
 The covariance is normalised by :math:`n - 1`, as :meth:`GaussianModel.fit` does.
 
 Files are safetensors with float64 tensors ``mean`` (data shape), ``eigvals`` ``(r,)`` and
-``eigvecs`` ``(D, r)`` and string metadata: ``format`` (``diffsolve.stats.gaussian.estimate``),
+``eigvecs`` ``(D, r)`` and string metadata: ``format`` (``diffsolve.gaussian_stats``),
 ``version``, ``data_shape`` (JSON list), ``rank``, ``num_samples``, ``fingerprint`` (see
 :func:`data_fingerprint`), ``method`` and a free-text ``description``.
 """
