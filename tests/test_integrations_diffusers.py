@@ -23,6 +23,7 @@ from diffsolve import (
     RectifiedFlow,
     UniPC,
     VPDiscrete,
+    grids,
     sample,
 )
 from diffsolve.app.loader import demo_path, load_model
@@ -364,6 +365,31 @@ def test_k_diffusion_entry_point_equals_sample():
     assert rel_err(heun, exact) <= 3e-2
     with pytest.raises(ValueError, match="strictly decreasing"):
         sample_denoiser(edm_denoiser, x, sigmas.flip(0))
+
+
+def test_dpm_solver_v3_through_the_k_diffusion_entry_point():
+    """DPM-Solver-v3 by registry name on k-diffusion's σ list, its EMS from the context (the
+    exact EMS of the Gaussian under diffsolve's EDM schedule): the same as sample()."""
+    from diffsolve import SolverContext
+    from diffsolve.integrations.k_diffusion import samplers
+    from diffsolve.stats.ems.exact import gaussian_ems
+
+    schedule = EDM(0.002, 80.0)
+    ems = gaussian_ems(VECTOR_GAUSSIAN, schedule, 200)
+    sigmas = grids.append_zero(schedule, grids.karras(schedule, 9))
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 80
+    context = SolverContext(ems=ems)
+    out = sample_denoiser(edm_denoiser, x, sigmas, solver="dpm-solver-v3", context=context)
+    solver = DPMSolverV3(ems, order=2, corrector=True, corrector_pseudo=True)
+    ours = sample(VECTOR_GAUSSIAN.denoiser(schedule), x, solver, sigmas).x
+    assert rel_err(out, ours) <= 1e-10
+    exact = VECTOR_GAUSSIAN.solution(x, 80.0, 0.0, schedule)
+    assert rel_err(out, exact) <= 1e-2
+    by_name = samplers(context)["sample_dpm_solver_v3"](edm_denoiser, x, sigmas)
+    assert torch.equal(by_name, out)
+    assert "sample_dpm_solver_v3" not in samplers()  # nothing to run it with
+    with pytest.raises(ValueError, match="needs the model's empirical model statistics"):
+        sample_denoiser(edm_denoiser, x, sigmas, solver="dpm-solver-v3")
 
 
 def test_core_does_not_import_diffusers():

@@ -59,6 +59,22 @@ def out_file_option(what: str) -> Callable[[F], F]:
     )
 
 
+class SolverChoice(click.Choice):
+    """``--solver``: ``auto`` or a registry name, read when the option is parsed (a solver
+    registered after this module was imported is a valid choice too)."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+
+    @property
+    def choices(self) -> list[str]:  # type: ignore[override]
+        return ["auto", *sorted(SOLVERS)]
+
+    @choices.setter
+    def choices(self, value: object) -> None:
+        """click's constructor sets the choices; they come from the registry instead."""
+
+
 @contextmanager
 def usage_errors() -> Iterator[None]:
     """Bad input (``ValueError``, a missing file) is a usage error: exit code 2 and the
@@ -103,7 +119,7 @@ def list_solvers() -> None:
 @click.option(
     "--solver",
     default="auto",
-    type=click.Choice(["auto", *sorted(SOLVERS)]),
+    type=SolverChoice(),
     metavar="NAME",
     help="Solver (see `diffsolve solvers`); auto: dpm-solver-v3 where the model ships EMS, "
     "else unipc-bh2-3.",

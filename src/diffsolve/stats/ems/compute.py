@@ -39,7 +39,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -280,42 +280,11 @@ def compute_ems(
     With ``torch.distributed`` initialised, every rank takes its share of the K samples and
     the sums are all-reduced; all ranks return the same statistics.
     """
-    if not hasattr(model, "differentiable_eps"):
-        raise ValueError(
-            f"{type(model).__name__} cannot be differentiated in (x, t); wrap the "
-            "network in diffsolve.ModelWrapper"
-        )
-    schedule: NoiseSchedule = model.schedule  # type: ignore[attr-defined]
-    if data.ndim < 2 or data.shape[0] == 0:
-        raise ValueError(f"data must have shape (M, *sample_shape), got {tuple(data.shape)}")
-    if grid_size < 2:
-        raise ValueError(f"grid_size must be >= 2, got {grid_size}")
-    k_total = samples or data.shape[0]
-    if k_total < 2:
-        raise ValueError(f"samples must be >= 2, got {k_total}")
-    default_start, default_end = schedule.default_range
-    t_start = default_start if t_start is None else float(t_start)
-    t_end = default_end if t_end is None else float(t_end)
-    if not 0 < t_end < t_start <= schedule.t_max:
-        raise ValueError(
-            f"need 0 < t_end < t_start <= {schedule.t_max}; got t_start={t_start}, t_end={t_end}"
-        )
-    conditioning = dict(conditioning or {})
-    for key, value in conditioning.items():
-        if not isinstance(value, Tensor) or value.ndim < 1 or value.shape[0] != data.shape[0]:
-            raise ValueError(
-                f"conditioning[{key!r}] must be a tensor with one entry per data point "
-                f"({data.shape[0]}), got {getattr(value, 'shape', type(value).__name__)}"
-            )
-    if conditioning and not hasattr(model, "with_kwargs"):
-        raise ValueError(
-            f"conditioning needs a model with with_kwargs (diffsolve.ModelWrapper), got "
-            f"{type(model).__name__}"
-        )
+    schedule, t_start, t_end = _check_model_and_range(model, t_start, t_end)
+    k_total = _check_data(data, samples, grid_size)
+    conditioning = _check_conditioning(model, data, conditioning)
     window = round(5 * grid_size / 1200) if window is None else int(window)
     rank, world = _dist_info()
-    grid = ems_grid(schedule, grid_size, t_start, t_end)
-    mine = [k for k in range(k_total) if (k // BLOCK) % world == rank]
     fingerprint = model_fingerprint(model)
     settings = {
         "N": grid_size,
@@ -329,47 +298,25 @@ def compute_ems(
         "shape": list(data.shape[1:]),
         **({"conditioning": sorted(conditioning)} if conditioning else {}),
     }
-    sums, done = _load_checkpoint(checkpoint, settings, rank)
-    jvp_fn = _JVP(model.differentiable_eps, jvp)  # type: ignore[attr-defined]
     dtype = data.dtype if data.dtype in (torch.float32, torch.float64) else torch.float32
-    x_all = data.to(device=device, dtype=dtype)
-    bar = _bar(progress and rank == 0, grid_size + 1, done)
-    last_save = time.monotonic()
-    for j in range(grid_size + 1):
-        if j in done:
-            continue
-        totals: dict[str, Tensor] = {}
-        for start in range(0, len(mine), batch_size):
-            chunk = mine[start : start + batch_size]
-            rows = torch.tensor([k % data.shape[0] for k in chunk])
-            x0 = x_all[rows]
-            if conditioning:  # the network sees each data point's own conditioning
-                jvp_fn.fn = model.with_kwargs(  # type: ignore[attr-defined]
-                    **{key: value[rows].to(device) for key, value in conditioning.items()}
-                ).differentiable_eps
-            part = _accumulate(jvp_fn, grid, j, x0, chunk, seed, device)
-            totals = {k: totals.get(k, 0) + v.cpu() for k, v in part.items()}
-        if not totals:  # a rank with no samples
-            totals = {k: torch.zeros(data.shape[1:], dtype=_F64) for k in MOMENTS}
-        for key in MOMENTS:
-            sums.setdefault(key, torch.zeros((grid_size + 1, *data.shape[1:]), dtype=_F64))
-            sums[key][j] = totals[key]
-        done.add(j)
-        if bar is not None:
-            bar.update(1)
-        if checkpoint is not None and time.monotonic() - last_save > 30:
-            _save_checkpoint(checkpoint, settings, rank, sums, done)
-            last_save = time.monotonic()
-    if bar is not None:
-        bar.close()
-    if checkpoint is not None:
-        _save_checkpoint(checkpoint, settings, rank, sums, done)
+    run = _Run(
+        model,
+        _JVP(model.differentiable_eps, jvp),  # type: ignore[attr-defined]
+        ems_grid(schedule, grid_size, t_start, t_end),
+        data.to(device=device, dtype=dtype),
+        conditioning,
+        [k for k in range(k_total) if (k // BLOCK) % world == rank],
+        seed,
+        batch_size,
+        device,
+    )
+    sums = run.all_points(_Checkpoint(checkpoint, settings, rank), progress and rank == 0)
     if world > 1:
         import torch.distributed as dist
 
         for key in MOMENTS:
             dist.all_reduce(sums[key])
-    l, s, b = finalize(sums, k_total, grid, window, l_window)
+    l, s, b = finalize(sums, k_total, run.grid, window, l_window)
     description = f"DPM-Solver-v3 EMS estimated by diffsolve (K={k_total}, N={grid_size})"
     if conditioning:
         description += f", conditioned on the data's {', '.join(sorted(conditioning))}"
@@ -386,7 +333,131 @@ def compute_ems(
         window=window,
         model_name=model_name,
     )
-    return EMS(grid.lambdas, l, s, b, meta)
+    return EMS(run.grid.lambdas, l, s, b, meta)
+
+
+def _check_model_and_range(
+    model: object, t_start: float | None, t_end: float | None
+) -> tuple[NoiseSchedule, float, float]:
+    """The model's schedule and the time range (default: the schedule's), checked."""
+    if not hasattr(model, "differentiable_eps"):
+        raise ValueError(
+            f"{type(model).__name__} cannot be differentiated in (x, t); wrap the "
+            "network in diffsolve.ModelWrapper"
+        )
+    schedule: NoiseSchedule = model.schedule  # type: ignore[attr-defined]
+    default_start, default_end = schedule.default_range
+    t_start = default_start if t_start is None else float(t_start)
+    t_end = default_end if t_end is None else float(t_end)
+    if not 0 < t_end < t_start <= schedule.t_max:
+        raise ValueError(
+            f"need 0 < t_end < t_start <= {schedule.t_max}; got t_start={t_start}, t_end={t_end}"
+        )
+    return schedule, t_start, t_end
+
+
+def _check_data(data: Tensor, samples: int | None, grid_size: int) -> int:
+    """``K``, after checking the data and the grid size."""
+    if data.ndim < 2 or data.shape[0] == 0:
+        raise ValueError(f"data must have shape (M, *sample_shape), got {tuple(data.shape)}")
+    if grid_size < 2:
+        raise ValueError(f"grid_size must be >= 2, got {grid_size}")
+    k_total = samples or data.shape[0]
+    if k_total < 2:
+        raise ValueError(f"samples must be >= 2, got {k_total}")
+    return k_total
+
+
+def _check_conditioning(
+    model: object, data: Tensor, conditioning: Mapping[str, Tensor] | None
+) -> dict[str, Tensor]:
+    """Per-data-point network arguments, one entry per data point."""
+    conditioning = dict(conditioning or {})
+    for key, value in conditioning.items():
+        if not isinstance(value, Tensor) or value.ndim < 1 or value.shape[0] != data.shape[0]:
+            raise ValueError(
+                f"conditioning[{key!r}] must be a tensor with one entry per data point "
+                f"({data.shape[0]}), got {getattr(value, 'shape', type(value).__name__)}"
+            )
+    if conditioning and not hasattr(model, "with_kwargs"):
+        raise ValueError(
+            f"conditioning needs a model with with_kwargs (diffsolve.ModelWrapper), got "
+            f"{type(model).__name__}"
+        )
+    return conditioning
+
+
+@dataclass
+class _Checkpoint:
+    """Where a run saves its progress (``None``: nowhere) and what it must match to resume."""
+
+    path: str | Path | None
+    settings: dict
+    rank: int
+
+    def load(self) -> tuple[dict[str, Tensor], set[int]]:
+        return _load_checkpoint(self.path, self.settings, self.rank)
+
+    def save(self, sums: dict[str, Tensor], done: set[int]) -> None:
+        if self.path is not None:
+            _save_checkpoint(self.path, self.settings, self.rank, sums, done)
+
+
+@dataclass
+class _Run:
+    """One estimation on this process: the model, the grid, this rank's samples."""
+
+    model: Any
+    jvp: _JVP
+    grid: _Grid
+    data: Tensor
+    conditioning: dict[str, Tensor]
+    mine: list[int]
+    seed: int
+    batch_size: int
+    device: str
+
+    def point(self, j: int) -> dict[str, Tensor]:
+        """Moment sums over this rank's samples at grid point ``j``."""
+        totals: dict[str, Tensor] = {}
+        for start in range(0, len(self.mine), self.batch_size):
+            chunk = self.mine[start : start + self.batch_size]
+            rows = torch.tensor([k % self.data.shape[0] for k in chunk])
+            if self.conditioning:  # the network sees each data point's own conditioning
+                kwargs = {
+                    key: value[rows].to(self.device) for key, value in self.conditioning.items()
+                }
+                self.jvp.fn = self.model.with_kwargs(**kwargs).differentiable_eps
+            part = _accumulate(
+                self.jvp, self.grid, j, self.data[rows], chunk, self.seed, self.device
+            )
+            totals = {k: totals.get(k, 0) + v.cpu() for k, v in part.items()}
+        if not totals:  # a rank with no samples
+            totals = {k: torch.zeros(self.data.shape[1:], dtype=_F64) for k in MOMENTS}
+        return totals
+
+    def all_points(self, checkpoint: _Checkpoint, progress: bool) -> dict[str, Tensor]:
+        """Moment sums ``(N+1, *shape)`` at every grid point, resumed from and saved to
+        ``checkpoint`` (every 30 s and at the end)."""
+        sums, done = checkpoint.load()
+        n = self.grid.lambdas.numel()
+        bar = _bar(progress, n, done)
+        last_save = time.monotonic()
+        for j in (j for j in range(n) if j not in done):
+            totals = self.point(j)
+            for key in MOMENTS:
+                sums.setdefault(key, torch.zeros((n, *self.data.shape[1:]), dtype=_F64))
+                sums[key][j] = totals[key]
+            done.add(j)
+            if bar is not None:
+                bar.update(1)
+            if time.monotonic() - last_save > 30:
+                checkpoint.save(sums, done)
+                last_save = time.monotonic()
+        if bar is not None:
+            bar.close()
+        checkpoint.save(sums, done)
+        return sums
 
 
 def _dist_info() -> tuple[int, int]:
