@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.nn import functional as fn
 
 from diffsolve.app.loader import DEMO_DIR
-from diffsolve.app.nets import ResBlock, timestep_embedding
+from diffsolve.app.nets import ResBlock, embed_time
 
 __all__ = [
     "CLASSIFIER_DEMOS",
@@ -96,15 +96,7 @@ class DigitsClassifier(nn.Module):
     def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
         """Logits ``(B, K)`` for ``x`` ``(B, C, H, W)`` at network time ``t`` (scalar or
         ``(B,)``, the digits model's training timestep)."""
-        b = x.shape[0]
-        t = torch.as_tensor(t, device=x.device)
-        t = t.to(torch.promote_types(t.dtype, torch.float32))
-        if t.ndim == 0:
-            t = t.expand(b)
-        elif t.shape != (b,):
-            raise ValueError(f"t must be a scalar or have shape ({b},), got {tuple(t.shape)}")
-        temb = timestep_embedding(t * self.time_scale, self.base_channels)
-        emb = self.time_mlp(temb.to(x.dtype))
+        emb = embed_time(self, x, t)
         h = self.conv_in(x)
         for level, block in enumerate(self.blocks):
             h = block(h, emb)

@@ -48,15 +48,20 @@ def data_option(help: str) -> Callable[[F], F]:
     )
 
 
+def int_option(flag: str, default: int, minimum: int, help: str) -> Callable[[F], F]:
+    """An integer option with a lower bound."""
+    dest = flag.lstrip("-").replace("-", "_")
+    return click.option(flag, dest, default=default, type=click.IntRange(minimum, None), help=help)
+
+
+def file_option(flag: str, dest: str, help: str) -> Callable[[F], F]:
+    """An optional output file."""
+    return click.option(flag, dest, default=None, type=click.Path(dir_okay=False), help=help)
+
+
 def out_file_option(what: str) -> Callable[[F], F]:
     """``--out FILE`` (default: the model folder's file)."""
-    return click.option(
-        "--out",
-        "out_path",
-        default=None,
-        type=click.Path(dir_okay=False),
-        help=f"Output file (default: the model's {what}).",
-    )
+    return file_option("--out", "out_path", f"Output file (default: the model's {what}).")
 
 
 class SolverChoice(click.Choice):
@@ -133,18 +138,8 @@ def list_solvers() -> None:
     help="Step grid (default: the solver's).",
 )
 @click.option("--seeds", default="0-63", metavar="LIST", help="Seeds, e.g. 0-49999 or 0,5,9-12.")
-@click.option(
-    "--batch-size",
-    default=64,
-    type=click.IntRange(1, None),
-    help="Samples per model call (does not change the samples).",
-)
-@click.option(
-    "--shard-size",
-    default=1000,
-    type=click.IntRange(1, None),
-    help="Seeds per shard file (shard-<first seed>.npz).",
-)
+@int_option("--batch-size", 64, 1, "Samples per model call (does not change the samples).")
+@int_option("--shard-size", 1000, 1, "Seeds per shard file (shard-<first seed>.npz).")
 @click.option(
     "--out",
     "out_dir",
@@ -279,30 +274,11 @@ def merge_command(out_dir: str) -> None:
     help="Comma-separated contestants: solver names (`diffsolve solvers`), NAME@GRID, "
     "NAME@diffusers-grid, diffusers:PEER. Default: ours, every peer, twins.",
 )
-@click.option(
-    "--samples", default=512, type=click.IntRange(2, None), help="Samples (same noise for all)."
-)
+@int_option("--samples", 512, 2, "Samples (same noise for all).")
 @seed_option()
-@click.option(
-    "--reference-steps",
-    default=500,
-    type=click.IntRange(50, None),
-    help="Steps of the two reference solves.",
-)
-@click.option(
-    "--json",
-    "json_path",
-    default=None,
-    type=click.Path(dir_okay=False),
-    help="Write all results as JSON.",
-)
-@click.option(
-    "--plot",
-    "plot_path",
-    default=None,
-    type=click.Path(dir_okay=False),
-    help="Write a PNG plot of RMSE against NFE.",
-)
+@int_option("--reference-steps", 500, 50, "Steps of the two reference solves.")
+@file_option("--json", "json_path", "Write all results as JSON.")
+@file_option("--plot", "plot_path", "Write a PNG plot of RMSE against NFE.")
 @device_option()
 @click.option("--no-overhead", is_flag=True, help="Skip the null-model overhead measurement.")
 @click.option(
@@ -415,20 +391,16 @@ def _run_sweep(
 
 @main.command("ems")
 @model_option()
-@click.option("--samples", default=1024, type=click.IntRange(2, None), help="K: data points.")
+@int_option("--samples", 1024, 2, "K: data points.")
 @click.option(
-    "--grid",
-    "grid_size",
-    default=200,
-    type=click.IntRange(2, None),
-    help="N: intervals of the logSNR grid.",
+    "--grid", "grid_size", default=200, type=click.IntRange(2, None), help="N: logSNR intervals."
 )
 @out_file_option("ems.safetensors")
 @data_option("x0 points: the digits training split, or a .pt/.npy/.npz array (M, ...).")
 @click.option("--t-start", default=None, type=float, help="Noisiest time (default: schedule's).")
 @click.option("--t-end", default=None, type=float, help="Cleanest time (default: schedule's).")
 @seed_option("Noise and probe seed.")
-@click.option("--batch-size", default=512, type=click.IntRange(1, None), help="JVP batch.")
+@int_option("--batch-size", 512, 1, "JVP batch.")
 @click.option(
     "--jvp",
     default="auto",

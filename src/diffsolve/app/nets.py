@@ -41,6 +41,21 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     return emb
 
 
+def embed_time(network: nn.Module, x: Tensor, t: Tensor | float) -> Tensor:
+    """``network.time_mlp`` of the sinusoidal embedding of network time ``t`` (a scalar or
+    ``(B,)``, scaled by ``network.time_scale``), in ``x``'s dtype. The time itself stays in at
+    least float32 even when the network runs in half precision."""
+    b = x.shape[0]
+    t = torch.as_tensor(t, device=x.device)
+    t = t.to(torch.promote_types(t.dtype, torch.float32))
+    if t.ndim == 0:
+        t = t.expand(b)
+    elif t.shape != (b,):
+        raise ValueError(f"t must be a scalar or have shape ({b},), got {tuple(t.shape)}")
+    temb = timestep_embedding(t * network.time_scale, network.base_channels)
+    return network.time_mlp(temb.to(x.dtype))
+
+
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
     """GroupNorm with ``groups`` groups (reduced to a divisor of ``channels`` if needed)."""
     g = math.gcd(groups, channels)
@@ -199,15 +214,7 @@ class DigitsUNet(nn.Module):
     def _embed(self, x: Tensor, t: Tensor, class_labels: Tensor | None) -> Tensor:
         """Return the (B, emb_dim) time (+ class) embedding, in the dtype of ``x``."""
         b = x.shape[0]
-        t = torch.as_tensor(t, device=x.device)
-        # Keep the time in (at least) float32 even when the model runs in half precision.
-        t = t.to(torch.promote_types(t.dtype, torch.float32))
-        if t.ndim == 0:
-            t = t.expand(b)
-        elif t.shape != (b,):
-            raise ValueError(f"t must be a scalar or have shape ({b},), got {tuple(t.shape)}")
-        temb = timestep_embedding(t * self.time_scale, self.base_channels)
-        emb = self.time_mlp(temb.to(x.dtype))
+        emb = embed_time(self, x, t)
         if self.class_emb is not None:
             if class_labels is None:
                 labels = torch.full((b,), self.num_classes, dtype=torch.long, device=x.device)

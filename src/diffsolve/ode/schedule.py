@@ -60,18 +60,21 @@ class NoiseSchedule(ABC):
     """A diffusion noise schedule in solver time ``t`` (see the module docstring)."""
 
     kind: str
+    #: ``(t_start, t_end)``: the noisiest usable solver time (λ finite) and the conventional
+    #: cleanest one; set by every schedule.
+    t_range: tuple[float, float]
 
-    # ---- abstract interface ------------------------------------------------------------
     @property
-    @abstractmethod
     def t_max(self) -> float:
         """Noisiest usable solver time (λ finite)."""
+        return self.t_range[0]
 
     @property
-    @abstractmethod
     def default_range(self) -> tuple[float, float]:
         """Conventional ``(t_start, t_end)`` for sampling."""
+        return self.t_range
 
+    # ---- abstract interface ------------------------------------------------------------
     @abstractmethod
     def log_alpha_sigma(self, t: TimeLike) -> tuple[Tensor, Tensor]:
         """Return :math:`(\\log\\alpha_t, \\log\\sigma_t)` in float64."""
@@ -162,6 +165,7 @@ class VPDiscrete(NoiseSchedule):
         n = self.num_train_timesteps
         self._knots_t = torch.cat([torch.zeros(1, dtype=_F64), torch.arange(1, n + 1) / n])
         self._knots_log_alpha = torch.cat([torch.zeros(1, dtype=_F64), 0.5 * torch.log(ac)])
+        self.t_range = (1.0, 1.0 / n)
 
     @classmethod
     def from_betas(cls, betas: Tensor | Sequence[float]) -> VPDiscrete:
@@ -208,14 +212,6 @@ class VPDiscrete(NoiseSchedule):
         }
         return schedule
 
-    @property
-    def t_max(self) -> float:
-        return 1.0
-
-    @property
-    def default_range(self) -> tuple[float, float]:
-        return (1.0, 1.0 / self.num_train_timesteps)
-
     def log_alpha_sigma(self, t: TimeLike) -> tuple[Tensor, Tensor]:
         log_alpha = _interp(_as_f64(t), self._knots_t, self._knots_log_alpha)
         return log_alpha, _log_sigma_vp(log_alpha)
@@ -250,14 +246,7 @@ class VPLinear(NoiseSchedule):
         if not 0 < beta_min < beta_max:
             raise ValueError("VPLinear: need 0 < beta_min < beta_max")
         self.beta_min, self.beta_max, self.T = float(beta_min), float(beta_max), float(T)
-
-    @property
-    def t_max(self) -> float:
-        return self.T
-
-    @property
-    def default_range(self) -> tuple[float, float]:
-        return (self.T, 1e-3)
+        self.t_range = (self.T, 1e-3)
 
     def log_alpha_sigma(self, t: TimeLike) -> tuple[Tensor, Tensor]:
         t = _as_f64(t)
@@ -291,14 +280,7 @@ class VPCosine(NoiseSchedule):
             raise ValueError("VPCosine: T must lie in (0, 1); T = 1 has lambda = -inf")
         self.s, self.T = float(s), float(T)
         self._log_alpha_0 = math.log(math.cos(self.s / (1 + self.s) * math.pi / 2))
-
-    @property
-    def t_max(self) -> float:
-        return self.T
-
-    @property
-    def default_range(self) -> tuple[float, float]:
-        return (self.T, 1e-3)
+        self.t_range = (self.T, 1e-3)
 
     def log_alpha_sigma(self, t: TimeLike) -> tuple[Tensor, Tensor]:
         angle = (_as_f64(t) + self.s) / (1 + self.s) * math.pi / 2
@@ -324,14 +306,7 @@ class EDM(NoiseSchedule):
         if not 0 < sigma_min < sigma_max:
             raise ValueError("EDM: need 0 < sigma_min < sigma_max")
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
-
-    @property
-    def t_max(self) -> float:
-        return self.sigma_max
-
-    @property
-    def default_range(self) -> tuple[float, float]:
-        return (self.sigma_max, self.sigma_min)
+        self.t_range = (self.sigma_max, self.sigma_min)
 
     def log_alpha_sigma(self, t: TimeLike) -> tuple[Tensor, Tensor]:
         t = _as_f64(t)
@@ -353,15 +328,7 @@ class RectifiedFlow(NoiseSchedule):
     def __init__(self, t_max: float = 1.0 - 1e-3, t_min: float = 1e-3) -> None:
         if not 0 < t_min < t_max < 1:
             raise ValueError("RectifiedFlow: need 0 < t_min < t_max < 1 (t = 1 has lambda = -inf)")
-        self._t_max, self.t_min = float(t_max), float(t_min)
-
-    @property
-    def t_max(self) -> float:
-        return self._t_max
-
-    @property
-    def default_range(self) -> tuple[float, float]:
-        return (self._t_max, self.t_min)
+        self.t_range = (float(t_max), float(t_min))
 
     def log_alpha_sigma(self, t: TimeLike) -> tuple[Tensor, Tensor]:
         t = _as_f64(t)
@@ -371,7 +338,7 @@ class RectifiedFlow(NoiseSchedule):
         return torch.sigmoid(-_as_f64(lam))
 
     def to_config(self) -> dict[str, Any]:
-        return {"kind": self.kind, "t_max": self._t_max, "t_min": self.t_min}
+        return {"kind": self.kind, "t_max": self.t_range[0], "t_min": self.t_range[1]}
 
 
 # ---------------------------------------------------------------------------------------
