@@ -115,7 +115,7 @@ def main() -> None:
 def list_solvers() -> None:
     """List the named solver configurations."""
     width = max(len(n) for n in SOLVERS)
-    for name, spec in SOLVERS.items():
+    for name, spec in sorted(SOLVERS.items()):
         click.echo(f"{name:<{width}}  {spec.description}")
 
 

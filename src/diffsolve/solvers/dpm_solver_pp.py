@@ -69,5 +69,4 @@ class DPMSolverPP(DPMSolver):
             ),
             "lower_order_final": ConfigKey(True, "lower_order_final"),
         },
-        mirrors="DPMSolverMultistepScheduler",
     )

@@ -18,8 +18,9 @@ evaluate the model and which updates to apply:
 
 A :class:`StepPlan` is a tuple of such records on a grid. :func:`multistep_plan` and
 :func:`stage_plan` build one from a solver's per-step rule and give every step that ends at
-clean data (``t = 0``) the one shared final step, :data:`FINAL`: return :math:`\hat x_0`.
-The coefficients depend on the grid only, never on ``x``: a plan is computed once, in float64.
+clean data (``t = 0``) the one shared final step, :func:`final_update`: return
+:math:`\hat x_0`. The coefficients depend on the grid only, never on ``x``: a plan is
+computed once, in float64, and stepping it needs no host synchronisation.
 """
 
 from __future__ import annotations

@@ -180,13 +180,12 @@ class ConfigKey:
 @dataclass(frozen=True)
 class DiffusersMapping:
     """A solver's drop-in diffusers scheduler: its class name, the registry preset whose
-    default grid it uses, its own config keys, and diffusers' scheduler it re-implements
-    (for the bench's twins)."""
+    default grid it uses, and its own config keys (beyond the shared ones of
+    :data:`diffsolve.integrations.diffusers.SHARED_KEYS`)."""
 
     scheduler: str
     preset: str
     keys: Mapping[str, ConfigKey] = field(default_factory=dict)
-    mirrors: str | None = None
 
     def options(self, config: Mapping[str, Any]) -> dict[str, Any]:
         """Solver options from a scheduler config (keys not given take their default)."""
@@ -234,15 +233,6 @@ def preset(name: str) -> Preset:
     return SOLVERS[name]
 
 
-def mirror_of(diffusers_scheduler: str) -> type[Solver] | None:
-    """The registered solver that re-implements a diffusers scheduler class, if any."""
-    for cls in _CLASSES:
-        mapping = getattr(cls, "diffusers", None)
-        if mapping is not None and mapping.mirrors == diffusers_scheduler:
-            return cls
-    return None
-
-
 #: Preference of :func:`default_solver`: DPM-Solver-v3 where the model ships EMS (the best
 #: solver at 5–20 NFE on every demo model), else the best of the others at 10 NFE
 #: (BENCHMARKS.md).
@@ -259,8 +249,10 @@ def default_solver(available: Collection[str]) -> str:
 
 def lineup(available: Collection[str]) -> list[str]:
     """The bench's default contestants among our solvers: every line-up preset whose needs
-    are ``available``, then its extra grids as ``NAME@GRID``."""
-    presets = [p for p in SOLVERS.values() if p.lineup and set(p.needs) <= set(available)]
+    are ``available`` (by name), then their extra grids as ``NAME@GRID``."""
+    presets = [
+        p for _, p in sorted(SOLVERS.items()) if p.lineup and set(p.needs) <= set(available)
+    ]
     return [p.name for p in presets] + [
         f"{p.name}@{kind}" for p in presets for kind in p.lineup_grids
     ]

@@ -138,7 +138,6 @@ class UniPC(Solver):
             "disable_corrector": ConfigKey(None, "disable_corrector", lambda v: tuple(v or ())),
             "lower_order_final": ConfigKey(True, "lower_order_final"),
         },
-        mirrors="UniPCMultistepScheduler",
     )
 
     def __post_init__(self) -> None:
