@@ -50,13 +50,14 @@ class AdamsBashforth2(Solver):
         return self.order
 
     def build_plan(self, schedule, grid):
-        v = GridValues.of(schedule, grid)
+        at = GridValues.of(schedule, grid)
 
         def predictor(i, p):
-            e = v.exp_step("data", i, i + 1)
-            return Update(e.a, taylor_weights(e, v.nodes(i, range(i, i - p, -1))), "data")
+            step = at.exp_step("data", i, i + 1)
+            nodes = at.nodes(i, range(i, i - p, -1))
+            return Update(step.a, taylor_weights(step, nodes), "data")
 
-        return multistep_plan(v, multistep_orders(v, self.order, True), predictor)
+        return multistep_plan(at, multistep_orders(at, self.order, True), predictor)
 '''
 
 

@@ -117,13 +117,13 @@ class AdaptivePlan(Plan[AdaptiveState]):
         self, model: Denoiser, x: Tensor, t: float, t_next: float
     ) -> tuple[Tensor, Tensor, Prediction]:
         cfg = self.solver
-        v = GridValues.of(self.schedule, torch.tensor([t, t_next], dtype=torch.float64))
+        at = GridValues.of(self.schedule, torch.tensor([t, t_next], dtype=torch.float64))
         nodes = _NODES[cfg.order]
-        high = singlestep_step(v, 0, cfg.order, cfg.space, cfg.solver_type, nodes)
+        high = singlestep_step(at, 0, cfg.order, cfg.space, cfg.solver_type, nodes)
         x_high, points = high.run(model, x)
-        e = v.exp_step(cfg.space, 0, 1)
+        step = at.exp_step(cfg.space, 0, 1)
         low_nodes = [0.0, *nodes[: cfg.order - 2]]
-        low = Update(e.a, ei_weights(e, low_nodes, cfg.solver_type), cfg.space)
+        low = Update(step.a, ei_weights(step, low_nodes, cfg.solver_type), cfg.space)
         return low.apply(x, points), x_high, points[0].prediction
 
 

@@ -73,24 +73,26 @@ class BDIA(Solver):
             )
 
     def build_plan(self, schedule: NoiseSchedule, grid: Tensor) -> StepPlan:
-        v = GridValues.of(schedule, grid)
-        # sampling: z_{k+1} = F_k + g (z_{k-1} - B_k); inversion (increasing grid), solved for
-        # the noisier neighbour: z_{k+1} = F_k + (z_{k-1} - B_k)/g, where F now maps towards
+        at = GridValues.of(schedule, grid)
+        # sampling: z_{k+1} = F_k + γ (z_{k-1} - B_k); inversion (increasing grid), solved for
+        # the noisier neighbour: z_{k+1} = F_k + (z_{k-1} - B_k)/γ, where F now maps towards
         # the noisier time t_{k+1} and B back to the cleaner t_{k-1}
-        k = 1.0 / self.gamma if bool(grid[-1] > grid[0]) else self.gamma
+        coupling = 1.0 / self.gamma if bool(grid[-1] > grid[0]) else self.gamma
 
         def ddim(i: int, j: int) -> tuple[float, float]:
-            e = v.exp_step("data", i, j)
-            return e.a, e.coef(0)
+            step = at.exp_step("data", i, j)
+            return step.a, step.coef(0)
 
         def predictor(i: int, order: int) -> Update:
             a_f, c_f = ddim(i, i + 1)
             if i == 0:  # plain DDIM (inversion) step
                 return Update(a_f, (c_f,), "data")
             a_b, c_b = ddim(i, i - 1)
-            return Update(a_f - k * a_b, (c_f - k * c_b,), "data", prev=k)
+            return Update(
+                a_f - coupling * a_b, (c_f - coupling * c_b,), "data", prev=coupling
+            )
 
-        return multistep_plan(v, [1] * v.num_steps, predictor)
+        return multistep_plan(at, [1] * at.num_steps, predictor)
 
     def invert(
         self, model: Denoiser, x: Tensor, grid: Tensor | Sequence[float]

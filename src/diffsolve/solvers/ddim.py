@@ -40,10 +40,10 @@ class DDIM(Solver):
         check_order(self.order, (1,), "DDIM")
 
     def build_plan(self, schedule: NoiseSchedule, grid: Tensor) -> StepPlan:
-        v = GridValues.of(schedule, grid)
+        at = GridValues.of(schedule, grid)
 
         def predictor(i: int, order: int) -> Update:
-            e = v.exp_step("data", i, i + 1)
-            return Update(e.a, (e.coef(0),), "data")
+            step = at.exp_step("data", i, i + 1)
+            return Update(step.a, (step.coef(0),), "data")
 
-        return multistep_plan(v, [1] * v.num_steps, predictor)
+        return multistep_plan(at, [1] * at.num_steps, predictor)

@@ -82,25 +82,25 @@ class DEIS(Solver):
         return self.order
 
     def build_plan(self, schedule: NoiseSchedule, grid: Tensor) -> StepPlan:
-        v = GridValues.of(schedule, grid)
+        at = GridValues.of(schedule, grid)
 
         def predictor(i: int, p: int) -> Update:
-            c = self._coefficients(v, i, list(range(i, i - p, -1)))
-            return Update(v.alpha[i + 1] / v.alpha[i], tuple(v.alpha[i + 1] * c), "noise")
+            c = self._coefficients(at, i, list(range(i, i - p, -1)))
+            return Update(at.alpha[i + 1] / at.alpha[i], tuple(at.alpha[i + 1] * c), "noise")
 
         return multistep_plan(
-            v, multistep_orders(v, self.order, self.lower_order_final), predictor
+            at, multistep_orders(at, self.order, self.lower_order_final), predictor
         )
 
-    def _coefficients(self, v: GridValues, i: int, points: list[int]) -> np.ndarray:
+    def _coefficients(self, at: GridValues, i: int, points: list[int]) -> np.ndarray:
         """:math:`C_{ij} = -\\int_{\\lambda_i}^{\\lambda_{i+1}} \\ell_j(u(\\lambda))
         e^{-\\lambda} d\\lambda` for the Lagrange basis through ``points``."""
         x, w = np.polynomial.legendre.leggauss(_QUADRATURE_NODES)
-        lo, hi = v.lam[i], v.lam[i + 1]
+        lo, hi = at.lam[i], at.lam[i + 1]
         lam = 0.5 * (hi - lo) * x + 0.5 * (hi + lo)
         weights = -0.5 * (hi - lo) * w * np.exp(-lam)
-        u = self._variable(v.schedule, lam)
-        nodes = self._variable(v.schedule, np.array([v.lam[p] for p in points]))
+        u = self._variable(at.schedule, lam)
+        nodes = self._variable(at.schedule, np.array([at.lam[p] for p in points]))
         coefficients = []
         for j in range(len(points)):
             basis = np.ones_like(u)

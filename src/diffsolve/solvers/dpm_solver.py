@@ -85,13 +85,13 @@ def singlestep_preset(name: str, description: str, order: int, **extra: object) 
     )
 
 
-def ei_weights(e: ExpStep, nodes: list[float], solver_type: SolverType) -> tuple[float, ...]:
+def ei_weights(step: ExpStep, nodes: list[float], solver_type: SolverType) -> tuple[float, ...]:
     """Weights on predictions at normalised ``nodes`` (``nodes[0] = 0``) for one step."""
     if len(nodes) == 2 and solver_type == "midpoint":
         # DPM-Solver-2: the first difference (D_1 - D_0)/tau_1 weighted by c h phi_1 / 2.
-        half = 0.5 * e.coef(0) / nodes[1]
-        return (e.coef(0) - half, half)
-    return taylor_weights(e, nodes)
+        half = 0.5 * step.coef(0) / nodes[1]
+        return (step.coef(0) - half, half)
+    return taylor_weights(step, nodes)
 
 
 @register
@@ -143,35 +143,35 @@ class DPMSolver(Solver):
         return self.order if self.method == "multistep" else 1
 
     def build_plan(self, schedule: NoiseSchedule, grid: Tensor) -> StepPlan:
-        v = GridValues.of(schedule, grid)
+        at = GridValues.of(schedule, grid)
         if self.method == "multistep":
-            return self._multistep_plan(v)
-        return self._singlestep_plan(v)
+            return self._multistep_plan(at)
+        return self._singlestep_plan(at)
 
-    def _multistep_plan(self, v: GridValues) -> StepPlan:
+    def _multistep_plan(self, at: GridValues) -> StepPlan:
         def predictor(i: int, p: int) -> Update:
-            e = v.exp_step(self.space, i, i + 1)
-            weights = ei_weights(e, v.nodes(i, range(i, i - p, -1)), self.solver_type)
-            return Update(e.a, weights, self.space)
+            step = at.exp_step(self.space, i, i + 1)
+            weights = ei_weights(step, at.nodes(i, range(i, i - p, -1)), self.solver_type)
+            return Update(step.a, weights, self.space)
 
         return multistep_plan(
-            v, multistep_orders(v, self.order, self.lower_order_final), predictor
+            at, multistep_orders(at, self.order, self.lower_order_final), predictor
         )
 
-    def _singlestep_plan(self, v: GridValues) -> StepPlan:
-        orders = list(self.orders) if self.orders is not None else [self.order] * v.num_steps
-        if len(orders) != v.num_steps:
+    def _singlestep_plan(self, at: GridValues) -> StepPlan:
+        orders = list(self.orders) if self.orders is not None else [self.order] * at.num_steps
+        if len(orders) != at.num_steps:
             raise ValueError(
-                f"orders: got {len(orders)} per-step orders for a grid of {v.num_steps} "
+                f"orders: got {len(orders)} per-step orders for a grid of {at.num_steps} "
                 "steps; they must match"
             )
         return stage_plan(
-            v, lambda i: singlestep_step(v, i, orders[i], self.space, self.solver_type)
+            at, lambda i: singlestep_step(at, i, orders[i], self.space, self.solver_type)
         )
 
 
 def singlestep_step(
-    v: GridValues,
+    at: GridValues,
     i: int,
     order: int,
     space: Space,
@@ -185,26 +185,26 @@ def singlestep_step(
     first difference :math:`(D_1 - D_0)`, rescaled from :math:`r_1` to the stage's own length
     :math:`r_2` (Lu et al. 2022, Alg. 3).
     """
-    h = v.lam[i + 1] - v.lam[i]
+    h = at.lam[i + 1] - at.lam[i]
     r = SINGLESTEP_NODES[order] if nodes is None else nodes
     if len(r) != order - 1:
         raise ValueError(f"nodes: order {order} needs {order - 1} stage positions, got {r}")
-    times, updates = [v.t[i]], []
+    times, updates = [at.t[i]], []
     for j, r_j in enumerate(r):
-        t_j, e = v.step_to_lambda(space, i, v.lam[i] + r_j * h)
+        t_j, step = at.step_to_lambda(space, i, at.lam[i] + r_j * h)
         if j == 0:
-            w: tuple[float, ...] = (e.coef(0),)
+            w: tuple[float, ...] = (step.coef(0),)
         else:
-            d1 = e.coef(1) * r_j / r[0]
-            w = (e.coef(0) - d1, d1)
+            d1 = step.coef(1) * r_j / r[0]
+            w = (step.coef(0) - d1, d1)
         times.append(t_j)
-        updates.append(Update(e.a, w, space))
-    e = v.exp_step(space, i, i + 1)
+        updates.append(Update(step.a, w, space))
+    step = at.exp_step(space, i, i + 1)
     if order == 3 and solver_type == "midpoint":
         # DPM-Solver-3: only the r_2 stage enters the final update.
-        d = e.coef(1) / r[1]
-        w = (e.coef(0) - d, 0.0, d)
+        d = step.coef(1) / r[1]
+        w = (step.coef(0) - d, 0.0, d)
     else:
-        w = ei_weights(e, [0.0, *r], solver_type)
-    updates.append(Update(e.a, w, space))
-    return StageStep(v.t[i], v.t[i + 1], tuple(times), tuple(updates))
+        w = ei_weights(step, [0.0, *r], solver_type)
+    updates.append(Update(step.a, w, space))
+    return StageStep(at.t[i], at.t[i + 1], tuple(times), tuple(updates))

@@ -150,27 +150,27 @@ class DPMSolverV3(Solver):
         return self.order
 
     def build_plan(self, schedule: NoiseSchedule, grid: Tensor) -> StepPlan:
-        v = GridValues.of(schedule, grid)
-        finite = [lam for lam in v.lam if math.isfinite(lam)]
+        at = GridValues.of(schedule, grid)
+        finite = [lam for lam in at.lam if math.isfinite(lam)]
         self.ems.check_compatible(schedule)
         self.ems.check_range(finite)
         table = EMSTable(self.ems, finite)
-        orders = multistep_orders(v, self.order, self.lower_order_final)
+        orders = multistep_orders(at, self.order, self.lower_order_final)
 
         def predictor(i: int, p: int) -> Update:
             extras = [(i - j, j) for j in range(1, p)]  # (grid point, history index)
-            return _update(table, v, i, i + 1, 0, extras, self.predictor_pseudo)
+            return _update(table, at, i, i + 1, 0, extras, self.predictor_pseudo)
 
         def f_x(i: int) -> Tensor:
             """:math:`f = -\\hat x_0 + f_x x` with :math:`f_x = (1 - l)/\\alpha`."""
-            return (1.0 - table.values(v.lam[i])[0]) / v.alpha[i]
+            return (1.0 - table.values(at.lam[i])[0]) / at.alpha[i]
 
         return multistep_plan(
-            v, orders, predictor, lambda i: self._corrector(table, v, i, orders), f_x
+            at, orders, predictor, lambda i: self._corrector(table, at, i, orders), f_x
         )
 
     def _corrector(
-        self, table: EMSTable, v: GridValues, i: int, orders: list[int]
+        self, table: EMSTable, at: GridValues, i: int, orders: list[int]
     ) -> Update | None:
         """Corrector of the step ``i-1 → i``, applied after evaluating at point ``i``."""
         if not self.corrector or i == 0:
@@ -178,19 +178,19 @@ class DPMSolverV3(Solver):
         c_order = orders[i - 1] + int(self.corrector_pseudo)
         if c_order <= 1:
             return None
-        t_frac = v.t[i] / v.schedule.t_max
+        t_frac = at.t[i] / at.schedule.t_max
         if (self.half_corrector == "low_noise" and t_frac > 0.5) or (
             self.half_corrector == "high_noise" and t_frac <= 0.5
         ):
             return None
         # base: point i-1 (history index 1); extras: the new point i, then i-2, i-3, ...
         extras = [(i, 0)] + [(i - 1 - j, j + 1) for j in range(1, c_order - 1)]
-        return _update(table, v, i - 1, i, 1, extras, self.corrector_pseudo)
+        return _update(table, at, i - 1, i, 1, extras, self.corrector_pseudo)
 
 
 def _update(
     table: EMSTable,
-    v: GridValues,
+    at: GridValues,
     s: int,
     t: int,
     base: int,
@@ -200,10 +200,10 @@ def _update(
     """The step from grid point ``s`` to ``t`` on the feature ``f``: the evaluation at ``s``
     (history index ``base``) and ``extras`` (grid point, history index) estimate the
     derivatives of :math:`g` (module docstring)."""
-    lam_s = v.lam[s]
+    lam_s = at.lam[s]
     _, _, big_s, big_b = table.values(lam_s)
-    integrals = table.step(lam_s, v.lam[t], max(len(extras), 1))
-    weights = derivative_weights([0.0] + [v.lam[p] - lam_s for p, _ in extras], pseudo)
+    integrals = table.step(lam_s, at.lam[t], max(len(extras), 1))
+    weights = derivative_weights([0.0] + [at.lam[p] - lam_s for p, _ in extras], pseudo)
     q = (
         [
             sum(integrals.moments[k] * row[j] for k, row in enumerate(weights))
@@ -212,13 +212,13 @@ def _update(
         if extras
         else [torch.zeros_like(integrals.i0)]
     )
-    scale = -v.alpha[t] * integrals.decay
+    scale = -at.alpha[t] * integrals.decay
     w_base = scale * (integrals.i0 + q[0])
     w, points, const = [], [], integrals.c0.clone()
     for (point, hist), q_j in zip(extras, q[1:], strict=True):
-        _, _, big_s_j, big_b_j = table.values(v.lam[point])
+        _, _, big_s_j, big_b_j = table.values(at.lam[point])
         w.append(scale * q_j * torch.exp(big_s - big_s_j))
         points.append(hist)
         const = const - q_j * torch.exp(big_s) * (big_b_j - big_b)
-    a = v.alpha[t] / v.alpha[s] * integrals.decay
+    a = at.alpha[t] / at.alpha[s] * integrals.decay
     return Update(a, (w_base, *w), "f", (base, *points), c=scale * const)

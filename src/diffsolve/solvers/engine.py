@@ -99,7 +99,7 @@ class Update:
     @property
     def per_dimension(self) -> bool:
         """Whether any coefficient is a tensor (and must live on the state's device)."""
-        return any(isinstance(v, Tensor) for v in (self.a, self.c, *self.w))
+        return any(isinstance(value, Tensor) for value in (self.a, self.c, *self.w))
 
     def to(self, device: torch.device, dtype: torch.dtype) -> Update:
         """The update with its tensor coefficients on ``device`` in ``dtype``."""
@@ -368,7 +368,7 @@ class GridValues:
 
 
 def multistep_plan(
-    v: GridValues,
+    at: GridValues,
     orders: Sequence[int],
     predictor: Callable[[int, int], Update],
     corrector: Callable[[int], Update | None] | None = None,
@@ -382,37 +382,37 @@ def multistep_plan(
     steps = []
     for i, p in enumerate(orders):
         feature = None if f_x is None else f_x(i)
-        update = final_update(feature) if v.is_final(i) else predictor(i, p)
+        update = final_update(feature) if at.is_final(i) else predictor(i, p)
         steps.append(
             MultistepStep(
-                v.t[i], v.t[i + 1], update, None if corrector is None else corrector(i), feature
+                at.t[i], at.t[i + 1], update, None if corrector is None else corrector(i), feature
             )
         )
-    return StepPlan(v.schedule, v.grid, (*steps, *extra))
+    return StepPlan(at.schedule, at.grid, (*steps, *extra))
 
 
-def stage_plan(v: GridValues, step: Callable[[int], StageStep]) -> StepPlan:
+def stage_plan(at: GridValues, step: Callable[[int], StageStep]) -> StepPlan:
     """A single-step plan: ``step(i)`` for every interval, :data:`FINAL` (one evaluation) for
     an interval that ends at clean data."""
     steps = [
-        StageStep(v.t[i], v.t[i + 1], (v.t[i],), (FINAL,)) if v.is_final(i) else step(i)
-        for i in range(v.num_steps)
+        StageStep(at.t[i], at.t[i + 1], (at.t[i],), (FINAL,)) if at.is_final(i) else step(i)
+        for i in range(at.num_steps)
     ]
-    return StepPlan(v.schedule, v.grid, tuple(steps))
+    return StepPlan(at.schedule, at.grid, tuple(steps))
 
 
-def multistep_orders(v: GridValues, order: int, lower_order_final: bool) -> list[int]:
+def multistep_orders(at: GridValues, order: int, lower_order_final: bool) -> list[int]:
     """Per-step orders of a multistep method: warm-up ``1, 2, …``, then ``order``; with
     ``lower_order_final`` the last steps fall back to ``min(order, steps_left)``; a final
     step to ``t = 0`` is first order (it returns :math:`\\hat x_0`)."""
-    n = v.num_steps
+    n = at.num_steps
     orders = []
     for i in range(n):
         p = min(order, i + 1)
         if lower_order_final:
             p = min(p, n - i)
         orders.append(p)
-    if v.ends_at_zero:
+    if at.ends_at_zero:
         orders[-1] = 1
     return orders
 

@@ -28,20 +28,20 @@ from diffsolve.solvers.engine import (
 from diffsolve.solvers.registry import Preset, register
 
 
-def _euler_update(v: GridValues, i: int) -> Update:
+def _euler_update(at: GridValues, i: int) -> Update:
     """Euler step (Alg. 1 lines 4–5): :math:`d_i = (y_i - D_i)/\\rho_i,\\ y' = y_i +
     (\\rho_{i+1} - \\rho_i) d_i`, written on :math:`x = \\alpha y`."""
-    a_i, a_n = v.alpha[i], v.alpha[i + 1]
-    rho_i, rho_n = v.sigma[i] / a_i, v.sigma[i + 1] / a_n
+    a_i, a_n = at.alpha[i], at.alpha[i + 1]
+    rho_i, rho_n = at.sigma[i] / a_i, at.sigma[i + 1] / a_n
     return Update(a_n / a_i * rho_n / rho_i, (a_n * (1.0 - rho_n / rho_i),), "data")
 
 
-def _heun_update(v: GridValues, i: int) -> Update:
+def _heun_update(at: GridValues, i: int) -> Update:
     """Heun step (Alg. 1 lines 6–8): :math:`y_{i+1} = y_i + \\tfrac{\\Delta}{2}(d_i + d')`,
     :math:`d' = (y' - D')/\\rho_{i+1}`, :math:`\\Delta = \\rho_{i+1} - \\rho_i`, expanded into
     weights on :math:`x_i`, :math:`D_i` and :math:`D' = D(y'; \\rho_{i+1})`."""
-    a_i, a_n = v.alpha[i], v.alpha[i + 1]
-    rho_i, rho_n = v.sigma[i] / a_i, v.sigma[i + 1] / a_n
+    a_i, a_n = at.alpha[i], at.alpha[i + 1]
+    rho_i, rho_n = at.sigma[i] / a_i, at.sigma[i + 1] / a_n
     delta = rho_n - rho_i
     w_d = -a_n * 0.5 * delta * (rho_n + delta) / (rho_i * rho_n)
     w_d_prime = -a_n * 0.5 * delta / rho_n
@@ -64,9 +64,9 @@ class Euler(Solver):
         check_order(self.order, (1,), "Euler")
 
     def build_plan(self, schedule: NoiseSchedule, grid: Tensor) -> StepPlan:
-        v = GridValues.of(schedule, grid)
+        at = GridValues.of(schedule, grid)
         return stage_plan(
-            v, lambda i: StageStep(v.t[i], v.t[i + 1], (v.t[i],), (_euler_update(v, i),))
+            at, lambda i: StageStep(at.t[i], at.t[i + 1], (at.t[i],), (_euler_update(at, i),))
         )
 
 
@@ -92,10 +92,12 @@ class Heun(Solver):
         check_order(self.order, (2,), "Heun")
 
     def build_plan(self, schedule: NoiseSchedule, grid: Tensor) -> StepPlan:
-        v = GridValues.of(schedule, grid)
+        at = GridValues.of(schedule, grid)
 
         def step(i: int) -> StageStep:
-            times = (v.t[i], v.t[i + 1])
-            return StageStep(v.t[i], v.t[i + 1], times, (_euler_update(v, i), _heun_update(v, i)))
+            times = (at.t[i], at.t[i + 1])
+            return StageStep(
+                at.t[i], at.t[i + 1], times, (_euler_update(at, i), _heun_update(at, i))
+            )
 
-        return stage_plan(v, step)
+        return stage_plan(at, step)

@@ -52,35 +52,35 @@ from diffsolve.solvers.registry import (
 Variant = Literal["bh1", "bh2"]
 
 
-def _b_factor(e: ExpStep, variant: Variant) -> float:
+def _b_factor(step: ExpStep, variant: Variant) -> float:
     """:math:`B(h)` in the sign convention of :class:`ExpStep` (``bh1``: h, ``bh2``: hφ₁)."""
-    return e.h if variant == "bh1" else e.h * phi(1, e.z)
+    return step.h if variant == "bh1" else step.h * phi(1, step.z)
 
 
-def _rhs(e: ExpStep, variant: Variant, count: int) -> list[float]:
+def _rhs(step: ExpStep, variant: Variant, count: int) -> list[float]:
     """:math:`b_n = n!\\,h\\varphi_{n+1}(z)/B(h)` for ``n = 1..count``."""
-    b = e.c * _b_factor(e, variant)
-    return [math.factorial(n) * e.coef(n) / b for n in range(1, count + 1)]
+    b = step.c * _b_factor(step, variant)
+    return [math.factorial(n) * step.coef(n) / b for n in range(1, count + 1)]
 
 
-def predictor_weights(e: ExpStep, r: list[float], variant: Variant) -> tuple[float, ...]:
+def predictor_weights(step: ExpStep, r: list[float], variant: Variant) -> tuple[float, ...]:
     """UniP weights on ``(m_s, m_{s_1}, …)`` for history positions ``r`` (negative):
     :math:`\\sum_k \\rho_k r_k^{n-1} = b_n` (a transposed Vandermonde system)."""
-    rho = [0.5] if len(r) == 1 else list(solve_vandermonde(r, _rhs(e, variant, len(r))))
-    k = e.c * _b_factor(e, variant)
+    rho = [0.5] if len(r) == 1 else list(solve_vandermonde(r, _rhs(step, variant, len(r))))
+    k = step.c * _b_factor(step, variant)
     w_hist = [k * rho_k / r_k for rho_k, r_k in zip(rho, r, strict=True)]
-    return (e.coef(0) - sum(w_hist), *w_hist)
+    return (step.coef(0) - sum(w_hist), *w_hist)
 
 
-def corrector_weights(e: ExpStep, r: list[float], variant: Variant) -> tuple[float, ...]:
+def corrector_weights(step: ExpStep, r: list[float], variant: Variant) -> tuple[float, ...]:
     """UniC weights on ``(m_t, m_s, m_{s_1}, …)``: the new evaluation first, then the
     predictor's points (history positions ``r``)."""
     nodes = [*r, 1.0]
-    rho = [0.5] if not r else list(solve_vandermonde(nodes, _rhs(e, variant, len(nodes))))
-    k = e.c * _b_factor(e, variant)
+    rho = [0.5] if not r else list(solve_vandermonde(nodes, _rhs(step, variant, len(nodes))))
+    k = step.c * _b_factor(step, variant)
     w_hist = [k * rho_k / r_k for rho_k, r_k in zip(rho[:-1], r, strict=True)]
     w_new = k * rho[-1]
-    return (w_new, e.coef(0) - sum(w_hist) - w_new, *w_hist)
+    return (w_new, step.coef(0) - sum(w_hist) - w_new, *w_hist)
 
 
 def _preset(variant: Variant, order: int, lineup: bool = False) -> Preset:
@@ -135,7 +135,7 @@ class UniPC(Solver):
             ),
             "predict_x0": ConfigKey(True, "space", lambda x0: "data" if x0 else "noise"),
             "use_corrector": ConfigKey(True, "corrector"),
-            "disable_corrector": ConfigKey(None, "disable_corrector", lambda v: tuple(v or ())),
+            "disable_corrector": ConfigKey(None, "disable_corrector", lambda at: tuple(at or ())),
             "lower_order_final": ConfigKey(True, "lower_order_final"),
         },
     )
@@ -154,31 +154,31 @@ class UniPC(Solver):
         return self.order
 
     def build_plan(self, schedule: NoiseSchedule, grid: Tensor) -> StepPlan:
-        v = GridValues.of(schedule, grid)
-        if self.final_corrector and v.ends_at_zero:
+        at = GridValues.of(schedule, grid)
+        if self.final_corrector and at.ends_at_zero:
             raise ValueError(
                 "final_corrector: the grid ends at t = 0, where the model cannot "
                 "be evaluated; end the grid at t > 0 or disable final_corrector"
             )
-        orders = multistep_orders(v, self.order, self.lower_order_final)
+        orders = multistep_orders(at, self.order, self.lower_order_final)
 
         def points(i: int) -> tuple[ExpStep, list[float]]:
             """Step ``i``'s coefficients and its history positions."""
-            return v.exp_step(self.space, i, i + 1), v.nodes(i, range(i - 1, i - orders[i], -1))
+            return at.exp_step(self.space, i, i + 1), at.nodes(i, range(i - 1, i - orders[i], -1))
 
         def predictor(i: int, p: int) -> Update:
-            e, r = points(i)
-            return Update(e.a, predictor_weights(e, r, self.variant), self.space)
+            step, r = points(i)
+            return Update(step.a, predictor_weights(step, r, self.variant), self.space)
 
         def corrector(i: int) -> Update | None:
             """UniC for the step that ended at point ``i`` (applied after evaluating there)."""
             if i == 0 or not self.corrector or (i - 1) in self.disable_corrector:
                 return None
-            e, r = points(i - 1)
-            return Update(e.a, corrector_weights(e, r, self.variant), self.space)
+            step, r = points(i - 1)
+            return Update(step.a, corrector_weights(step, r, self.variant), self.space)
 
-        n = v.num_steps
+        n = at.num_steps
         extra = ()
         if self.final_corrector:  # evaluate at the grid's end to correct the last step
-            extra = (MultistepStep(v.t[n], v.t[n], Update(1.0, ()), corrector(n)),)
-        return multistep_plan(v, orders, predictor, corrector, extra=extra)
+            extra = (MultistepStep(at.t[n], at.t[n], Update(1.0, ()), corrector(n)),)
+        return multistep_plan(at, orders, predictor, corrector, extra=extra)
