@@ -88,9 +88,7 @@ class BDIA(Solver):
             if i == 0:  # plain DDIM (inversion) step
                 return Update(a_f, (c_f,), "data")
             a_b, c_b = ddim(i, i - 1)
-            return Update(
-                a_f - coupling * a_b, (c_f - coupling * c_b,), "data", prev=coupling
-            )
+            return Update(a_f - coupling * a_b, (c_f - coupling * c_b,), "data", prev=coupling)
 
         return multistep_plan(at, [1] * at.num_steps, predictor)
 
