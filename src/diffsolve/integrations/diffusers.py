@@ -245,7 +245,7 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         self._wrapper = ModelWrapper(
             _no_network, self.schedule, normalize_prediction(c.prediction_type), time_input
         )
-        self._needs = {need: self._load_need(need) for need in _needs(self.solver_class)}
+        self._needs = {need: self._load_need(need) for need in self.solver_class.needs}
         self.init_noise_sigma = self.schedule.init_noise_sigma()
         self._reset()
         self.build_solver(1 << 20)  # check the solver options now, not at the first loop
@@ -529,16 +529,12 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
 
 # ---------------------------------------------------------------------------------------
 # One scheduler class per solver, generated from its declaration
-def _needs(solver: type[Solver]) -> tuple[str, ...]:
-    return tuple(getattr(solver, "needs", ()))
-
-
 def scheduler_keys(solver: type[Solver]) -> dict[str, Any]:
     """A solver's scheduler config keys and their defaults: :data:`SHARED_KEYS`, then
     ``<need>_path`` per need, then the solver's own keys."""
     mapping: DiffusersMapping = solver.diffusers  # type: ignore[attr-defined]
     keys = dict(SHARED_KEYS)
-    keys.update({f"{need}_path": None for need in _needs(solver)})
+    keys.update({f"{need}_path": None for need in solver.needs})
     keys.update({k: v.default for k, v in mapping.keys.items() if k not in keys})
     return keys
 
@@ -570,9 +566,10 @@ def scheduler_class(solver: type[Solver]) -> type[DiffsolveScheduler]:
     init.__signature__ = signature  # type: ignore[attr-defined]
     init.__name__ = "__init__"
     init.__qualname__ = f"{mapping.scheduler}.__init__"
+    summary = next(iter((solver.__doc__ or "").strip().splitlines()), solver.__name__)
     doc = (
-        f"{solver.__name__} ({(solver.__doc__ or '').strip().splitlines()[0]}) as a diffusers "
-        f"scheduler. Config keys: {', '.join(keys)} (see :data:`SHARED_KEYS` and "
+        f"{solver.__name__} ({summary}) as a diffusers scheduler. Config keys: "
+        f"{', '.join(keys)} (see :data:`SHARED_KEYS` and "
         f":class:`{solver.__module__}.{solver.__name__}`)."
     )
     cls = type(

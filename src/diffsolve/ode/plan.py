@@ -83,6 +83,9 @@ class Solver(ABC):
 
     #: Human-readable name of the method.
     name: ClassVar[str] = ""
+    #: Constructor arguments taken from the model (e.g. ``"ems"``), which callers supply
+    #: through :class:`diffsolve.solvers.registry.SolverContext`.
+    needs: ClassVar[tuple[str, ...]] = ()
     order: int
 
     @property

@@ -84,7 +84,7 @@ class Preset:
     @property
     def needs(self) -> tuple[str, ...]:
         """What the solver takes from the model (see :class:`SolverContext`)."""
-        return getattr(self.solver, "needs", ())
+        return () if self.solver is None else self.solver.needs
 
     def build(self, nfe: int, context: SolverContext | None = None) -> Solver:
         """The solver for a budget of ``nfe`` evaluations, its needs read from ``context``."""
