@@ -1,5 +1,7 @@
 """Regression pin: every solver's output on the digits demo and the Gaussian oracle, in
-float64, equals the output recorded before the architecture refactoring (issue 10) to 1e-12.
+float64, equals the output recorded before the architecture refactoring (issue 10) to 1e-12 —
+DPM-Solver-v3 to 1e-6, since issue 11 holds the EMS in float32 and integrates by quadrature
+(measured: ≤ 6e-8, BENCHMARKS.md).
 
 The recorded outputs live in ``tests/data/pinned_outputs.npz``; ``python tests/test_pinned.py
 --write`` records them anew (only ever on code whose outputs are known good). Each case is a
@@ -139,7 +141,8 @@ def test_output_equals_the_pinned_one(key, pinned):
     expected = pinned[key]
     assert out.shape == expected.shape
     scale = max(1.0, float(np.abs(expected).max()))
-    assert float(np.abs(out - expected).max()) <= 1e-12 * scale
+    tolerance = 1e-6 if "v3" in key else 1e-12
+    assert float(np.abs(out - expected).max()) <= tolerance * scale
 
 
 if __name__ == "__main__":

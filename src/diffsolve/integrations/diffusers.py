@@ -47,6 +47,7 @@ it was imported.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -216,6 +217,9 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
 
     _compatibles: ClassVar[list[str]] = [e.name for e in KarrasDiffusionSchedulers]
     order: ClassVar[int] = 1
+    #: Set to True to differentiate through :meth:`step` (it runs under ``no_grad``
+    #: otherwise).
+    differentiable: bool = False
     #: The solver the scheduler runs, and how its config maps onto the solver's options.
     solver_class: ClassVar[type[Solver]]
     mapping: ClassVar[DiffusersMapping]
@@ -452,6 +456,10 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
                 the scheduler continues from its own float32 copy.
             generator: Ignored (these solvers are deterministic); accepted for pipelines.
             return_dict: Return a :class:`DiffsolveSchedulerOutput` (else a tuple).
+
+        The step runs under ``torch.no_grad()`` (a loop without the pipeline's own
+        ``no_grad`` would otherwise chain every step's graph to the next), unless
+        :attr:`differentiable` is set.
         """
         plan, state = self._plan, self._state
         if plan is None:
@@ -467,7 +475,8 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         elif sample is not self._last_output:  # the pipeline changed the sample (e.g. masks)
             state = replace(state, x=sample.to(state.x.dtype))
         self._check_timestep(timestep, state.step)
-        new = plan.step(_ReplayModel(self._wrapper, output.to(state.x.dtype)), state)
+        with contextlib.nullcontext() if self.differentiable else torch.no_grad():
+            new = plan.step(_ReplayModel(self._wrapper, output.to(state.x.dtype)), state)
         self._state = new
         prev = new.x.to(sample.dtype)
         self._last_output = prev

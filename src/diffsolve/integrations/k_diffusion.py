@@ -108,6 +108,7 @@ def sample_denoiser(
     *,
     solver: Solver | str | None = None,
     context: SolverContext | None = None,
+    grad: bool = False,
 ) -> Tensor:
     r"""Solve the probability-flow ODE of a k-diffusion denoiser with a diffsolve solver.
 
@@ -123,6 +124,8 @@ def sample_denoiser(
             DPM-Solver++(2M) (:class:`~diffsolve.DPMSolverPP`, order 2).
         context: What a registry solver needs from the model (DPM-Solver-v3: ``ems``, made
             for diffsolve's EDM schedule).
+        grad: Record autograd graphs (default: sample under ``no_grad``, as k-diffusion's
+            samplers do).
 
     Returns:
         The sample at ``sigmas[-1]``, in ``x``'s dtype.
@@ -132,7 +135,8 @@ def sample_denoiser(
     method = resolve_solver(DPMSolverPP(2) if solver is None else solver, s.numel() - 1, context)
     denoiser = ModelWrapper(model, schedule, "x0", "sigma", model_kwargs=extra_args)
     step_callback = None if callback is None else _k_callback(callback, s)
-    return sample(denoiser, x, method, s, callback=step_callback, progress=disable is False).x
+    progress = disable is False
+    return sample(denoiser, x, method, s, callback=step_callback, progress=progress, grad=grad).x
 
 
 def _k_callback(callback: KCallback, sigmas: Tensor) -> Callable[[StepInfo], None]:

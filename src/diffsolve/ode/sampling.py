@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -85,12 +87,62 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
+def finite_flag(x: Tensor) -> Tensor:
+    """A 0-dim boolean tensor on ``x``'s device: whether every entry of ``x`` is finite, by
+    one float64 reduction (NaN and ±inf propagate through a sum; finite float32/16 entries
+    cannot overflow a float64 sum, float64 ones only beyond ~1e300, far outside any diffusion
+    state). About 4× cheaper than ``torch.isfinite(x).all()`` on CPU, which takes four passes;
+    reading it is the only host synchronisation."""
+    return torch.isfinite(x.sum(dtype=torch.float64))
+
+
 def all_finite(x: Tensor) -> bool:
-    """Whether every entry of ``x`` is finite, by one float64 reduction (NaN and ±inf
-    propagate through a sum; finite float32/16 entries cannot overflow a float64 sum, float64
-    ones only beyond ~1e300, far outside any diffusion state). About
-    4× cheaper than ``torch.isfinite(x).all()`` on CPU, which takes four passes."""
-    return bool(torch.isfinite(x.sum(dtype=torch.float64)))
+    """:func:`finite_flag`, read on the host."""
+    return bool(finite_flag(x))
+
+
+#: Steps between two host-side reads of the finiteness flags (and at the end of a run): the
+#: loop never waits for the device more than once per this many model evaluations.
+CHECK_EVERY = 8
+
+
+class FinitenessWatch:
+    """Finds the first non-finite state of a run without a host synchronisation per step.
+
+    Each step records a device-side :func:`finite_flag` of the new state (with the state
+    before it); every :data:`CHECK_EVERY` steps and at the end, the flags are read at once,
+    and the first bad step raises :class:`NonFiniteError` with the state before it.
+    """
+
+    def __init__(self, out_dtype: torch.dtype, enabled: bool = True) -> None:
+        self.out_dtype, self.enabled = out_dtype, enabled
+        self.pending: list[tuple[State, State, Tensor, int]] = []
+
+    def add(self, previous: State, state: State, calls: int) -> None:
+        """Record step ``previous → state`` (``calls``: model evaluations so far)."""
+        if not self.enabled:
+            return
+        self.pending.append((previous, state, finite_flag(state.x), calls))
+        if len(self.pending) >= CHECK_EVERY:
+            self.check()
+
+    def check(self) -> None:
+        """Read the pending flags (one synchronisation); raise at the first bad step."""
+        if not self.pending:
+            return
+        flags = torch.stack([flag for _, _, flag, _ in self.pending])
+        if not bool(flags.all()):
+            previous, state, _, calls = self.pending[flags.tolist().index(False)]
+            self.pending.clear()
+            raise NonFiniteError(
+                state.step,
+                previous.t,
+                state.t,
+                previous.x.to(self.out_dtype),
+                previous.t,
+                calls,
+            )
+        self.pending.clear()
 
 
 def sample(
@@ -99,13 +151,14 @@ def sample(
     solver: Solver,
     grid: Tensor | Sequence[float] | None = None,
     *,
-    plan: Plan | None = None,
+    plan: Plan[Any] | None = None,
     denoise_to_zero: bool = False,
     callback: Callable[[StepInfo], None] | None = None,
     progress: bool = False,
     return_intermediates: bool = False,
     check_finite: bool = True,
     initial_state: State | None = None,
+    grad: bool = False,
 ) -> SampleOutput:
     """Integrate the probability-flow ODE from ``x_start`` along ``grid`` with ``solver``.
 
@@ -113,7 +166,7 @@ def sample(
         model: A :class:`~diffsolve.ode.model.Denoiser` (e.g. a
             :class:`~diffsolve.ode.model.ModelWrapper`); its schedule defines the ODE.
         x_start: Samples at the grid's first time, shape ``(B, ...)``.
-        solver: Any :class:`~diffsolve.solvers.Solver`.
+        solver: Any :class:`~diffsolve.ode.plan.Solver`.
         grid: Strictly decreasing solver times (see :mod:`diffsolve.ode.grids`); ignored when a
             precomputed ``plan`` is given.
         plan: A plan from ``solver.plan(schedule, grid)``, to reuse it across batches.
@@ -122,10 +175,16 @@ def sample(
         callback: Called with a :class:`StepInfo` after every step.
         progress: Show a tqdm progress bar.
         return_intermediates: Keep the state after every step.
-        check_finite: After every step, check that the state is finite (one reduction and
-            host sync per step) and raise :class:`NonFiniteError` naming the step otherwise.
+        check_finite: Detect a NaN or inf state and raise :class:`NonFiniteError` naming the
+            step where it appeared. The check is one reduction per step on the device; the host
+            reads the results every :data:`CHECK_EVERY` steps and at the end, so the loop
+            does not wait for the device after every step.
         initial_state: Start from this state of ``plan`` instead of ``plan.init(x_start)``
             (e.g. BDIA's pair from an inversion).
+        grad: Record autograd graphs (to differentiate through sampling). By default the
+            loop runs under ``torch.no_grad()``, as diffusers' pipelines and k-diffusion's
+            samplers do, so a network's activations are not kept across steps; classifier
+            guidance enables gradients locally where it needs them.
 
     Returns:
         A :class:`SampleOutput` with the samples and the exact number of model evaluations.
@@ -135,53 +194,74 @@ def sample(
     """
     if plan is None:
         if grid is None:
-            raise ValueError("sample: pass a grid (see diffsolve.ode.grids) or a precomputed plan")
+            raise ValueError("sample: pass a grid (see diffsolve.grids) or a precomputed plan")
         plan = solver.plan(model.schedule, grid)
     if x_start.ndim < 1 or x_start.shape[0] == 0:
         raise ValueError(
             f"x_start must have a non-empty batch dimension, got shape {tuple(x_start.shape)}"
         )
-    out_dtype = x_start.dtype
     reset = getattr(model, "reset", None)
     if callable(reset):  # stateful model wrappers (e.g. APG momentum) start every run afresh
         reset()
-    counter = CountingDenoiser(model)
+    with contextlib.nullcontext() if grad else torch.no_grad():
+        return _run(
+            plan,
+            CountingDenoiser(model),
+            x_start,
+            initial_state,
+            denoise_to_zero,
+            _Reporting(callback, progress, return_intermediates, check_finite),
+        )
+
+
+@dataclass
+class _Reporting:
+    """What the loop reports besides the samples."""
+
+    callback: Callable[[StepInfo], None] | None
+    progress: bool
+    return_intermediates: bool
+    check_finite: bool
+
+
+def _run(
+    plan: Plan[Any],
+    counter: CountingDenoiser,
+    x_start: Tensor,
+    initial_state: State | None,
+    denoise_to_zero: bool,
+    report: _Reporting,
+) -> SampleOutput:
+    """The loop of :func:`sample`."""
+    out_dtype = x_start.dtype
     state: State = initial_state or plan.init(x_start.to(state_dtype(out_dtype)))
+    watch = FinitenessWatch(out_dtype, report.check_finite)
     result = SampleOutput(x=x_start, nfe=0)
-    if return_intermediates:
+    if report.return_intermediates:
         result.times.append(state.t)
         result.intermediates.append(state.x)
-    bar = _progress_bar(plan, progress)
-    while not state.done:
-        previous = state
-        state = plan.step(counter, state)
-        if check_finite and not all_finite(state.x):
+    bar = _progress_bar(plan, report.progress)
+    try:
+        while not state.done:
+            previous, state = state, plan.step(counter, state)
+            watch.add(previous, state, counter.calls)
             if bar is not None:
-                bar.close()
-            raise NonFiniteError(
-                state.step,
-                previous.t,
-                state.t,
-                previous.x.to(out_dtype),
-                previous.t,
-                counter.calls,
-            )
+                bar.update(1)
+            if report.return_intermediates:
+                result.times.append(state.t)
+                result.intermediates.append(state.x)
+            if report.callback is not None:
+                info = StepInfo(state.step, state.t, state.x, state.denoised, counter.calls)
+                report.callback(info)
+        x = state.x
+        if denoise_to_zero:
+            end = State(x=counter(x, state.t).x0, t=0.0, step=state.step + 1)
+            watch.add(state, end, counter.calls)
+            x = end.x
+        watch.check()
+    finally:
         if bar is not None:
-            bar.update(1)
-        if return_intermediates:
-            result.times.append(state.t)
-            result.intermediates.append(state.x)
-        if callback is not None:
-            callback(StepInfo(state.step, state.t, state.x, state.denoised, counter.calls))
-    if bar is not None:
-        bar.close()
-    x = state.x
-    if denoise_to_zero:
-        x = counter(x, state.t).x0
-        if check_finite and not all_finite(x):
-            raise NonFiniteError(
-                state.step + 1, state.t, 0.0, state.x.to(out_dtype), state.t, counter.calls
-            )
+            bar.close()
     result.x = x.to(out_dtype)
     result.nfe = counter.calls
     return result

@@ -32,7 +32,8 @@ the official code applies it only when t > 0.5. ``half_corrector`` offers both:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, fields
 from typing import ClassVar, Literal
 
 import torch
@@ -53,6 +54,8 @@ from diffsolve.solvers.registry import ConfigKey, DiffusersMapping, Preset, regi
 from diffsolve.stats.ems import EMS, EMSTable
 
 HalfCorrector = Literal["off", "low_noise", "high_noise"]
+#: Plans kept per EMS (each holds a few per-dimension arrays per step).
+PLAN_CACHE_SIZE = 2
 
 
 def derivative_weights(deltas: list[float], pseudo: bool) -> list[list[float]]:
@@ -150,20 +153,35 @@ class DPMSolverV3(Solver):
         return self.order
 
     def build_plan(self, schedule: NoiseSchedule, grid: Tensor) -> StepPlan:
+        """The plan on ``grid``, reused from the EMS's cache when the same schedule, grid and
+        options were planned before (the diffusers adapter re-plans at every
+        ``set_timesteps``)."""
+        options = tuple(getattr(self, f.name) for f in fields(self) if f.name != "ems")
+        key = ("plan", schedule.fingerprint(), grid.numpy().tobytes(), options)
+        plans = self.ems.cache.setdefault("plans", OrderedDict())
+        if key in plans:
+            plans.move_to_end(key)
+            return plans[key]
+        plan = plans[key] = self._build_plan(schedule, grid)
+        while len(plans) > PLAN_CACHE_SIZE:
+            plans.popitem(last=False)
+        return plan
+
+    def _build_plan(self, schedule: NoiseSchedule, grid: Tensor) -> StepPlan:
         at = GridValues.of(schedule, grid)
         finite = [lam for lam in at.lam if math.isfinite(lam)]
         self.ems.check_compatible(schedule)
         self.ems.check_range(finite)
-        table = EMSTable(self.ems, finite)
+        table = EMSTable(self.ems, finite, self.order)
         orders = multistep_orders(at, self.order, self.lower_order_final)
 
         def predictor(i: int, p: int) -> Update:
             extras = [(i - j, j) for j in range(1, p)]  # (grid point, history index)
-            return _update(table, at, i, i + 1, 0, extras, self.predictor_pseudo)
+            return _update(table, at, i, 0, extras, self.predictor_pseudo)
 
         def f_x(i: int) -> Tensor:
             """:math:`f = -\\hat x_0 + f_x x` with :math:`f_x = (1 - l)/\\alpha`."""
-            return (1.0 - table.values(at.lam[i])[0]) / at.alpha[i]
+            return (1.0 - table.point(i).l) / at.alpha[i]
 
         return multistep_plan(
             at, orders, predictor, lambda i: self._corrector(table, at, i, orders), f_x
@@ -185,24 +203,23 @@ class DPMSolverV3(Solver):
             return None
         # base: point i-1 (history index 1); extras: the new point i, then i-2, i-3, ...
         extras = [(i, 0)] + [(i - 1 - j, j + 1) for j in range(1, c_order - 1)]
-        return _update(table, at, i - 1, i, 1, extras, self.corrector_pseudo)
+        return _update(table, at, i - 1, 1, extras, self.corrector_pseudo)
 
 
 def _update(
     table: EMSTable,
     at: GridValues,
     s: int,
-    t: int,
     base: int,
     extras: list[tuple[int, int]],
     pseudo: bool,
 ) -> Update:
-    """The step from grid point ``s`` to ``t`` on the feature ``f``: the evaluation at ``s``
-    (history index ``base``) and ``extras`` (grid point, history index) estimate the
+    """The step from grid point ``s`` to ``s + 1`` on the feature ``f``: the evaluation at
+    ``s`` (history index ``base``) and ``extras`` (grid point, history index) estimate the
     derivatives of :math:`g` (module docstring)."""
-    lam_s = at.lam[s]
-    _, _, big_s, big_b = table.values(lam_s)
-    integrals = table.step(lam_s, at.lam[t], max(len(extras), 1))
+    t = s + 1
+    lam_s, start = at.lam[s], table.point(s)
+    integrals = table.step(s)
     weights = derivative_weights([0.0] + [at.lam[p] - lam_s for p, _ in extras], pseudo)
     q = (
         [
@@ -216,9 +233,9 @@ def _update(
     w_base = scale * (integrals.i0 + q[0])
     w, points, const = [], [], integrals.c0.clone()
     for (point, hist), q_j in zip(extras, q[1:], strict=True):
-        _, _, big_s_j, big_b_j = table.values(at.lam[point])
-        w.append(scale * q_j * torch.exp(big_s - big_s_j))
+        other = table.point(point)
+        w.append(scale * q_j * torch.exp(start.S - other.S))
         points.append(hist)
-        const = const - q_j * torch.exp(big_s) * (big_b_j - big_b)
+        const = const - q_j * torch.exp(start.S) * (other.B - start.B)
     a = at.alpha[t] / at.alpha[s] * integrals.decay
     return Update(a, (w_base, *w), "f", (base, *points), c=scale * const)

@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,38 +31,78 @@ from torch import Tensor, nn
 from diffsolve.ode.schedule import NoiseSchedule, schedule_from_config
 
 FORMAT = "diffsolve-ems"
-VERSION = 1
+#: The statistics are held and stored in float32, the λ grid in float64: at 4×128×128 with
+#: N = 1200 that is 0.95 GB instead of 1.9 GB. :math:`l` is kept as :math:`1 - l`, whose
+#: float32 rounding is relative to :math:`1 - l` itself: at high noise, where
+#: :math:`l \to 1` and v3 divides by a small :math:`\alpha`, rounding :math:`l` would move
+#: the outputs by up to 2e-5 relative (rectified flow), rounding :math:`1 - l` by ≤ 5e-8
+#: (BENCHMARKS.md). Every integral over the statistics is computed in float64.
+STORAGE_DTYPE = torch.float32
+VERSION = 2
 _F64 = torch.float64
+_ARRAYS = ("one_minus_l", "s", "b")
 
 
-@dataclass(eq=False)
 class EMS:
-    """Statistics :math:`l, s, b` on an increasing λ grid (arrays ``(N+1, *data_shape)``)."""
+    """Statistics :math:`l, s, b` on an increasing λ grid (arrays ``(N+1, *data_shape)``).
 
-    lambdas: Tensor
-    l: Tensor
-    s: Tensor
-    b: Tensor
-    metadata: dict[str, Any] = field(default_factory=dict)
+    Args:
+        lambdas: The λ grid, increasing (index 0 = noisiest).
+        l, s, b: The statistics at each λ.
+        metadata: Schedule, time range, K, N, data shape, model fingerprint (see
+            :func:`make_metadata`).
+        one_minus_l: ``1 - l`` instead of ``l`` (pass ``l=None``), as stored.
 
-    def __post_init__(self) -> None:
-        self.lambdas = self.lambdas.detach().to("cpu", _F64).flatten()
-        for name in ("l", "s", "b"):
-            setattr(self, name, getattr(self, name).detach().to("cpu", _F64))
+    Attributes:
+        one_minus_l, s, b: The arrays as held, float32.
+        cache: What solvers derive from the statistics once (the quadrature layout, device
+            copies).
+    """
+
+    def __init__(
+        self,
+        lambdas: Tensor,
+        l: Tensor | None,
+        s: Tensor,
+        b: Tensor,
+        metadata: dict[str, Any] | None = None,
+        *,
+        one_minus_l: Tensor | None = None,
+    ) -> None:
+        self.lambdas = lambdas.detach().to("cpu", _F64).flatten()
+        if (l is None) == (one_minus_l is None):
+            raise ValueError("EMS: pass exactly one of l and one_minus_l")
+        complement = 1.0 - l.detach().to(_F64) if one_minus_l is None else one_minus_l
+        self.one_minus_l = complement.detach().to(dtype=STORAGE_DTYPE)
+        self.s = s.detach().to(dtype=STORAGE_DTYPE)
+        self.b = b.detach().to(dtype=STORAGE_DTYPE)
+        self.metadata: dict[str, Any] = dict(metadata or {})
+        self.cache: dict[Any, Any] = {}
+        self._check()
+
+    def _check(self) -> None:
         n = self.lambdas.numel()
         if n < 2:
             raise ValueError("EMS: the λ grid needs at least 2 points")
         if not (self.lambdas[1:] > self.lambdas[:-1]).all():
             raise ValueError("EMS: lambdas must be strictly increasing (index 0 = noisiest)")
-        for name in ("l", "s", "b"):
+        shape = self.one_minus_l.shape
+        for name in _ARRAYS:
             array = getattr(self, name)
-            if array.shape[0] != n or array.shape[1:] != self.l.shape[1:]:
+            if array.shape[0] != n or array.shape[1:] != shape[1:]:
+                label = "l" if name == "one_minus_l" else name
                 raise ValueError(
-                    f"EMS: array {name!r} has shape {tuple(array.shape)}; expected "
-                    f"({n}, *data_shape) like l {tuple(self.l.shape)}"
+                    f"EMS: array {label!r} has shape {tuple(array.shape)}; expected "
+                    f"({n}, *data_shape) like l {tuple(shape)}"
                 )
             if not torch.isfinite(array).all():
-                raise ValueError(f"EMS: array {name!r} contains NaN or inf")
+                label = "l" if name == "one_minus_l" else name
+                raise ValueError(f"EMS: array {label!r} contains NaN or inf")
+
+    @property
+    def l(self) -> Tensor:
+        """:math:`l`, in float64 (computed from the stored :math:`1 - l`)."""
+        return 1.0 - self.one_minus_l.to(_F64)
 
     # ---- construction -----------------------------------------------------------------
     @classmethod
@@ -98,11 +137,21 @@ class EMS:
             meta,
         )
 
+    def to(self, device: str | torch.device) -> EMS:
+        """The statistics on ``device`` (DPM-Solver-v3 computes its plan where they live)."""
+        if self.one_minus_l.device == torch.device(device):
+            return self
+        key = ("device", str(device))
+        if key not in self.cache:
+            s, b, complement = (getattr(self, n).to(device) for n in ("s", "b", "one_minus_l"))
+            self.cache[key] = EMS(self.lambdas, None, s, b, self.metadata, one_minus_l=complement)
+        return self.cache[key]
+
     # ---- properties --------------------------------------------------------------------
     @property
     def data_shape(self) -> tuple[int, ...]:
         """Shape of one sample."""
-        return tuple(self.l.shape[1:])
+        return tuple(self.one_minus_l.shape[1:])
 
     @property
     def num_intervals(self) -> int:
@@ -163,7 +212,7 @@ class EMS:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        tensors = {"lambdas": self.lambdas, "l": self.l, "s": self.s, "b": self.b}
+        tensors = {"lambdas": self.lambdas, **{n: getattr(self, n) for n in _ARRAYS}}
         meta = {
             "format": FORMAT,
             "diffsolve_ems": json.dumps({**self.metadata, "version": VERSION}),
@@ -192,15 +241,25 @@ def load_ems(path: str | Path) -> EMS:
         ) from None
     if meta.get("format") != FORMAT or "diffsolve_ems" not in meta:
         raise ValueError(f"{path} is not a diffsolve EMS file (no '{FORMAT}' metadata)")
-    missing = [k for k in ("lambdas", "l", "s", "b") if k not in arrays]
+    if "l" in arrays:  # version 1 files: l itself, in float64
+        arrays["one_minus_l"] = 1.0 - arrays.pop("l").to(_F64)
+    missing = [k for k in ("lambdas", *_ARRAYS) if k not in arrays]
     if missing:
         raise ValueError(f"EMS file {path} lacks the arrays {missing}")
     try:
         metadata = json.loads(meta["diffsolve_ems"])
     except json.JSONDecodeError as err:
         raise ValueError(f"EMS file {path} has corrupt metadata: {err}") from None
+    metadata.pop("version", None)
     try:
-        return EMS(arrays["lambdas"], arrays["l"], arrays["s"], arrays["b"], metadata)
+        return EMS(
+            arrays["lambdas"],
+            None,
+            arrays["s"],
+            arrays["b"],
+            metadata,
+            one_minus_l=arrays["one_minus_l"],
+        )
     except ValueError as err:
         raise ValueError(f"EMS file {path}: {err}") from None
 

@@ -1,4 +1,4 @@
-r"""Exact integrals of DPM-Solver-v3's coefficients between any two λ, from the EMS arrays.
+r"""DPM-Solver-v3's per-dimension step integrals on a sampling grid, from the EMS arrays.
 
 The reformulated ODE is exact for *any* statistics, provided the linear part is consistent:
 the :math:`l` inside :math:`f = (\sigma\epsilon - l x)/\alpha` must be the derivative of the
@@ -11,46 +11,49 @@ be the same functions in :math:`g` and in the integrals. So, from the samples on
   :math:`S` or :math:`B` would put kinks into :math:`g` that no polynomial extrapolation
   removes: an error floor independent of the step size.
 
-Sampling times need not sit on the EMS grid (the official code snaps them to the nearest grid
-point). On each sub-interval :math:`u = u_0 + \Delta\theta` the exponent is
-:math:`E = E_0 + z\theta + c\theta^2` with small :math:`c = \Delta^2 (l' + s')/2`, and
+A step :math:`s \to t` of a sampling grid needs, per dimension, with :math:`E = L + S`,
 
 .. math::
 
-    \int_{u_0}^{u_1} e^{E}\theta^m du = \Delta e^{E_0}\sum_{r\ge0} \frac{c^r}{r!} J_{m+2r}(z),
-    \qquad J_n(z) = \int_0^1 e^{z\theta}\theta^n d\theta = e^{z}\, n!\,\varphi_{n+1}(-z),
+    A = e^{-(L_t - L_s)},\quad
+    I = \int_s^t e^{E - E_s},\quad
+    C = \int_s^t e^{E - E_s} e^{S_s}(B - B_s),\quad
+    M_k = \int_s^t e^{E - E_s}\frac{(\lambda - \lambda_s)^k}{k!}.
 
-summed in float64 until the terms are below rounding (sub-intervals are refined so that
-:math:`|z| \le 1/2`, :math:`|c| \le 1/20`). Degenerate statistics (l = 1, s = b = 0) make
-every integral exact and v3 equal to DPM-Solver++ to rounding error.
+Sampling times need not sit on the EMS grid (the official code snaps them to the nearest grid
+point). Each step is cut at the EMS nodes (and, where :math:`l + s` is steep, between them,
+so that :math:`|z| = \Delta\,|l + s| \le 0.1` on every piece); on a piece the integrand is
+:math:`e^{E_j + z\theta + c\theta^2}` times a polynomial of degree ≤ 3, which
+:data:`GAUSS_POINTS`-point Gauss–Legendre quadrature integrates to ~1e-13 relative.
+
+**Cost.** Everything per dimension is a linear combination of the EMS arrays with scalar (λ)
+coefficients, an ``exp``, and weighted sums over the pieces of each step, which are small
+matrix products. The work is done in float64 in chunks of dimensions, on the EMS's device, so
+memory stays a few times one chunk (at 4×64×64 with N = 1200: 0.2 s on 2 CPU cores, against
+~60 s for one series of φ-functions per piece and step). The piece layout depends on the EMS
+only and is computed once per EMS.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from diffsolve.numerics.phi import phi_tensor
 from diffsolve.stats.ems.statistics import EMS
 
 _F64 = torch.float64
-_MAX_Z = 0.5
-_MAX_C = 0.05
-_C_TERMS = 9  # 0.05^9 / 9! ~ 5e-18
-
-
-def _cumulative_trapezoid(values: Tensor, lambdas: Tensor) -> Tensor:
-    widths = (lambdas[1:] - lambdas[:-1]).reshape(-1, *([1] * (values.ndim - 1)))
-    increments = 0.5 * (values[1:] + values[:-1]) * widths
-    return torch.cat([torch.zeros_like(values[:1]), torch.cumsum(increments, 0)])
-
-
-def _flat(x: Tensor, like: Tensor) -> Tensor:
-    return x.reshape(-1, *([1] * (like.ndim - 1)))
+#: Largest :math:`|z| = \Delta |l + s|` on one piece; pieces are refined to stay below it.
+MAX_Z = 0.05
+#: Gauss–Legendre points per piece (exact for degree 7).
+GAUSS_POINTS = 3
+#: Dimensions per chunk: the working set is about 12 arrays of (pieces × chunk) float64.
+CHUNK_ELEMENTS = 1 << 17
 
 
 @dataclass(frozen=True)
@@ -72,118 +75,244 @@ class StepIntegrals:
     moments: tuple[Tensor, ...]
 
 
+@dataclass(frozen=True)
+class PointValues:
+    """Per-dimension statistics at one grid point: :math:`l`, and the integrals
+    :math:`S = \\int s`, :math:`B = \\int e^{-S} b`."""
+
+    l: Tensor
+    S: Tensor
+    B: Tensor
+
+
+@dataclass(frozen=True)
+class _Pieces:
+    """How the steps of a grid are cut into pieces and quadrature points (scalars only).
+
+    ``interval[p]``: the EMS interval holding piece ``p`` (whose ``G`` quadrature points sit at
+    offsets ``offset[p, g]`` from the interval's left node); ``weight[p, g]``: the quadrature
+    weight (piece width × Gauss weight, negative on steps that run backwards in λ);
+    ``distance[p, g]``: λ minus the step's start; ``first[k]:first[k+1]``: the pieces of step k.
+    """
+
+    interval: Tensor
+    offset: Tensor
+    weight: Tensor
+    distance: Tensor
+    first: list[int]
+
+
 class EMSTable:
-    """The EMS refined with the λ's of a sampling grid, ready for exact step integrals."""
+    """The EMS turned into what DPM-Solver-v3's plan needs on one sampling grid.
 
-    def __init__(self, ems: EMS, query: Sequence[float]) -> None:
-        lam_e = ems.lambdas
-        self._lam_e, self._l_e, self._s_e = lam_e, ems.l, ems.s
-        self._big_l_e = _cumulative_trapezoid(ems.l, lam_e)  # exact for piecewise-linear l
-        self._big_s_e = _cumulative_trapezoid(ems.s, lam_e)
-        self._q_e = torch.exp(-self._big_s_e) * ems.b
-        self._big_b_e = _cumulative_trapezoid(self._q_e, lam_e)
-        q = torch.tensor(sorted({float(v) for v in query}), dtype=_F64)
-        nodes = torch.unique(torch.cat([lam_e, q, self._refinement()]))
-        lo, hi = ems.lambda_range
-        self.nodes = nodes[(nodes >= min(lo, float(q.min()))) & (nodes <= max(hi, float(q.max())))]
-        (self.l, self.L), (self.s, self.S), (self.q, self.B) = self._evaluate(self.nodes)
-        # slopes of l + s and of q on the EMS interval holding each sub-interval
-        i = self._interval(0.5 * (self.nodes[1:] + self.nodes[:-1]))
-        width = _flat(lam_e[i + 1] - lam_e[i], self._l_e)
-        self._d_ls = ((self._l_e + self._s_e)[i + 1] - (self._l_e + self._s_e)[i]) / width
-        self._d_q = (self._q_e[i + 1] - self._q_e[i]) / width
+    Args:
+        ems: The statistics.
+        lambdas: The grid's finite λ in sampling order (decreasing noise or, for inversion,
+            increasing); every one must lie in the EMS range.
+        max_moment: Highest :math:`k` of the moments :math:`M_k` the plan uses.
 
-    def _interval(self, u: Tensor) -> Tensor:
-        return (torch.searchsorted(self._lam_e, u.contiguous(), right=True) - 1).clamp(
-            0, self._lam_e.numel() - 2
+    :meth:`point` gives the statistics at grid point ``i``, :meth:`step` the integrals of the
+    step from point ``i`` to ``i + 1``; all are computed once, in float64, on the EMS's device.
+    """
+
+    def __init__(self, ems: EMS, lambdas: Sequence[float], max_moment: int) -> None:
+        self.lambdas = [float(v) for v in lambdas]
+        self.max_moment = max(int(max_moment), 1)
+        lam_e = ems.lambdas.to(ems.one_minus_l.device)
+        pieces = _cut(lam_e.cpu(), self.lambdas, _refinement(ems))
+        points, steps = _evaluate(ems, lam_e, self.lambdas, pieces, self.max_moment)
+        self._points, self._steps = points, steps
+
+    def point(self, i: int) -> PointValues:
+        """:math:`l, S, B` at grid point ``i``."""
+        l, big_s, big_b, _ = self._points
+        return PointValues(l[i], big_s[i], big_b[i])
+
+    def step(self, i: int) -> StepIntegrals:
+        """The integrals of the step from grid point ``i`` to ``i + 1``."""
+        decay, i0, c0, moments = self._steps
+        higher = tuple(moments[i, k] for k in range(1, self.max_moment + 1))
+        return StepIntegrals(decay[i], i0[i], c0[i], higher)
+
+
+# ---------------------------------------------------------------------------------------
+# Where the pieces go (λ only, shared by every dimension)
+def _refinement(ems: EMS) -> Tensor:
+    """Pieces per EMS interval so that :math:`|z| \\le` :data:`MAX_Z` everywhere (the largest
+    :math:`|l + s|` over the dimensions at either end of the interval); cached on the EMS."""
+    cached = ems.cache.get("refinement")
+    if cached is not None:
+        return cached
+    rate = torch.cat(
+        [
+            (1.0 - m.double() + s.double()).abs().flatten(1).amax(1).cpu()
+            for m, s in zip(ems.one_minus_l.split(64), ems.s.split(64), strict=True)
+        ]
+    )
+    width = ems.lambdas[1:] - ems.lambdas[:-1]
+    peak = torch.maximum(rate[1:], rate[:-1])
+    pieces = torch.clamp(torch.ceil(width * peak / MAX_Z), min=1).long()
+    ems.cache["refinement"] = pieces
+    return pieces
+
+
+def _cut(lam_e: Tensor, lambdas: list[float], refine: Tensor) -> _Pieces:
+    """Cut every step ``lambdas[k] → lambdas[k+1]`` at the EMS nodes, split each cut into
+    the EMS interval's ``refine`` equal pieces, and place the Gauss points."""
+    nodes = lam_e.numpy()
+    x, w = np.polynomial.legendre.leggauss(GAUSS_POINTS)
+    theta, gauss = 0.5 * (x + 1.0), 0.5 * w
+    parts: list[tuple[np.ndarray, ...]] = []
+    first = [0]
+    for start, end in itertools.pairwise(lambdas):
+        lo, hi = min(start, end), max(start, end)
+        cuts = np.concatenate([[lo], nodes[(nodes > lo) & (nodes < hi)], [hi]])
+        mids = 0.5 * (cuts[:-1] + cuts[1:])
+        interval = np.clip(np.searchsorted(nodes, mids) - 1, 0, len(nodes) - 2)
+        count = refine.numpy()[interval]
+        width = np.repeat((cuts[1:] - cuts[:-1]) / count, count)
+        rank = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
+        left = np.repeat(cuts[:-1], count) + width * rank
+        u = left[:, None] + width[:, None] * theta  # (pieces, G)
+        interval = np.repeat(interval, count)
+        sign = 1.0 if end >= start else -1.0
+        parts.append(
+            (interval, u - nodes[interval, None], sign * width[:, None] * gauss, u - start)
         )
+        first.append(first[-1] + len(interval))
+    if not parts:
+        empty = torch.zeros(0, GAUSS_POINTS, dtype=_F64)
+        return _Pieces(torch.zeros(0, dtype=torch.long), empty, empty, empty, first)
+    interval, offset, weight, distance = (np.concatenate(p) for p in zip(*parts, strict=True))
+    as64 = lambda v: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64))  # noqa: E731
+    return _Pieces(
+        torch.from_numpy(interval).long(), as64(offset), as64(weight), as64(distance), first
+    )
 
-    def _evaluate(self, u: Tensor) -> tuple[tuple[Tensor, Tensor], ...]:
-        """``(l, L), (s, S), (q, B)`` at ``u``: each rate linear, its integral exact."""
-        i = self._interval(u)
-        d = _flat(u - self._lam_e[i], self._l_e)
-        w = d / _flat(self._lam_e[i + 1] - self._lam_e[i], self._l_e)
-        out = []
-        for rate, total in (
-            (self._l_e, self._big_l_e),
-            (self._s_e, self._big_s_e),
-            (self._q_e, self._big_b_e),
-        ):
-            r0, r1 = rate[i], rate[i + 1]
-            out.append((r0 + w * (r1 - r0), total[i] + d * r0 + 0.5 * d * w * (r1 - r0)))
-        return tuple(out)
 
-    def _refinement(self) -> Tensor:
-        """Extra nodes so that every sub-interval has |z| <= 1/2 and |c| <= 1/20."""
-        width = self._lam_e[1:] - self._lam_e[:-1]
-        rate = (self._l_e + self._s_e).abs()
-        dims = tuple(range(1, rate.ndim))
-        peak = torch.maximum(rate[1:], rate[:-1])
-        jump = (rate[1:] - rate[:-1]).abs()
-        if dims:
-            peak, jump = peak.amax(dims), jump.amax(dims)
-        z, c = width * peak, 0.5 * width * jump
-        pieces = torch.maximum(torch.ceil(z / _MAX_Z), torch.ceil(torch.sqrt(c / _MAX_C)))
-        extra = []
-        for i in torch.nonzero(pieces > 1).flatten().tolist():
-            n = int(pieces[i])
-            extra.append(self._lam_e[i] + width[i] * torch.arange(1, n, dtype=_F64) / n)
-        return torch.cat(extra) if extra else torch.zeros(0, dtype=_F64)
+# ---------------------------------------------------------------------------------------
+# The per-dimension work, chunk by chunk
+def _cumulative(rate: Tensor, lam: Tensor) -> Tensor:
+    """Exact integral of the piecewise-linear ``rate`` from the first node (trapezoids)."""
+    widths = (0.5 * (lam[1:] - lam[:-1])).reshape(-1, *([1] * (rate.ndim - 1)))
+    out = torch.empty_like(rate)
+    out[0] = 0.0
+    torch.cumsum((rate[1:] + rate[:-1]).mul_(widths), 0, out=out[1:])
+    return out
 
-    def index(self, lam: float) -> int:
-        """Node index of ``lam`` (which must be a node: an EMS or query λ)."""
-        i = int(torch.searchsorted(self.nodes, torch.tensor(lam, dtype=_F64)))
-        for j in (i, i - 1):
-            if 0 <= j < self.nodes.numel() and abs(float(self.nodes[j]) - lam) <= 1e-12 * max(
-                1.0, abs(lam)
-            ):
-                return j
-        raise KeyError(f"λ = {lam} is not a node of this table")
 
-    def values(self, lam: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(l, L, S, B)`` at a node."""
-        i = self.index(lam)
-        return self.l[i], self.L[i], self.S[i], self.B[i]
+class _Interpolant:
+    """A piecewise-linear rate and its exact integral, evaluated at λ given as (EMS interval,
+    offset in it): :math:`\\int^{\\lambda} r = R_i + a\\,r_i + b\\,r_{i+1}` with
+    :math:`a = d - d^2/2w`, :math:`b = d^2/2w`. Offsets are ``(points,)`` or ``(points, G)``;
+    values come out as ``(G, points, dims)``."""
 
-    def step(self, lam_s: float, lam_t: float, max_moment: int) -> StepIntegrals:
-        """Exact integrals of one step (either direction)."""
-        a, b = self.index(lam_s), self.index(lam_t)
-        forward = b >= a
-        lo, hi = (a, b) if forward else (b, a)
-        u = self.nodes[lo : hi + 1]
-        delta = _flat(u[1:] - u[:-1], self.L)
-        # exponent E = (L - L_s) + (S - S_s) on each sub-interval, theta = (u - u_j) / delta:
-        # E = E_j + z theta + c theta^2
-        e_left = (self.L[lo:hi] - self.L[a]) + (self.S[lo:hi] - self.S[a])
-        z = delta * (self.l[lo:hi] + self.s[lo:hi])
-        c = 0.5 * delta * delta * self._d_ls[lo:hi]
-        scale = delta * torch.exp(e_left + z)  # Δ e^{E_j + z}
-        n_max = max_moment + 2 + 2 * (_C_TERMS - 1)
-        j = [float(math.factorial(n)) * phi_tensor(n + 1, -z) for n in range(n_max + 1)]
+    def __init__(self, lam_e: Tensor, interval: Tensor, offset: Tensor) -> None:
+        width = lam_e[interval + 1] - lam_e[interval]
+        offset = (offset if offset.ndim == 2 else offset[:, None]).T  # (G, points)
+        self.interval = interval
+        self.b = (0.5 * offset * offset / width).unsqueeze(-1)  # (G, points, 1)
+        self.a = offset.unsqueeze(-1) - self.b
+        self.frac = (offset / width).unsqueeze(-1)
 
-        def integral(power: int) -> Tensor:  # ∫_0^1 e^{z θ + c θ²} θ^power dθ / e^{z}
-            total, c_pow = torch.zeros_like(z), torch.ones_like(c)
-            for r in range(_C_TERMS):
-                total = total + c_pow / math.factorial(r) * j[power + 2 * r]
-                c_pow = c_pow * c
-            return total
+    def gather(self, rate: Tensor, total: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """:math:`(R_i, r_i, r_{i+1})` of every point, each ``(points, dims)``."""
+        i = self.interval
+        return total[i], rate[i], rate[i + 1]
 
-        ints = [integral(m) for m in range(max(max_moment, 2) + 1)]
-        sign = 1.0 if forward else -1.0
-        i0 = sign * (scale * ints[0]).sum(0)
-        # B_s(u) = e^{S_s} (B(u) - B_s), quadratic in theta on each sub-interval
-        e_s = torch.exp(self.S[a])
-        beta0 = e_s * (self.B[lo:hi] - self.B[a])
-        beta1 = e_s * delta * self.q[lo:hi]
-        beta2 = e_s * 0.5 * delta * delta * self._d_q[lo:hi]
-        c0 = sign * (scale * (beta0 * ints[0] + beta1 * ints[1] + beta2 * ints[2])).sum(0)
-        offset = _flat(u[:-1] - float(self.nodes[a]), self.L)
-        moments = []
-        for k in range(1, max_moment + 1):
-            total = torch.zeros_like(i0)
-            for m in range(k + 1):
-                weight = math.comb(k, m) * offset ** (k - m) * delta**m / math.factorial(k)
-                total = total + (scale * weight * ints[m]).sum(0)
-            moments.append(sign * total)
-        decay = torch.exp(-(self.L[b] - self.L[a]))
-        return StepIntegrals(decay, i0, c0, tuple(moments))
+    def integral(self, gathered: tuple[Tensor, Tensor, Tensor], g: int = 0) -> Tensor:
+        """:math:`R(\\lambda)` at quadrature point ``g`` of every point, ``(points, dims)``."""
+        base, r0, r1 = gathered
+        return torch.addcmul(base, self.a[g], r0).addcmul_(self.b[g], r1)
+
+    def rate(self, rate: Tensor) -> Tensor:
+        """:math:`r(\\lambda)`."""
+        r0, r1 = rate[self.interval], rate[self.interval + 1]
+        return r0 + self.frac * (r1 - r0)
+
+
+def _locate(lam_e: Tensor, lambdas: list[float]) -> tuple[Tensor, Tensor]:
+    """(EMS interval, offset) of each grid λ."""
+    lam = torch.tensor(lambdas, dtype=_F64, device=lam_e.device)
+    i = (torch.searchsorted(lam_e, lam, right=True) - 1).clamp(0, lam_e.numel() - 2)
+    return i, lam - lam_e[i]
+
+
+def _evaluate(
+    ems: EMS, lam_e: Tensor, lambdas: list[float], pieces: _Pieces, max_moment: int
+) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """Point values ``(l, S, B, L)`` and step integrals ``(decay, i0, c0, moments)``, each
+    ``(points or steps, *data_shape)`` (moments: ``(steps, K + 1, *data_shape)``)."""
+    device, shape = lam_e.device, ems.data_shape
+    dims = math.prod(shape)
+    n_points, n_steps = len(lambdas), len(lambdas) - 1
+    at_points = _Interpolant(lam_e, *_locate(lam_e, lambdas))
+    at_pieces = _Interpolant(lam_e, pieces.interval.to(device), pieces.offset.to(device))
+    powers = (
+        torch.stack([pieces.distance**k / math.factorial(k) for k in range(max_moment + 1)])
+        * pieces.weight
+    )  # (K+1, pieces, G)
+    powers = powers.permute(2, 0, 1).contiguous().to(device)  # (G, K+1, pieces)
+    out_points = [torch.empty(n_points, dims, dtype=_F64, device=device) for _ in range(4)]
+    out_steps = [torch.empty(n_steps, dims, dtype=_F64, device=device) for _ in range(3)]
+    moments = torch.empty(n_steps, max_moment + 1, dims, dtype=_F64, device=device)
+    rows = max(pieces.interval.numel(), lam_e.numel())
+    chunk = max(1, CHUNK_ELEMENTS // rows)
+    for c0 in range(0, dims, chunk):
+        cols = slice(c0, min(dims, c0 + chunk))
+        stats = [a.flatten(1)[:, cols].to(device, _F64) for a in (ems.one_minus_l, ems.s, ems.b)]
+        stats[0] = 1.0 - stats[0]  # l
+        points, steps, step_moments = _chunk(lam_e, stats, at_points, at_pieces, powers, pieces)
+        for target, value in zip(out_points, points, strict=True):
+            target[:, cols] = value
+        for target, value in zip(out_steps, steps, strict=True):
+            target[:, cols] = value
+        moments[:, :, cols] = step_moments
+    reshape = lambda t: t.reshape(t.shape[0], *shape)  # noqa: E731
+    return (
+        tuple(reshape(t) for t in out_points),
+        (*(reshape(t) for t in out_steps), moments.reshape(n_steps, max_moment + 1, *shape)),
+    )
+
+
+def _chunk(
+    lam_e: Tensor,
+    stats: list[Tensor],
+    at_points: _Interpolant,
+    at_pieces: _Interpolant,
+    powers: Tensor,
+    pieces: _Pieces,
+) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    """:func:`_evaluate` on one chunk of dimensions."""
+    l, s, b = stats
+    big_l, big_s = _cumulative(l, lam_e), _cumulative(s, lam_e)
+    q = torch.exp(-big_s) * b
+    big_b = _cumulative(q, lam_e)
+    rho, big_e = l + s, big_l + big_s
+    # at the grid points
+    l_p = at_points.rate(l)[0]
+    big_l_p = at_points.integral(at_points.gather(l, big_l))
+    big_s_p = at_points.integral(at_points.gather(s, big_s))
+    big_b_p = at_points.integral(at_points.gather(q, big_b))
+    # at the quadrature points of every piece: sums of e^{E - E_start} and of e^{...} B
+    starts = torch.repeat_interleave(
+        torch.arange(len(pieces.first) - 1, device=lam_e.device),
+        torch.tensor(np.diff(pieces.first), device=lam_e.device),
+    )
+    big_e_start = (big_l_p + big_s_p)[starts]
+    n_steps, dims = len(pieces.first) - 1, l.shape[1]
+    moments = torch.zeros(n_steps, powers.shape[1], dims, dtype=_F64, device=l.device)
+    c_sum = torch.zeros(n_steps, dims, dtype=_F64, device=l.device)
+    e_nodes, b_nodes = at_pieces.gather(rho, big_e), at_pieces.gather(q, big_b)
+    e_nodes[0].sub_(big_e_start)  # E relative to the start of each piece's step
+    for g in range(powers.shape[0]):
+        e_rel = at_pieces.integral(e_nodes, g).exp_()
+        weighted_b = at_pieces.integral(b_nodes, g).mul_(e_rel)
+        for k in range(n_steps):
+            rows = slice(pieces.first[k], pieces.first[k + 1])
+            moments[k].addmm_(powers[g, :, rows], e_rel[rows])
+            c_sum[k].addmv_(weighted_b[rows].T, powers[g, 0, rows])
+    i0 = moments[:, 0]
+    c0 = torch.exp(big_s_p[:-1]) * (c_sum - big_b_p[:-1] * i0)
+    decay = torch.exp(-(big_l_p[1:] - big_l_p[:-1]))
+    return [l_p, big_s_p, big_b_p, big_l_p], [decay, i0, c0], moments
