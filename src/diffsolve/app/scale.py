@@ -525,9 +525,7 @@ def run_sampling(
     plan = method.plan(model.schedule, grid)
     classes = model.num_classes or 10
     if config.class_label is not None and not 0 <= config.class_label < classes:
-        raise ValueError(
-            f"class_label must lie in [0, {classes - 1}], got {config.class_label}"
-        )
+        raise ValueError(f"class_label must lie in [0, {classes - 1}], got {config.class_label}")
     manifest = run_manifest(config, model, plan, seeds)
     out_dir = Path(config.out_dir)
     _prepare_folder(out_dir, manifest, dist)

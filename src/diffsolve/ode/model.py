@@ -67,47 +67,76 @@ class Conversion:
 
 
 def _lincomb(x: Tensor, cx: float, out: Tensor, co: float) -> Tensor:
+    """:math:`c_x x + c_o\\,\\text{out}` with one allocation (large CPU allocations fault in
+    fresh pages: each one costs more than the arithmetic)."""
     if cx == 0.0:
         return out * co
-    return torch.add(x * cx, out, alpha=co)
+    return torch.mul(x, cx).add_(out, alpha=co)
 
 
 class Prediction:
     """A model evaluation at ``(x, t)``, readable as :attr:`x0` and :attr:`eps`.
 
-    Both are computed on first access only and cached.
+    Both are computed on first access only and cached. Solvers read them through
+    :meth:`scaled`, which costs at most one pass over memory.
     """
 
-    __slots__ = ("_eps", "_x0", "conversion", "out", "t", "x")
+    __slots__ = ("_eps", "_scaled", "_x0", "conversion", "out", "t", "x")
 
     def __init__(self, x: Tensor, out: Tensor, conversion: Conversion, t: float) -> None:
         self.x, self.out, self.conversion, self.t = x, out, conversion, t
         self._x0: Tensor | None = None
         self._eps: Tensor | None = None
+        self._scaled: dict[Space, tuple[Tensor, float]] = {}
 
     @classmethod
     def from_x0(cls, x: Tensor, x0: Tensor, alpha: float, sigma: float, t: float) -> Prediction:
         """Wrap a data prediction (used by analytic models and guidance)."""
         return cls(x, x0, conversion_for("x0", alpha, sigma), t)
 
+    def _coefficients(self, space: Space) -> tuple[float, float]:
+        c = self.conversion
+        return (c.px, c.po) if space == "data" else (c.ex, c.eo)
+
+    def scaled(self, space: Space) -> tuple[Tensor, float]:
+        """The ``"data"`` or ``"noise"`` prediction as ``(tensor, scale)`` with prediction
+        :math:`= \\text{scale}\\cdot\\text{tensor}`: :math:`c_x x + c_o\\,\\text{out} =
+        c_x (x + (c_o/c_x)\\,\\text{out})` is one pass over memory (none when the network
+        predicts it directly), where forming it costs two; solvers fold ``scale`` into their
+        weights."""
+        cached = self._scaled.get(space)
+        if cached is None:
+            cx, co = self._coefficients(space)
+            if cx == 0.0:
+                cached = (self.out, co)
+            elif co == 0.0:
+                cached = (self.x, cx)
+            else:
+                cached = (torch.add(self.x, self.out, alpha=co / cx), cx)
+            self._scaled[space] = cached
+        return cached
+
+    def _full(self, space: Space) -> Tensor:
+        """The prediction itself: from :meth:`scaled` if it was read, else formed directly."""
+        cached = self._scaled.get(space)
+        if cached is not None:
+            tensor, scale = cached
+            return tensor if scale == 1.0 else tensor * scale
+        cx, co = self._coefficients(space)
+        return self.out if cx == 0.0 and co == 1.0 else _lincomb(self.x, cx, self.out, co)
+
     @property
     def x0(self) -> Tensor:
         """Data prediction :math:`\\hat x_0`."""
         if self._x0 is None:
-            c = self.conversion
-            self._x0 = (
-                self.out if c.px == 0.0 and c.po == 1.0 else _lincomb(self.x, c.px, self.out, c.po)
-            )
+            self._x0 = self._full("data")
         return self._x0
 
     @property
     def eps(self) -> Tensor:
         """Noise prediction :math:`\\hat\\epsilon`."""
         if self._eps is None:
-            c = self.conversion
-            self._eps = (
-                self.out if c.ex == 0.0 and c.eo == 1.0 else _lincomb(self.x, c.ex, self.out, c.eo)
-            )
+            self._eps = self._full("noise")
         return self._eps
 
     def get(self, space: Space) -> Tensor:

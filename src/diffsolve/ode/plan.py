@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 from torch import Tensor
 
 from diffsolve.ode.grids import validate_grid
-from diffsolve.ode.model import Denoiser
+from diffsolve.ode.model import Denoiser, Prediction
 from diffsolve.ode.schedule import NoiseSchedule
 
 
@@ -30,20 +30,32 @@ class State:
         x: Current sample (at time :attr:`t`).
         t: Current solver time.
         step: Number of grid intervals done.
-        denoised: The latest data prediction, if any (for callbacks and previews).
+        latest: The latest model evaluation (its :attr:`denoised` :math:`\\hat x_0` is formed
+            on demand, for callbacks and previews), or a data prediction as a tensor.
         done: True once the grid's last point is reached.
         history: Earlier model evaluations a multistep method reuses, newest first (the
             items are the plan's own, e.g. :class:`diffsolve.solvers.engine.Point`).
         x_prev: The state before the last step: a corrector's base, BDIA's second memory.
+        owns_x_prev: :attr:`x_prev` was made by the plan (a corrector's output, never handed
+            out) and may be overwritten by the next corrector.
     """
 
     x: Tensor
     t: float
     step: int = 0
-    denoised: Tensor | None = None
+    latest: Prediction | Tensor | None = None
     done: bool = False
     history: tuple[Any, ...] = ()
     x_prev: Tensor | None = None
+    owns_x_prev: bool = False
+
+    @property
+    def denoised(self) -> Tensor | None:
+        """The latest data prediction :math:`\\hat x_0`, formed only when read (from the
+        latest model evaluation, or as given)."""
+        if self.latest is None or isinstance(self.latest, Tensor):
+            return self.latest
+        return self.latest.x0
 
 
 S = TypeVar("S", bound=State)

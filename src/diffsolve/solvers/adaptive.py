@@ -94,7 +94,7 @@ class AdaptivePlan(Plan[AdaptiveState]):
                     x_lower=x_low,
                     h=h_new,
                     attempts=attempts,
-                    denoised=prediction.x0,
+                    latest=prediction,
                     done=last,
                 )
             h = min(h_new, sign * (lam_end - state.lam))

@@ -48,21 +48,22 @@ Feature = Literal["data", "noise", "f"]
 
 class Point:
     """One model evaluation, as updates read it: :meth:`feature` ``"data"``/``"noise"`` come
-    from the prediction (computed on first use), ``"f"`` is stored when the step defines
-    :math:`f_x` (DPM-Solver-v3)."""
+    from the prediction (formed on first use), ``"f"`` is stored when the step defines
+    :math:`f_x` (DPM-Solver-v3). Features are ``(tensor, scale)`` pairs, feature
+    :math:`= \\text{scale}\\cdot\\text{tensor}` (see :meth:`Prediction.scaled`)."""
 
     __slots__ = ("f", "prediction")
 
-    def __init__(self, prediction: Prediction, f: Tensor | None = None) -> None:
+    def __init__(self, prediction: Prediction, f: tuple[Tensor, float] | None = None) -> None:
         self.prediction, self.f = prediction, f
 
-    def feature(self, name: Feature) -> Tensor:
-        """The feature ``name`` of this evaluation."""
+    def feature(self, name: Feature) -> tuple[Tensor, float]:
+        """The feature ``name`` of this evaluation, as ``(tensor, scale)``."""
         if name == "f":
             if self.f is None:
                 raise RuntimeError("an update reads f, but its step defines no f_x")
             return self.f
-        return self.prediction.get(name)
+        return self.prediction.scaled(name)
 
 
 def _to(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
@@ -113,19 +114,29 @@ class Update:
         )
 
     def apply(
-        self, x: Tensor, evaluations: Sequence[Point], x_prev: Tensor | None = None
+        self,
+        x: Tensor,
+        evaluations: Sequence[Point],
+        x_prev: Tensor | None = None,
+        *,
+        in_place: bool = False,
     ) -> Tensor:
-        """Evaluate the combination on base point ``x``."""
-        if isinstance(self.a, Tensor):
+        """Evaluate the combination on base point ``x`` (into ``x`` itself with
+        ``in_place``, which must then be a buffer nothing else reads)."""
+        if in_place:
+            out: Tensor | None = self._base_in_place(x)
+        elif isinstance(self.a, Tensor):
             out = x * self.a if self.c is None else torch.addcmul(self.c, self.a, x)
         else:
             out = x * self.a if self.a != 0.0 else None
         for w, i in zip(self.w, self.points, strict=True):
-            d = evaluations[i].feature(self.feature)
+            d, scale = evaluations[i].feature(self.feature)
             if isinstance(w, Tensor):
-                out = d * w if out is None else out.addcmul_(w, d)
+                out = (
+                    torch.mul(d, w).mul_(scale) if out is None else out.addcmul_(w, d, value=scale)
+                )
             elif w != 0.0:
-                out = d * w if out is None else out.add_(d, alpha=w)
+                out = d * (w * scale) if out is None else out.add_(d, alpha=w * scale)
         if out is None:
             out = torch.zeros_like(x)
         if self.prev != 0.0:
@@ -133,6 +144,12 @@ class Update:
                 raise RuntimeError("an update reads the previous state, but there is none")
             out = out.add_(x_prev, alpha=self.prev)
         return out
+
+    def _base_in_place(self, x: Tensor) -> Tensor:
+        """:math:`a \\odot x + c`, written into ``x``."""
+        if isinstance(self.a, Tensor):
+            return x.mul_(self.a) if self.c is None else torch.addcmul(self.c, self.a, x, out=x)
+        return x.mul_(self.a)
 
     def last_point(self) -> int:
         """Largest evaluation index read (-1 for none)."""
@@ -172,11 +189,23 @@ class MultistepStep:
     f_x: Coef | None = None
 
     evals: int = field(default=1, init=False)
+    #: :math:`f_x - c_x` per model conversion coefficient :math:`c_x` (see :func:`_feature_f`).
+    _shifted_f_x: dict[float, Tensor] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def updates(self) -> tuple[Update, ...]:
         """Every update the step applies."""
         return (self.predictor,) if self.corrector is None else (self.predictor, self.corrector)
+
+    def _feature_f(self, prediction: Prediction) -> Tensor:
+        """DPM-Solver-v3's :math:`f = -\\hat x_0 + f_x \\odot x = (f_x - c_x) \\odot x - c_o
+        \\,\\text{out}` from the raw output, with one allocation (:math:`\\hat x_0 = c_x x +
+        c_o\\,\\text{out}`); :math:`\\hat x_0` itself is formed only if read."""
+        c = prediction.conversion
+        shifted = self._shifted_f_x.get(c.px)
+        if shifted is None:
+            shifted = self._shifted_f_x[c.px] = self.f_x - c.px  # type: ignore[operator]
+        return torch.mul(prediction.out, -c.po).addcmul_(shifted, prediction.x)
 
     def to(self, device: torch.device, dtype: torch.dtype) -> MultistepStep:
         """The step with its tensor coefficients on ``device`` in ``dtype``."""
@@ -193,19 +222,20 @@ class MultistepStep:
         """Take the step from ``state``, keeping ``memory`` evaluations (``done``: it is the
         plan's last)."""
         prediction = model(state.x, self.t)
-        f = None if self.f_x is None else torch.addcmul(-prediction.x0, self.f_x, state.x)
+        f = None if self.f_x is None else (self._feature_f(prediction), 1.0)
         history = (Point(prediction, f), *state.history[: memory - 1])
-        x = state.x
-        if self.corrector is not None and state.x_prev is not None:
-            x = self.corrector.apply(state.x_prev, history)
+        x, corrected = state.x, self.corrector is not None and state.x_prev is not None
+        if corrected:  # into the previous corrector's output where that is the base
+            x = self.corrector.apply(state.x_prev, history, in_place=state.owns_x_prev)  # type: ignore[union-attr]
         return State(
             x=self.predictor.apply(x, history, state.x_prev),
             t=self.t_next,
             step=state.step + 1,
-            denoised=prediction.x0,
+            latest=prediction,
             done=done,
             history=history,
             x_prev=x,
+            owns_x_prev=corrected,
         )
 
 
@@ -247,8 +277,8 @@ class StageStep:
     def advance(self, model: Denoiser, state: State, memory: int, done: bool) -> State:
         """Take the step from ``state`` (single-step methods keep no history)."""
         y, points = self.run(model, state.x)
-        denoised = points[0].prediction.x0
-        return State(x=y, t=self.t_next, step=state.step + 1, denoised=denoised, done=done)
+        latest = points[0].prediction
+        return State(x=y, t=self.t_next, step=state.step + 1, latest=latest, done=done)
 
 
 Step = MultistepStep | StageStep
