@@ -143,12 +143,12 @@ def test_version_1_ems_files_still_load(tmp_path):
     from safetensors.torch import save_file
 
     ems = EMS.degenerate(VPLinear(), (3,), n=5)
-    l = torch.linspace(0.2, 0.9, 6, dtype=torch.float64)[:, None].expand(6, 3).contiguous()
+    stats = torch.linspace(0.2, 0.9, 6, dtype=torch.float64)[:, None].expand(6, 3).contiguous()
     meta = {"format": "diffsolve-ems", "diffsolve_ems": json.dumps({**ems.metadata, "version": 1})}
-    tensors = {"lambdas": ems.lambdas, "l": l, "s": ems.s.double(), "b": ems.b.double()}
+    tensors = {"lambdas": ems.lambdas, "l": stats, "s": ems.s.double(), "b": ems.b.double()}
     save_file(tensors, str(tmp_path / "v1.safetensors"), metadata=meta)
     loaded = load_ems(tmp_path / "v1.safetensors")
-    torch.testing.assert_close(loaded.l, l, rtol=0, atol=1e-7)
+    torch.testing.assert_close(loaded.l, stats, rtol=0, atol=1e-7)
 
 
 def test_v3_plans_are_cached_per_ems_grid_and_options():
@@ -171,3 +171,68 @@ def test_v3_scheduler_reuses_its_plan():
     plan = scheduler._plan
     scheduler.set_timesteps(10)
     assert scheduler._plan is plan
+
+
+def test_scale_profile_from_the_cli(tmp_path):
+    pytest.importorskip("diffusers")
+    import json
+
+    from click.testing import CliRunner
+
+    from diffsolve.app.cli import main
+
+    out = tmp_path / "scale.json"
+    result = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            "--profile",
+            "scale",
+            "--shapes",
+            "2x1x8x8",
+            "--no-end-to-end",
+            "--json",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    solvers = {row["solver"] for row in data["overhead"]}
+    assert {"diffsolve DPM++(2M)", "diffsolve DPM-Solver-v3", "diffusers DPM++(2M)"} <= solvers
+    assert data["plans"][0]["shape"] == [1, 8, 8] and data["plans"][0]["cached_ms"] < 1e3
+    bad = CliRunner().invoke(main, ["bench", "--profile", "scale", "--shapes", "4x"])
+    assert bad.exit_code == 2 and "--shapes" in bad.output
+
+
+def test_end_to_end_row_with_a_small_unet(monkeypatch):
+    """The end-to-end measurement's code path, on a UNet small enough for CI."""
+    pytest.importorskip("diffusers")
+    from diffsolve.app.bench import scale
+
+    small = {
+        **scale.PIXEL_UNET,
+        "sample_size": 16,
+        "block_out_channels": (8, 16),
+        "down_block_types": ("DownBlock2D",) * 2,
+        "up_block_types": ("UpBlock2D",) * 2,
+        "norm_num_groups": 4,
+    }
+    monkeypatch.setattr(scale, "PIXEL_UNET", small)
+    monkeypatch.setattr(scale, "_network", _small_network(scale))
+    row = scale.end_to_end_row("pixel", 2, 3, torch.device("cpu"))
+    assert set(row["seconds"]) == {"network alone", "diffsolve DPM++(2M)", "diffusers DPM++(2M)"}
+    assert row["ratio_to_network"] > 0 and set(row["peak_mb"]) == {
+        "caller's no_grad",
+        "grad enabled",
+    }
+
+
+def _small_network(scale):
+    import diffusers
+
+    def build(kind, batch, device):
+        torch.manual_seed(0)
+        net = diffusers.UNet2DModel(**scale.PIXEL_UNET).eval()
+        return net, torch.randn(batch, 3, 16, 16), {}
+
+    return build

@@ -421,6 +421,12 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         self._begin_index = begin_index
 
     @property
+    def grid(self) -> Tensor | None:
+        """The current loop's grid in diffsolve solver time (``None`` before
+        :meth:`set_timesteps`): ``sample()`` on it equals the loop."""
+        return self._grid
+
+    @property
     def begin_index(self) -> int:
         """Index of the first step of the current loop (see :meth:`set_begin_index`)."""
         return self._begin_index

@@ -7,6 +7,7 @@ import os
 import tempfile
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 from diffsolve.app.bench.runner import BenchResult, Row
 
@@ -73,8 +74,8 @@ def _table(
     return "\n".join(out)
 
 
-def write_json(result: BenchResult, path: str | Path) -> None:
-    """Write the result as JSON, atomically."""
+def write_json(result: Any, path: str | Path) -> None:
+    """Write a result (anything with ``to_json()``) as JSON, atomically."""
     _atomic_write(Path(path), json.dumps(result.to_json(), indent=2).encode())
 
 
@@ -134,6 +135,14 @@ def plot(result: BenchResult, path: str | Path) -> None:
     ax.set_title(f"{result.model}: {result.samples} samples, same noise for every solver")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: str | Path) -> None:
+    """Write a matplotlib figure as PNG atomically (a temporary file, then a rename) and
+    close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,13 +17,13 @@ then the next round) on the same device:
   calls, no solver), diffsolve's loop and diffusers' loop at the same steps; and the peak
   memory of :func:`diffsolve.sample` with and without the caller's ``no_grad``.
 
-Peak memory is the device's (CUDA) or the process's resident peak (Linux, from
-``/proc/self/status`` after resetting it), above what was in use before.
+Peak memory (:func:`peak_bytes`) is CUDA's allocator peak, or on the CPU the replayed
+allocations of the torch profiler: above what was in use before, whatever the C library
+keeps for reuse.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import statistics
 import time
@@ -88,6 +88,7 @@ class ScaleResult:
     device: str
     device_name: str
     torch_version: str
+    freed_memory_kept: bool
     overhead: list[dict[str, Any]] = field(default_factory=list)
     plans: list[dict[str, Any]] = field(default_factory=list)
     end_to_end: list[dict[str, Any]] = field(default_factory=list)
@@ -102,11 +103,13 @@ def run_scale_bench(
     config: ScaleConfig, progress: Callable[[str], None] | None = None
 ) -> ScaleResult:
     """Run the three measurements of the scale profile."""
+    from diffsolve.app.tuning import keep_freed_memory
+
     say = progress or (lambda message: None)
     started = time.perf_counter()
     device = torch.device(config.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
-    result = ScaleResult(config.device, name, torch.__version__)
+    result = ScaleResult(config.device, name, torch.__version__, keep_freed_memory())
     with torch.no_grad():
         for shape in config.shapes:
             say(f"overhead per step at {'×'.join(map(str, shape))}")
@@ -255,11 +258,10 @@ def plan_row(shape: tuple[int, ...], steps: int, device: torch.device) -> dict[s
     schedule = _schedule()
     grid = nfe_grid(schedule, steps, "time_quadratic")
     ems = tiled_ems(shape).to(device)
-    before = _memory_now(device)
-    _reset_peak(device)
     cold = _timed(lambda: DPMSolverV3(ems, order=2).plan(schedule, grid), device)
-    peak = _peak(device) - before
     cached = _timed(lambda: DPMSolverV3(ems, order=2).plan(schedule, grid), device)
+    ems.cache.clear()
+    peak = peak_bytes(lambda: DPMSolverV3(ems, order=2).plan(schedule, grid), device)
     return {
         "shape": list(shape),
         "ems_intervals": ems.num_intervals,
@@ -270,35 +272,32 @@ def plan_row(shape: tuple[int, ...], steps: int, device: torch.device) -> dict[s
     }
 
 
-def _memory_now(device: torch.device) -> int:
+def peak_bytes(run: Callable[[], Any], device: torch.device) -> int:
+    """The peak of the memory ``run()`` allocates on ``device`` above what was in use before:
+    CUDA's allocator statistics, or on the CPU the allocations and frees the torch profiler
+    records, replayed in time order (independent of what the C library keeps or returns)."""
     if device.type == "cuda":
-        return torch.cuda.memory_allocated(device)
-    return _proc_status("VmRSS")
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
+        before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-    else:
-        with contextlib.suppress(OSError):
-            Path("/proc/self/clear_refs").write_text("5")
+        run()
+        torch.cuda.synchronize(device)
+        return max(0, torch.cuda.max_memory_allocated(device) - before)
+    from torch.profiler import ProfilerActivity, profile
 
-
-def _peak(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return _proc_status("VmHWM")
-
-
-def _proc_status(key: str) -> int:
-    """A memory figure of this process in bytes (0 where /proc is not available)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    deltas = []
+    for event in prof.events():
+        memory = (
+            event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
+        )
+        if memory:
+            deltas.append((event.time_range.start, memory))
+    total = peak = 0
+    for _, memory in sorted(deltas):
+        total += memory
+        peak = max(peak, total)
+    return peak
 
 
 def _cpu_name() -> str:
@@ -332,7 +331,8 @@ def _network(kind: str, batch: int, device: torch.device) -> tuple[Any, Tensor, 
 
 def end_to_end_row(kind: str, batch: int, steps: int, device: torch.device) -> dict[str, Any]:
     """Seconds for the network alone, diffsolve's loop and diffusers' loop (interleaved, best
-    of two rounds), and diffsolve's peak memory with and without the caller's ``no_grad``."""
+    of three rounds, two for the latent UNet), and diffsolve's peak memory with and without
+    the caller's ``no_grad``."""
     import diffusers
 
     net, x, kwargs = _network(kind, batch, device)
@@ -351,7 +351,7 @@ def end_to_end_row(kind: str, batch: int, steps: int, device: torch.device) -> d
     }
     best = {name: math.inf for name in runs}
     with torch.no_grad():
-        for _ in range(2):
+        for _ in range(3 if kind == "pixel" else 2):
             for name, run in runs.items():
                 best[name] = min(best[name], _timed(run, device))
     memory = {
@@ -401,9 +401,9 @@ def _sample_peak(
     model: ModelWrapper, x: Tensor, solver: Any, plan: Any, device: torch.device, grad_off: bool
 ) -> int:
     """Peak memory :func:`sample` adds, called with or without the caller's ``no_grad``."""
-    before = _memory_now(device)
-    _reset_peak(device)
-    with torch.no_grad() if grad_off else torch.enable_grad():
-        out = sample(model, x, solver, plan=plan).x
-    synchronize(out)
-    return max(0, _peak(device) - before)
+
+    def run() -> None:
+        with torch.no_grad() if grad_off else torch.enable_grad():
+            sample(model, x, solver, plan=plan)
+
+    return peak_bytes(run, device)
