@@ -24,10 +24,13 @@ keeps for reuse.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import statistics
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -284,7 +287,10 @@ def peak_bytes(run: Callable[[], Any], device: torch.device) -> int:
         return max(0, torch.cuda.max_memory_allocated(device) - before)
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with (
+        _native_stderr_silenced(),
+        profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+    ):
         run()
     deltas = []
     for event in prof.events():
@@ -298,6 +304,20 @@ def peak_bytes(run: Callable[[], Any], device: torch.device) -> int:
         total += memory
         peak = max(peak, total)
     return peak
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Silence file descriptor 2 (the profiler's C++ logs a line at every start and stop)."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _cpu_name() -> str:
@@ -331,7 +351,7 @@ def _network(kind: str, batch: int, device: torch.device) -> tuple[Any, Tensor, 
 
 def end_to_end_row(kind: str, batch: int, steps: int, device: torch.device) -> dict[str, Any]:
     """Seconds for the network alone, diffsolve's loop and diffusers' loop (interleaved, best
-    of three rounds, two for the latent UNet), and diffsolve's peak memory with and without
+    of five rounds, two for the latent UNet), and diffsolve's peak memory with and without
     the caller's ``no_grad``."""
     import diffusers
 
@@ -351,7 +371,7 @@ def end_to_end_row(kind: str, batch: int, steps: int, device: torch.device) -> d
     }
     best = {name: math.inf for name in runs}
     with torch.no_grad():
-        for _ in range(3 if kind == "pixel" else 2):
+        for _ in range(5 if kind == "pixel" else 2):
             for name, run in runs.items():
                 best[name] = min(best[name], _timed(run, device))
     memory = {
