@@ -43,6 +43,8 @@ class LoadedModel:
         network: The ``nn.Module`` (``None`` for analytic models).
         num_classes: Number of classes of a class-conditional model.
         analytic: The analytic data model (``gaussian`` / ``gmm``), if any.
+        folder: The model folder (demo models included).
+        device: Where the network runs (DPM-Solver-v3 builds its plan there).
     """
 
     name: str
@@ -54,6 +56,7 @@ class LoadedModel:
     num_classes: int | None = None
     analytic: GaussianModel | GaussianMixtureModel | None = field(default=None, repr=False)
     folder: Path | None = None
+    device: str = "cpu"
 
     @property
     def ems_path(self) -> Path | None:
@@ -107,7 +110,7 @@ class LoadedModel:
         if unknown:
             raise ValueError(f"unknown needs {sorted(unknown)}; known: {sorted(NEEDS)}")
         return SolverContext(
-            ems=self.load_ems() if "ems" in needs else None,
+            ems=self.load_ems().to(self.device) if "ems" in needs else None,
             gaussian=self.load_gaussian(gaussian_stats) if "gaussian" in needs else None,
         )
 
@@ -182,6 +185,7 @@ def load_model(
         network=network,
         num_classes=conditioning.get("num_classes"),
         folder=folder,
+        device=str(device),
     )
 
 

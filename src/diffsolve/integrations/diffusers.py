@@ -358,6 +358,10 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
             grid = self._default_grid(num_inference_steps, mu)
         self._reset()
         self._grid = grid
+        if device is not None:  # statistics where the pipeline runs: v3 plans there
+            self._needs = {
+                k: v.to(device) if hasattr(v, "to") else v for k, v in self._needs.items()
+            }
         self._build(0)
         # a multistep plan evaluates the model once per step, at the step's start
         model_times = [self._wrapper.model_time(float(t)) for t in grid[:-1]]
