@@ -68,3 +68,16 @@ def test_bad_generator_arguments():
         grids.logsnr_uniform(s, 4, t_end=0.0)
     with pytest.raises(ValueError, match="rho must be > 0"):
         grids.karras(s, 4, rho=0)
+
+
+@pytest.mark.parametrize("kind", ["time_uniform", "time_quadratic", "logsnr", "karras"])
+def test_nfe_grids_never_evaluate_below_the_first_training_step(kind):
+    """At any step count 1-1000 the model is evaluated only at t >= 1/N (timestep >= 0); the
+    last step to t = 0 stays the free x̂₀ step."""
+    from diffsolve.solvers.registry import nfe_grid
+
+    schedule = VPDiscrete.from_diffusers("linear", 1e-4, 0.02, 1000)
+    for steps in [*range(1, 60), 100, 250, 999, 1000]:
+        grid = nfe_grid(schedule, steps, kind)
+        assert grid.numel() == steps + 1 and float(grid[-1]) == 0.0
+        assert float(grid[:-1].min()) >= 1e-3 * (1 - 1e-12), (kind, steps)

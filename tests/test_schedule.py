@@ -78,9 +78,30 @@ def test_schedule_errors_are_clear():
         VPDiscrete([0.5, 0.9])
     with pytest.raises(ValueError, match="T must lie in"):
         VPCosine(T=1.0)
-    with pytest.raises(ValueError, match="t_max < 1"):
-        RectifiedFlow(t_max=1.0)
+    with pytest.raises(ValueError, match="t_max <= 1"):
+        RectifiedFlow(t_max=1.5)
     with pytest.raises(ValueError, match="sigma_min < sigma_max"):
         EDM(sigma_min=1.0, sigma_max=0.5)
     with pytest.raises(ValueError, match="beta_min < beta_max"):
         VPLinear(beta_min=20, beta_max=0.1)
+
+
+@pytest.mark.parametrize(
+    "beta_schedule, start, end",
+    [("linear", 1e-4, 0.02), ("scaled_linear", 0.00085, 0.012), ("squaredcos_cap_v2", 0, 0)],
+)
+def test_zero_terminal_snr_rescale_stays_monotone_for_every_beta_schedule(
+    beta_schedule, start, end
+):
+    """Linear betas rescaled to zero terminal SNR reach ᾱ_{N-2} ≈ 4e-9 < 2^-24: the stand-in
+    for ᾱ_{N-1} = 0 must stay below it (diffusers' 2^-24 elsewhere)."""
+    from diffsolve.integrations.diffusers import diffusers_schedule
+
+    pytest.importorskip("diffusers")
+    schedule = diffusers_schedule(
+        beta_schedule=beta_schedule, beta_start=start, beta_end=end, rescale_betas_zero_snr=True
+    )
+    ac = schedule.alphas_cumprod
+    assert bool((ac[1:] < ac[:-1]).all()) and float(ac[-1]) > 0
+    assert float(ac[-1]) <= 2.0**-24
+    assert math.isfinite(float(schedule.lambda_(1.0)))

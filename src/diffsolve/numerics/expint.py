@@ -70,15 +70,22 @@ class ExpStep:
         """Build the step from the schedule's values at both ends.
 
         ``sigma_t == 0`` (a step to clean data, λ = +∞) is allowed in data space, where
-        the step returns :math:`\\hat x_0` exactly: ``a = 0, c·hφ₁ = α_t``.
+        the step returns :math:`\\hat x_0` exactly: ``a = 0, c·hφ₁ = α_t``. So is
+        ``alpha_s == 0`` (a start from pure noise, λ = −∞, as flow matching's σ = 1): the
+        first-order weight :math:`\\alpha_t(1 - e^{-h}) \\to \\alpha_t` is its exact limit,
+        :math:`x_t = \\frac{\\sigma_t}{\\sigma_s} x_s + \\alpha_t \\hat x_0`, and every
+        higher-order weight diverges, so only first order is defined there.
         """
         if space not in ("data", "noise"):
             raise ValueError(f"space must be 'data' or 'noise', got {space!r}")
-        lam_s = math.log(alpha_s) - math.log(sigma_s)
-        if sigma_t == 0.0:
+        if sigma_t == 0.0 or alpha_s == 0.0:
             if space == "noise":
-                raise ValueError("a noise-space step cannot end at sigma = 0; use data space")
-            return cls(a=0.0, c=alpha_t, h=math.inf, z=-math.inf, space=space)
+                raise ValueError(
+                    "a noise-space step cannot end at sigma = 0 or start at alpha = 0; "
+                    "use data space"
+                )
+            return cls(a=sigma_t / sigma_s, c=alpha_t, h=math.inf, z=-math.inf, space=space)
+        lam_s = math.log(alpha_s) - math.log(sigma_s)
         h = math.log(alpha_t) - math.log(sigma_t) - lam_s
         if space == "data":
             return cls(a=sigma_t / sigma_s, c=alpha_t, h=h, z=-h, space=space)
@@ -87,7 +94,8 @@ class ExpStep:
     def coef(self, n: int) -> float:
         """Weight :math:`c\\,h\\,\\varphi_{n+1}(z)` of the normalised derivative :math:`d_n`."""
         if math.isinf(self.h):
-            # Step to sigma = 0: only the zeroth-order term survives, with weight alpha_t.
+            # Step to sigma = 0 or from alpha = 0: only the zeroth-order term is defined,
+            # with weight alpha_t (higher orders are refused by the plan builders).
             return self.c if n == 0 else 0.0
         return self.c * self.h * phi(n + 1, self.z)
 

@@ -16,7 +16,8 @@ Every schedule works in float64 on tensors of any shape and exposes :math:`\alph
   - rectified flow: ``t_max = 1 - 1e-3`` (:math:`\lambda \approx -6.9`), the value diffusers uses
     for flow sigmas in its DPM-Solver and UniPC schedulers;
   - VP discrete with zero terminal SNR (:math:`\bar\alpha_{N-1} = 0`): the last
-    :math:`\bar\alpha` is raised to :math:`2^{-24}`, as in diffusers.
+    :math:`\bar\alpha` is raised to :math:`2^{-24}`, as in diffusers, or below
+    :math:`\bar\alpha_{N-2}` where that is smaller (:func:`_terminal_alphabar`).
 
 ``default_range`` gives the conventional sampling interval ``(t_start, t_end)`` of each kind.
 """
@@ -43,6 +44,18 @@ def _as_f64(t: TimeLike) -> Tensor:
     if isinstance(t, Tensor):
         return t.detach().to(device="cpu", dtype=_F64) if t.dtype != _F64 else t
     return torch.as_tensor(t, dtype=_F64)
+
+
+def _terminal_alphabar(ac: Tensor) -> Tensor:
+    r"""The positive stand-in for a zero terminal :math:`\bar\alpha_{N-1}`: diffusers'
+    :math:`2^{-24}` (PR #7097) when that stays below :math:`\bar\alpha_{N-2}`; otherwise
+    (linear betas rescaled to zero terminal SNR reach :math:`\bar\alpha_{N-2} \approx
+    4\cdot10^{-9}`) the geometric continuation :math:`\bar\alpha_{N-2}^2/\bar\alpha_{N-3}`,
+    which keeps the schedule strictly decreasing."""
+    floor = torch.tensor(_MIN_TERMINAL_ALPHABAR, dtype=_F64)
+    if ac.numel() < 3 or ac[-2] <= 0 or floor < ac[-2]:
+        return floor
+    return torch.minimum(floor, ac[-2] ** 2 / ac[-3])
 
 
 def _log_sigma_vp(log_alpha: Tensor) -> Tensor:
@@ -114,6 +127,11 @@ class NoiseSchedule(ABC):
         t = self.default_range[0] if t is None else t
         return float(self.sigma(t))
 
+    def same_process(self, other: NoiseSchedule) -> bool:
+        """Whether ``other`` describes the same :math:`\\alpha_t, \\sigma_t` (statistics
+        of one are valid for the other); by default, equal configs."""
+        return self == other
+
     def fingerprint(self) -> str:
         """Short stable hash of :meth:`to_config`, used to tie files to a schedule."""
         return hashlib.sha256(repr(sorted(self.to_config().items())).encode()).hexdigest()[:16]
@@ -156,8 +174,8 @@ class VPDiscrete(NoiseSchedule):
             raise ValueError("alphas_cumprod: need at least 2 training steps")
         if not torch.isfinite(ac).all() or (ac < 0).any() or (ac > 1).any():
             raise ValueError("alphas_cumprod: values must be finite and in [0, 1]")
-        if ac[-1] <= 0:  # zero terminal SNR: clip like diffusers (PR #7097)
-            ac[-1] = _MIN_TERMINAL_ALPHABAR
+        if ac[-1] <= 0:  # zero terminal SNR
+            ac[-1] = _terminal_alphabar(ac)
         if (ac[1:] >= ac[:-1]).any() or ac[-1] <= 0:
             raise ValueError("alphas_cumprod: must be strictly decreasing and positive")
         self.alphas_cumprod = ac
@@ -321,14 +339,22 @@ class EDM(NoiseSchedule):
 
 class RectifiedFlow(NoiseSchedule):
     r"""Rectified flow / flow matching: :math:`\alpha_t = 1 - t,\ \sigma_t = t`,
-    :math:`\lambda = \log\frac{1-t}{t}`, clipped at ``t_max = 1 - 1e-3``."""
+    :math:`\lambda = \log\frac{1-t}{t}`, clipped at ``t_max = 1 - 1e-3``.
+
+    ``t_max = 1`` (pure noise, λ = −∞) is allowed, as flow-matching schedulers start there:
+    a grid may then start at ``t = 1``, and its first step is the exact first-order limit
+    (:func:`diffsolve.solvers.engine.start_update`). The clipping changes only where grids
+    may start, not the process: :meth:`same_process` ignores it."""
 
     kind = "rectified_flow"
 
     def __init__(self, t_max: float = 1.0 - 1e-3, t_min: float = 1e-3) -> None:
-        if not 0 < t_min < t_max < 1:
-            raise ValueError("RectifiedFlow: need 0 < t_min < t_max < 1 (t = 1 has lambda = -inf)")
+        if not 0 < t_min < t_max <= 1:
+            raise ValueError("RectifiedFlow: need 0 < t_min < t_max <= 1")
         self.t_range = (float(t_max), float(t_min))
+
+    def same_process(self, other: NoiseSchedule) -> bool:
+        return isinstance(other, RectifiedFlow)
 
     def log_alpha_sigma(self, t: TimeLike) -> tuple[Tensor, Tensor]:
         t = _as_f64(t)

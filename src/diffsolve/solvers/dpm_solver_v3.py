@@ -172,7 +172,7 @@ class DPMSolverV3(Solver):
         finite = [lam for lam in at.lam if math.isfinite(lam)]
         self.ems.check_compatible(schedule)
         self.ems.check_range(finite)
-        table = EMSTable(self.ems, finite, self.order)
+        table = EMSTable(self.ems, finite, self.order, offset=at.first_usable)
         orders = multistep_orders(at, self.order, self.lower_order_final)
 
         def predictor(i: int, p: int) -> Update:

@@ -161,6 +161,15 @@ class Update:
 FINAL = Update(0.0, (1.0,), "data")
 
 
+def start_update(at: GridValues, i: int) -> Update:
+    r"""The step from a pure-noise point (α = 0, λ = −∞) to ``i + 1``:
+    :math:`x_{i+1} = \frac{\sigma_{i+1}}{\sigma_i} x_i + \alpha_{i+1}\hat x_0`, the exact
+    limit of every exponential integrator's first-order step (and of Euler's step in flow
+    time, which it equals); higher orders are undefined there (:meth:`ExpStep.between`)."""
+    step = at.exp_step("data", i, i + 1)
+    return Update(step.a, (step.coef(0),), "data")
+
+
 def final_update(f_x: Coef | None = None) -> Update:
     r"""The final step to clean data: :data:`FINAL`; for plans on DPM-Solver-v3's feature
     :math:`f = -\hat x_0 + f_x \odot x`, the same :math:`\hat x_0 = f_x \odot x - f` at the
@@ -379,6 +388,17 @@ class GridValues:
         """Whether step ``i`` ends at clean data (and takes :data:`FINAL`)."""
         return self.sigma[i + 1] == 0.0
 
+    def is_pure_noise(self, i: int) -> bool:
+        """Whether grid point ``i`` is pure noise (α = 0, λ = −∞: flow matching's σ = 1);
+        only a grid's first point can be."""
+        return self.alpha[i] == 0.0
+
+    @property
+    def first_usable(self) -> int:
+        """Index of the first grid point a multistep history may use: 1 when the grid starts
+        from pure noise (its λ = −∞ is infinitely far from every other point), else 0."""
+        return int(self.is_pure_noise(0))
+
     def exp_step(self, space: Space, i: int, j: int) -> ExpStep:
         """The exponential-integrator step from grid point ``i`` to ``j``."""
         return ExpStep.between(space, self.alpha[i], self.sigma[i], self.alpha[j], self.sigma[j])
@@ -406,26 +426,40 @@ def multistep_plan(
     extra: Sequence[MultistepStep] = (),
 ) -> StepPlan:
     """A multistep plan: step ``i`` predicts with ``predictor(i, orders[i])`` (or
-    :func:`final_update` when it ends at clean data), is preceded by ``corrector(i)`` (the
-    corrector of the step that ended at point ``i``) and stores ``f_x(i)`` features.
-    ``extra`` steps (e.g. UniPC's final corrector) are appended as they are."""
+    :func:`final_update` when it ends at clean data, :func:`start_update` when it starts from
+    pure noise), is preceded by ``corrector(i)`` (the corrector of the step that ended at
+    point ``i``; none when that step started from pure noise) and stores ``f_x(i)``
+    features. ``extra`` steps (e.g. UniPC's final corrector) are appended as they are."""
     steps = []
     for i, p in enumerate(orders):
-        feature = None if f_x is None else f_x(i)
-        update = final_update(feature) if at.is_final(i) else predictor(i, p)
-        steps.append(
-            MultistepStep(
-                at.t[i], at.t[i + 1], update, None if corrector is None else corrector(i), feature
-            )
-        )
+        noise = at.is_pure_noise(i)
+        feature = None if f_x is None or noise else f_x(i)
+        if noise:
+            update = start_update(at, i)
+        elif at.is_final(i):
+            update = final_update(feature)
+        else:
+            update = predictor(i, p)
+        after_noise = i > 0 and at.is_pure_noise(i - 1)
+        fix = None if corrector is None or after_noise else corrector(i)
+        steps.append(MultistepStep(at.t[i], at.t[i + 1], update, fix, feature))
     return StepPlan(at.schedule, at.grid, (*steps, *extra))
 
 
 def stage_plan(at: GridValues, step: Callable[[int], StageStep]) -> StepPlan:
     """A single-step plan: ``step(i)`` for every interval, :data:`FINAL` (one evaluation) for
-    an interval that ends at clean data."""
+    an interval that ends at clean data, :func:`start_update` for one that starts from pure
+    noise."""
+
+    def single(i: int, update: Update) -> StageStep:
+        return StageStep(at.t[i], at.t[i + 1], (at.t[i],), (update,))
+
     steps = [
-        StageStep(at.t[i], at.t[i + 1], (at.t[i],), (FINAL,)) if at.is_final(i) else step(i)
+        single(i, start_update(at, i))
+        if at.is_pure_noise(i)
+        else single(i, FINAL)
+        if at.is_final(i)
+        else step(i)
         for i in range(at.num_steps)
     ]
     return StepPlan(at.schedule, at.grid, tuple(steps))
@@ -434,11 +468,12 @@ def stage_plan(at: GridValues, step: Callable[[int], StageStep]) -> StepPlan:
 def multistep_orders(at: GridValues, order: int, lower_order_final: bool) -> list[int]:
     """Per-step orders of a multistep method: warm-up ``1, 2, …``, then ``order``; with
     ``lower_order_final`` the last steps fall back to ``min(order, steps_left)``; a final
-    step to ``t = 0`` is first order (it returns :math:`\\hat x_0`)."""
+    step to ``t = 0`` is first order (it returns :math:`\\hat x_0`). A pure-noise first
+    point does not count as history (:attr:`GridValues.first_usable`)."""
     n = at.num_steps
     orders = []
     for i in range(n):
-        p = min(order, i + 1)
+        p = max(1, min(order, i + 1 - at.first_usable))
         if lower_order_final:
             p = min(p, n - i)
         orders.append(p)

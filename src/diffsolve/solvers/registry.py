@@ -284,9 +284,17 @@ def nfe_grid(
     t_start: float | None = None,
     t_end: float | None = None,
 ) -> Tensor:
-    """A grid of ``steps`` steps whose last point is ``t = 0`` (see the module docstring)."""
+    """A grid of ``steps`` steps whose last point is ``t = 0`` (see the module docstring).
+
+    The model is never evaluated below the schedule's conventional end
+    ``default_range[1]`` (a discrete model's first training step, ``t = 1/N``): when a
+    time-uniform or time-quadratic grid to ``t = 0`` would place its last evaluation there
+    (from about 36 steps on a 1000-step model), the grid is rebuilt as ``steps - 1`` steps to
+    that end plus the free step to ``t = 0``."""
     if kind in ("time_uniform", "time_quadratic") and not t_end:
-        return grids.make_grid(schedule, steps, kind, t_start, 0.0)
+        grid = grids.make_grid(schedule, steps, kind, t_start, 0.0)
+        if steps < 2 or float(grid[-2]) >= schedule.default_range[1]:
+            return grid
     if steps < 2:
         return grids.custom(schedule, [t_start or schedule.default_range[0], 0.0])
     body = grids.make_grid(schedule, steps - 1, kind, t_start, t_end)

@@ -173,7 +173,7 @@ class EMS:
         """Raise a clear ``ValueError`` if these statistics were made for another schedule,
         data shape or model."""
         made_for = self.metadata.get("schedule")
-        if made_for is not None and schedule_from_config(made_for) != schedule:
+        if made_for is not None and not schedule_from_config(made_for).same_process(schedule):
             raise ValueError(
                 f"EMS were computed for the schedule {schedule_from_config(made_for)!r}, but the "
                 f"model uses {schedule!r}; compute EMS for this model (`diffsolve ems`)"

@@ -110,13 +110,18 @@ class EMSTable:
         lambdas: The grid's finite λ in sampling order (decreasing noise or, for inversion,
             increasing); every one must lie in the EMS range.
         max_moment: Highest :math:`k` of the moments :math:`M_k` the plan uses.
+        offset: Grid index of ``lambdas[0]`` (1 when the grid starts from pure noise, whose
+            λ = −∞ has no statistics).
 
     :meth:`point` gives the statistics at grid point ``i``, :meth:`step` the integrals of the
     step from point ``i`` to ``i + 1``; all are computed once, in float64, on the EMS's device.
     """
 
-    def __init__(self, ems: EMS, lambdas: Sequence[float], max_moment: int) -> None:
+    def __init__(
+        self, ems: EMS, lambdas: Sequence[float], max_moment: int, offset: int = 0
+    ) -> None:
         self.lambdas = [float(v) for v in lambdas]
+        self.offset = offset
         self.max_moment = max(int(max_moment), 1)
         lam_e = ems.lambdas.to(ems.one_minus_l.device)
         pieces = _cut(lam_e.cpu(), self.lambdas, _refinement(ems))
@@ -126,11 +131,13 @@ class EMSTable:
     def point(self, i: int) -> PointValues:
         """:math:`l, S, B` at grid point ``i``."""
         l, big_s, big_b, _ = self._points
+        i -= self.offset
         return PointValues(l[i], big_s[i], big_b[i])
 
     def step(self, i: int) -> StepIntegrals:
         """The integrals of the step from grid point ``i`` to ``i + 1``."""
         decay, i0, c0, moments = self._steps
+        i -= self.offset
         higher = tuple(moments[i, k] for k in range(1, self.max_moment + 1))
         return StepIntegrals(decay[i], i0[i], c0[i], higher)
 
