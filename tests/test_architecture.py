@@ -104,16 +104,18 @@ def _check_diffusers_scheduler(loaded, x, grid, expected):
     from diffsolve.integrations import diffusers as integration
 
     cls = integration.DiffsolveAB2Scheduler
-    scheduler = cls.from_config(cls(prediction_type="sample", solver_order=2).config)
+    config = cls(prediction_type="sample", solver_order=2, grid="time_quadratic").config
+    scheduler = cls.from_config(config)
     assert scheduler.config.solver_order == 2 and type(scheduler).__name__ == cls.__name__
     scheduler.set_timesteps(8)
-    assert torch.equal(scheduler._grid, grid)
+    assert torch.equal(scheduler.grid, grid)
     state = x
     for timestep in scheduler.timesteps:
         t = float(scheduler.solver_time(timestep))
         x0 = loaded.denoiser(state, t).x0
         state = scheduler.step(x0, timestep, state).prev_sample
-    assert float((state - expected).abs().max()) < 1e-10
+    # the adapter's schedule is diffusers' float32 alphas_cumprod (in float64)
+    assert float((state - expected).abs().max()) < 1e-5
 
 
 def _check_k_diffusion_sampler(toy_solver):

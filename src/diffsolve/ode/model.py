@@ -296,12 +296,16 @@ class ModelWrapper:
         if self.prediction != "flow":
             alpha, sigma = (float(v) for v in _alpha_sigma(self.schedule, t))
             return conversion_for(self.prediction, alpha, sigma)
+        closed_form = self.schedule.d_alpha_sigma(t)
+        if closed_form is not None:
+            alpha, sigma = (float(v) for v in _alpha_sigma(self.schedule, t))
+            return conversion_for("flow", alpha, sigma, *closed_form)
         with torch.inference_mode(False), torch.enable_grad():
             t_var = torch.tensor(float(t), dtype=torch.float64, requires_grad=True)
-            alpha, sigma = _alpha_sigma(self.schedule, t_var)
-            d_alpha, d_sigma = _derivatives(alpha, sigma, t_var)
+            alpha_t, sigma_t = _alpha_sigma(self.schedule, t_var)
+            d_alpha, d_sigma = _derivatives(alpha_t, sigma_t, t_var)
         return conversion_for(
-            "flow", float(alpha.detach()), float(sigma.detach()), d_alpha, d_sigma
+            "flow", float(alpha_t.detach()), float(sigma_t.detach()), d_alpha, d_sigma
         )
 
 

@@ -127,6 +127,12 @@ class NoiseSchedule(ABC):
         t = self.default_range[0] if t is None else t
         return float(self.sigma(t))
 
+    def d_alpha_sigma(self, t: float) -> tuple[float, float] | None:
+        """:math:`(\\dot\\alpha_t, \\dot\\sigma_t)` in closed form where a schedule has it
+        (rectified flow: also at ``t = 1``, where autograd of :math:`\\log\\alpha` fails);
+        ``None``: use autograd."""
+        return None
+
     def same_process(self, other: NoiseSchedule) -> bool:
         """Whether ``other`` describes the same :math:`\\alpha_t, \\sigma_t` (statistics
         of one are valid for the other); by default, equal configs."""
@@ -238,6 +244,15 @@ class VPDiscrete(NoiseSchedule):
         log_alpha = _log_alpha_vp_from_lambda(_as_f64(lam))
         # log alpha decreases with t: interpolate on the reversed (increasing) knots
         return _interp(log_alpha, self._knots_log_alpha.flip(0), self._knots_t.flip(0))
+
+    def same_process(self, other: NoiseSchedule) -> bool:
+        """Equal :math:`\\bar\\alpha` to float32 round-off (diffusers computes them in
+        float32; statistics of one are valid for the other)."""
+        if not isinstance(other, VPDiscrete):
+            return False
+        if other.num_train_timesteps != self.num_train_timesteps:
+            return False
+        return bool(torch.allclose(self.alphas_cumprod, other.alphas_cumprod, rtol=1e-5, atol=0))
 
     def timestep(self, t: TimeLike) -> Tensor:
         """The model's fractional training timestep :math:`tN - 1` for solver time ``t``."""
@@ -355,6 +370,9 @@ class RectifiedFlow(NoiseSchedule):
 
     def same_process(self, other: NoiseSchedule) -> bool:
         return isinstance(other, RectifiedFlow)
+
+    def d_alpha_sigma(self, t: float) -> tuple[float, float] | None:
+        return (-1.0, 1.0)
 
     def log_alpha_sigma(self, t: TimeLike) -> tuple[Tensor, Tensor]:
         t = _as_f64(t)

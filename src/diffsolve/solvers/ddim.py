@@ -34,7 +34,9 @@ class DDIM(Solver):
     presets: ClassVar[tuple[Preset, ...]] = (
         Preset("ddim", "DDIM (eta = 0), first order", lineup=True),
     )
-    diffusers: ClassVar[DiffusersMapping] = DiffusersMapping("DiffsolveDDIMScheduler", "ddim")
+    diffusers: ClassVar[DiffusersMapping] = DiffusersMapping(
+        "DiffsolveDDIMScheduler", "ddim", sibling="DDIMScheduler"
+    )
 
     def __post_init__(self) -> None:
         check_order(self.order, (1,), "DDIM")

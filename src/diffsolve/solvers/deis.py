@@ -38,7 +38,13 @@ from diffsolve.solvers.engine import (
     multistep_orders,
     multistep_plan,
 )
-from diffsolve.solvers.registry import ConfigKey, DiffusersMapping, Preset, register
+from diffsolve.solvers.registry import (
+    SIBLING_SOLVER_TYPES,
+    ConfigKey,
+    DiffusersMapping,
+    Preset,
+    register,
+)
 
 Basis = Literal["t", "rho", "log_rho"]
 _QUADRATURE_NODES = 48
@@ -69,9 +75,18 @@ class DEIS(Solver):
         "deis-2",
         {
             "solver_order": ConfigKey(2, "order"),
-            "basis": ConfigKey("t", "basis"),
+            "solver_type": ConfigKey(
+                "logrho",
+                "basis",
+                lambda value: "log_rho" if value == "logrho" else value,
+                ("logrho", "rho", "t"),
+                SIBLING_SOLVER_TYPES,
+            ),
             "lower_order_final": ConfigKey(True, "lower_order_final"),
         },
+        sibling="DEISMultistepScheduler",
+        algorithms={"deis": "deis"},
+        lower_order_final_below=15,
     )
 
     def __post_init__(self) -> None:

@@ -107,6 +107,8 @@ class DPMSolver(Solver):
         solver_type: ``"midpoint"`` or ``"taylor"`` (see the module docstring).
         lower_order_final: Multistep only: lower the order on the last steps to
             ``min(order, steps_left)``, which stabilises very few steps.
+        euler_at_final: Multistep only: take the last step at first order (diffusers'
+            option of the same name).
         orders: Single-step only: an explicit order per grid step (e.g.
             :func:`fast_orders`); default ``order`` on every step.
     """
@@ -116,6 +118,7 @@ class DPMSolver(Solver):
     solver_type: SolverType = "midpoint"
     lower_order_final: bool = True
     orders: tuple[int, ...] | None = None
+    euler_at_final: bool = False
 
     #: The prediction the method integrates (DPM-Solver: noise; DPM-Solver++: data).
     space: ClassVar[Space] = "noise"
@@ -154,9 +157,8 @@ class DPMSolver(Solver):
             weights = ei_weights(step, at.nodes(i, range(i, i - p, -1)), self.solver_type)
             return Update(step.a, weights, self.space)
 
-        return multistep_plan(
-            at, multistep_orders(at, self.order, self.lower_order_final), predictor
-        )
+        orders = multistep_orders(at, self.order, self.lower_order_final, self.euler_at_final)
+        return multistep_plan(at, orders, predictor)
 
     def _singlestep_plan(self, at: GridValues) -> StepPlan:
         orders = list(self.orders) if self.orders is not None else [self.order] * at.num_steps

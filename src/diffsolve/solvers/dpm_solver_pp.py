@@ -68,5 +68,8 @@ class DPMSolverPP(DPMSolver):
                 SIBLING_SOLVER_TYPES,
             ),
             "lower_order_final": ConfigKey(True, "lower_order_final"),
+            "euler_at_final": ConfigKey(False, "euler_at_final"),
         },
+        algorithms={"dpmsolver++": "dpm-solver++", "dpmsolver": "dpm-solver"},
+        lower_order_final_below=15,
     )

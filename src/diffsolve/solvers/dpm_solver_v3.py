@@ -101,6 +101,7 @@ class DPMSolverV3(Solver):
         half_corrector: ``"off"``, ``"low_noise"`` (README: only where ``t <= t_max/2``) or
             ``"high_noise"`` (official code: only where ``t > t_max/2``).
         lower_order_final: ``min(order, steps_left)`` on the last steps (v3's rule).
+        euler_at_final: Take the last step at first order (diffusers' option).
 
     The registry's ``dpm-solver-v3`` is order 2 with the pseudo-order corrector (order 3)
     after every evaluation, on the time-quadratic grid: on ``digits`` it beat order 3 at every
@@ -115,6 +116,7 @@ class DPMSolverV3(Solver):
     corrector_pseudo: bool = True
     half_corrector: HalfCorrector = "off"
     lower_order_final: bool = True
+    euler_at_final: bool = False
 
     name: ClassVar[str] = "dpm-solver-v3"
     needs: ClassVar[tuple[str, ...]] = ("ems",)
@@ -137,6 +139,7 @@ class DPMSolverV3(Solver):
             "corrector_pseudo": ConfigKey(True, "corrector_pseudo"),
             "half_corrector": ConfigKey("off", "half_corrector"),
             "lower_order_final": ConfigKey(True, "lower_order_final"),
+            "euler_at_final": ConfigKey(False, "euler_at_final"),
         },
     )
 
@@ -173,7 +176,7 @@ class DPMSolverV3(Solver):
         self.ems.check_compatible(schedule)
         self.ems.check_range(finite)
         table = EMSTable(self.ems, finite, self.order, offset=at.first_usable)
-        orders = multistep_orders(at, self.order, self.lower_order_final)
+        orders = multistep_orders(at, self.order, self.lower_order_final, self.euler_at_final)
 
         def predictor(i: int, p: int) -> Update:
             extras = [(i - j, j) for j in range(1, p)]  # (grid point, history index)

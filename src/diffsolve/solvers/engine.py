@@ -465,11 +465,14 @@ def stage_plan(at: GridValues, step: Callable[[int], StageStep]) -> StepPlan:
     return StepPlan(at.schedule, at.grid, tuple(steps))
 
 
-def multistep_orders(at: GridValues, order: int, lower_order_final: bool) -> list[int]:
+def multistep_orders(
+    at: GridValues, order: int, lower_order_final: bool, euler_at_final: bool = False
+) -> list[int]:
     """Per-step orders of a multistep method: warm-up ``1, 2, …``, then ``order``; with
     ``lower_order_final`` the last steps fall back to ``min(order, steps_left)``; a final
-    step to ``t = 0`` is first order (it returns :math:`\\hat x_0`). A pure-noise first
-    point does not count as history (:attr:`GridValues.first_usable`)."""
+    step to ``t = 0`` is first order (it returns :math:`\\hat x_0`), and so is any last step
+    with ``euler_at_final`` (diffusers' option). A pure-noise first point does not count as
+    history (:attr:`GridValues.first_usable`)."""
     n = at.num_steps
     orders = []
     for i in range(n):
@@ -477,7 +480,7 @@ def multistep_orders(at: GridValues, order: int, lower_order_final: bool) -> lis
         if lower_order_final:
             p = min(p, n - i)
         orders.append(p)
-    if at.ends_at_zero:
+    if at.ends_at_zero or euler_at_final:
         orders[-1] = 1
     return orders
 

@@ -179,13 +179,27 @@ class ConfigKey:
 
 @dataclass(frozen=True)
 class DiffusersMapping:
-    """A solver's drop-in diffusers scheduler: its class name, the registry preset whose
-    default grid it uses, and its own config keys (beyond the shared ones of
-    :data:`diffsolve.integrations.diffusers.SHARED_KEYS`)."""
+    """A solver's drop-in diffusers scheduler.
+
+    Attributes:
+        scheduler: The generated class's name.
+        preset: The registry preset whose grid kind ``grid="preset"`` uses.
+        keys: The solver's config keys (beyond the schedule and grid keys the adapter
+            handles itself, see :mod:`diffsolve.integrations.diffusers`).
+        sibling: The diffusers scheduler the adapter replaces: its config keys are the
+            adapter's, its ``set_timesteps`` places the steps, and its outputs are matched.
+        algorithms: ``algorithm_type`` values and the registry solver ``name`` each runs
+            (empty: the key is not the adapter's).
+        lower_order_final_below: diffusers lowers the final steps' orders only on grids of
+            fewer steps than this (DPM-Solver, DEIS: 15); ``None``: on every grid (UniPC).
+    """
 
     scheduler: str
     preset: str
     keys: Mapping[str, ConfigKey] = field(default_factory=dict)
+    sibling: str = "DPMSolverMultistepScheduler"
+    algorithms: Mapping[str, str] = field(default_factory=dict)
+    lower_order_final_below: int | None = None
 
     def options(self, config: Mapping[str, Any]) -> dict[str, Any]:
         """Solver options from a scheduler config (keys not given take their default)."""

@@ -138,6 +138,7 @@ class UniPC(Solver):
             "disable_corrector": ConfigKey(None, "disable_corrector", lambda at: tuple(at or ())),
             "lower_order_final": ConfigKey(True, "lower_order_final"),
         },
+        sibling="UniPCMultistepScheduler",
     )
 
     def __post_init__(self) -> None:

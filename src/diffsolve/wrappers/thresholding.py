@@ -14,7 +14,7 @@ from torch import Tensor
 from diffsolve.ode.model import Denoiser, Prediction
 from diffsolve.wrappers.base import DenoiserWrapper
 
-__all__ = ["DynamicThresholding", "row_quantile"]
+__all__ = ["DynamicThresholding", "dynamic_threshold", "row_quantile"]
 
 
 def row_quantile(values: Tensor, q: float) -> Tensor:
@@ -27,6 +27,20 @@ def row_quantile(values: Tensor, q: float) -> Tensor:
     hi = min(lo + 1, n - 1)
     frac = pos - lo
     return ordered[:, lo] + frac * (ordered[:, hi] - ordered[:, lo])
+
+
+def dynamic_threshold(
+    x0: Tensor, ratio: float, lower: float, upper: float = math.inf
+) -> Tensor:
+    r"""Per sample :math:`q = \mathrm{clamp}(\mathrm{quantile}(|\hat x_0|, \text{ratio}),
+    \text{lower}, \text{upper})`, then :math:`\mathrm{clamp}(\hat x_0, -q, q)/q`, in at least
+    float32. Imagen / DPM-Solver: ``lower`` the data range, no ``upper``; diffusers'
+    ``thresholding``: ``lower = 1``, ``upper = sample_max_value``."""
+    compute = torch.promote_types(x0.dtype, torch.float32)
+    v = x0.to(compute)
+    q = row_quantile(v.abs().flatten(1), ratio).clamp(min=lower, max=upper)
+    q = q.view(-1, *([1] * (v.ndim - 1)))
+    return (torch.maximum(torch.minimum(v, q), -q) / q).to(x0.dtype)
 
 
 class DynamicThresholding(DenoiserWrapper):
@@ -55,11 +69,7 @@ class DynamicThresholding(DenoiserWrapper):
 
     def threshold(self, x0: Tensor) -> Tensor:
         """Apply dynamic thresholding to a batch of data predictions."""
-        compute = torch.promote_types(x0.dtype, torch.float32)
-        v = x0.to(compute)
-        q = row_quantile(v.abs().flatten(1), self.ratio).clamp(min=self.max_value)
-        q = q.view(-1, *([1] * (v.ndim - 1)))
-        return (torch.maximum(torch.minimum(v, q), -q) / q).to(x0.dtype)
+        return dynamic_threshold(x0, self.ratio, self.max_value)
 
     def __call__(self, x: Tensor, t: float) -> Prediction:
         prediction = self.model(x, t)

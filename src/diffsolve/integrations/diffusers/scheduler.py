@@ -1,0 +1,718 @@
+"""The scheduler base every diffsolve adapter shares, and the generation of one class per
+solver (see :mod:`diffsolve.integrations.diffusers` for the contract)."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import (
+    KarrasDiffusionSchedulers,
+    SchedulerMixin,
+    SchedulerOutput,
+)
+from diffusers.utils.torch_utils import randn_tensor
+from torch import Tensor
+
+from diffsolve.integrations.diffusers.config import (
+    FLOW_MATCH,
+    SIBLINGS,
+    adapter_keys,
+    check_grid_keys,
+    check_refused,
+    diffusers_schedule,
+    init_defaults,
+    sibling_class,
+)
+from diffsolve.integrations.diffusers.outputs import Clipping, ddim_step
+from diffsolve.integrations.diffusers.timesteps import (
+    Steps,
+    accepted,
+    build_sibling,
+    custom_steps,
+    kind_steps,
+    sibling_steps,
+    solver_time,
+)
+from diffsolve.ode import grids
+from diffsolve.ode.model import ModelWrapper, Prediction, normalize_prediction
+from diffsolve.ode.plan import Plan, Solver, State
+from diffsolve.ode.sampling import state_dtype
+from diffsolve.ode.schedule import NoiseSchedule, VPDiscrete
+from diffsolve.solvers.engine import check_choice
+from diffsolve.solvers.registry import NEEDS, DiffusersMapping, solver_classes
+
+GRID_KINDS = tuple(grids.GRIDS)
+#: ``algorithm_type`` values of the sibling schedulers: a config taken over from one of them
+#: falls back to the adapter's default, as diffusers does.
+SIBLING_ALGORITHMS = ("dpmsolver", "dpmsolver++", "deis")
+#: Where a flow-matching config's grid starts when a diffsolve grid kind replaces it.
+FLOW_GRID_START = 1.0 - 1e-3
+
+
+@dataclass
+class DiffsolveSchedulerOutput(SchedulerOutput):
+    """Output of :meth:`DiffsolveScheduler.step`.
+
+    Attributes:
+        prev_sample: The sample at the next grid time, in the input sample's dtype.
+        pred_original_sample: The data prediction :math:`\\hat x_0` the step used (after
+            thresholding or clipping).
+    """
+
+    pred_original_sample: Tensor | None = None
+
+
+class _ReplayModel:
+    """A :class:`~diffsolve.ode.model.Denoiser` that answers the plan's single model call of
+    a multistep step with the prediction the adapter formed from the pipeline's output."""
+
+    def __init__(self, schedule: NoiseSchedule, prediction: Prediction) -> None:
+        self.schedule, self._prediction, self.calls = schedule, prediction, 0
+
+    def __call__(self, x: Tensor, t: float) -> Prediction:
+        self.calls += 1
+        if self.calls > 1:
+            raise RuntimeError("a multistep plan evaluated the model twice in one step")
+        return self._prediction
+
+
+def _is_flow_match(config: dict[str, Any]) -> bool:
+    """Whether a config is a flow-matching scheduler's: by its class name, or (a scheduler
+    built in code has none until saved) by FlowMatch's own keys without betas."""
+    if str(config.get("_class_name", "")).startswith("FlowMatch"):
+        return True
+    return "beta_start" not in config and bool({"shift", "base_shift"} & set(config))
+
+
+def _no_network(*args: Any, **kwargs: Any) -> Tensor:
+    raise RuntimeError("the scheduler adapter never calls a network")
+
+
+class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
+    """Base of the diffsolve schedulers: drives any diffsolve *multistep* plan from a
+    diffusers pipeline loop (one model evaluation per step, diffusers' ``order = 1``).
+
+    Concrete classes are generated per solver by :func:`scheduler_class`.
+    """
+
+    _compatibles: ClassVar[list[str]] = [
+        *(e.name for e in KarrasDiffusionSchedulers),
+        FLOW_MATCH,
+    ]
+    order: ClassVar[int] = 1
+    #: Set to True to differentiate through :meth:`step` (it runs under ``no_grad``
+    #: otherwise).
+    differentiable: bool = False
+    #: The solver the scheduler runs by default, and how its config maps onto the solver.
+    solver_class: ClassVar[type[Solver]]
+    mapping: ClassVar[DiffusersMapping]
+
+    # ---- construction ----------------------------------------------------------------
+    @classmethod
+    def from_config(
+        cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any
+    ) -> Any:
+        """diffusers' ``from_config``; a flow-matching scheduler's config (SD3, Flux) becomes
+        rectified flow with velocity prediction and FlowMatch's step placement."""
+        config = dict(config or {})
+        if "timestep_source" not in config and _is_flow_match(config):
+            config.update(prediction_type="flow_prediction", timestep_source=FLOW_MATCH)
+            if "clip_sample" in inspect.signature(cls.__init__).parameters:
+                config.setdefault("clip_sample", False)  # FlowMatch does not clip
+        return super().from_config(config, return_unused_kwargs, **kwargs)
+
+    def _setup(self) -> None:
+        """Check every key, build the step-placing sibling, the schedule and the solver's
+        needs; no plan until :meth:`set_timesteps`."""
+        c = self.config
+        check_refused(c)
+        self._adopt_solver_keys()
+        self._source = self._grid_source()
+        if c.grid is not None:
+            check_choice(c.grid, GRID_KINDS, "grid")
+        check_grid_keys(c, self._source, init_defaults(sibling_class(self.mapping.sibling)))
+        self._flow = bool(c.use_flow_sigmas) or self._source == FLOW_MATCH
+        checked = diffusers_schedule(
+            c.num_train_timesteps,
+            c.beta_start,
+            c.beta_end,
+            c.beta_schedule,
+            c.trained_betas,
+            c.get("rescale_betas_zero_snr", False),
+            self._flow,
+        )
+        self._sibling = build_sibling(self._source, c)
+        self.schedule: NoiseSchedule = self._make_schedule(checked)
+        self._wrapper = ModelWrapper(
+            _no_network, self.schedule, normalize_prediction(c.prediction_type)
+        )
+        self._clipping = Clipping.from_config(c)
+        self._solver_cls = self._algorithm()
+        self._needs = {need: self._load_need(need) for need in self._solver_cls.needs}
+        self.init_noise_sigma = 1.0
+        self._reset()
+        self.build_solver(1 << 20)  # check the solver options now, not at the first loop
+
+    def _grid_source(self) -> str:
+        """The diffusers scheduler whose ``set_timesteps`` places the steps."""
+        c = self.config
+        if c.timestep_source is not None:
+            check_choice(c.timestep_source, SIBLINGS, "timestep_source")
+            return str(c.timestep_source)
+        sibling = self.mapping.sibling
+        if c.use_flow_sigmas and "use_flow_sigmas" not in init_defaults(sibling_class(sibling)):
+            return "DPMSolverMultistepScheduler"  # DDIM has no flow sigmas
+        return sibling
+
+    def _make_schedule(self, checked: NoiseSchedule) -> NoiseSchedule:
+        """Rectified flow up to ``t = 1``, or the VP schedule of the sibling's own
+        :math:`\\bar\\alpha` (what the model was trained with; ``checked``: diffsolve's
+        float64 version, built first for clear errors)."""
+        c = self.config
+        ac = getattr(self._sibling, "alphas_cumprod", None)
+        if self._flow or ac is None:
+            return checked
+        ac = ac.detach().to("cpu", torch.float64).clone()
+        if c.get("rescale_betas_zero_snr", False):
+            ac[-1] = 0.0  # diffsolve's monotone stand-in replaces diffusers' 2^-24
+        return VPDiscrete(ac)
+
+    def _adopt_solver_keys(self) -> None:
+        """Check the solver's keys with a list of choices. A value that belongs to a sibling
+        scheduler (a config taken over with ``from_config`` from, say, UniPC's ``bh2`` into
+        DPM-Solver++) becomes this scheduler's default, as diffusers does; anything else is
+        an error."""
+        for name, key in self.mapping.keys.items():
+            value = self.config[name]
+            if key.choices is None or value in key.choices:
+                continue
+            if value in key.siblings:
+                self.register_to_config(**{name: key.default})
+            else:
+                check_choice(value, key.choices, name)
+        algorithms = self.mapping.algorithms
+        if algorithms and self.config.algorithm_type not in algorithms:
+            if self.config.algorithm_type in SIBLING_ALGORITHMS:
+                self.register_to_config(algorithm_type=next(iter(algorithms)))
+            else:
+                check_choice(self.config.algorithm_type, list(algorithms), "algorithm_type")
+
+    def _algorithm(self) -> type[Solver]:
+        """The solver ``algorithm_type`` names (the default solver where it names none)."""
+        if not self.mapping.algorithms:
+            return self.solver_class
+        name = self.mapping.algorithms[self.config.algorithm_type]
+        return next(cls for cls in solver_classes() if cls.name == name)
+
+    def _load_need(self, need: str) -> Any:
+        """Load the file ``<need>_path`` names and check it against the schedule."""
+        path, spec = self.config[f"{need}_path"], NEEDS[need]
+        if path is None:
+            raise ValueError(
+                f"{need}_path: {type(self).__name__} needs {spec.what}; {spec.hint}, and pass "
+                f"{need}_path=... to from_config / the constructor"
+            )
+        value = spec.load(path)
+        spec.check(value, self.schedule)
+        return value
+
+    def _reset(self) -> None:
+        self.num_inference_steps: int | None = None
+        self.timesteps = torch.empty(0)
+        self.sigmas = torch.empty(0)
+        self._steps: Steps | None = None
+        self._plan: Plan[State] | None = None
+        self._state: State | None = None
+        self._last_output: Tensor | None = None
+        self._start = 0
+        self._begin_index: int | None = None
+
+    def build_solver(self, num_steps: int) -> Solver:
+        """The solver for a loop of ``num_steps`` steps: the config's options, the order
+        capped at the number of steps, diffusers' rule for ``lower_order_final``."""
+        options = self.mapping.options(self.config)
+        if "order" in options:
+            options["order"] = min(options["order"], num_steps)
+        below = self.mapping.lower_order_final_below
+        if below is not None and "lower_order_final" in options:
+            options["lower_order_final"] = options["lower_order_final"] and num_steps < below
+        return self._solver_cls(**self._needs, **options)
+
+    def __len__(self) -> int:
+        return int(self.config.num_train_timesteps)
+
+    # ---- diffusers attributes pipelines read --------------------------------------------
+    @property
+    def alphas_cumprod(self) -> Tensor:
+        """:math:`\\bar\\alpha_i` of the config's betas (float32, as diffusers)."""
+        ac = getattr(self._sibling, "alphas_cumprod", None)
+        if ac is None:
+            c = self.config
+            vp = diffusers_schedule(
+                c.num_train_timesteps,
+                c.beta_start,
+                c.beta_end,
+                c.beta_schedule,
+                c.trained_betas,
+                c.get("rescale_betas_zero_snr", False),
+            )
+            ac = vp.alphas_cumprod  # type: ignore[attr-defined]
+        return ac.to(torch.float32)
+
+    @property
+    def alphas(self) -> Tensor:
+        """:math:`1 - \\beta_i`."""
+        ac = self.alphas_cumprod.to(torch.float64)
+        return torch.cat([ac[:1], ac[1:] / ac[:-1]]).to(torch.float32)
+
+    @property
+    def betas(self) -> Tensor:
+        """:math:`\\beta_i`."""
+        return 1.0 - self.alphas
+
+    # ---- time maps ---------------------------------------------------------------------
+    def solver_time(self, timesteps: Tensor | Sequence[float] | float) -> Tensor:
+        """Solver time ``t`` (float64) of network timesteps (inverse of :attr:`timesteps`)."""
+        invert = bool(self.config.invert_sigmas) and self._flow
+        return solver_time(self.schedule, timesteps, self.config.num_train_timesteps, invert)
+
+    def index_for_timestep(
+        self, timestep: float | Tensor, schedule_timesteps: Tensor | None = None
+    ) -> int:
+        """Index of ``timestep`` in :attr:`timesteps` (the second match when it repeats, as
+        diffusers does, so that an img2img start never skips a step)."""
+        schedule = self.timesteps if schedule_timesteps is None else schedule_timesteps
+        value = torch.as_tensor(timestep).detach().flatten()[0].to("cpu", schedule.dtype)
+        matches = (schedule.cpu() == value).nonzero().flatten()
+        if matches.numel() == 0:
+            near = torch.isclose(schedule.cpu().double(), value.double(), rtol=1e-4, atol=1e-3)
+            matches = near.nonzero().flatten()
+        if matches.numel() == 0:
+            raise ValueError(
+                f"timestep {value.item():g} is not one of this loop's timesteps "
+                f"{schedule.tolist()}; call set_timesteps() and pass one of them"
+            )
+        return int(matches[1 if matches.numel() > 1 else 0])
+
+    # ---- timesteps ---------------------------------------------------------------------
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        timesteps: Sequence[float] | Tensor | None = None,
+        sigmas: Sequence[float] | Tensor | None = None,
+        mu: float | None = None,
+    ) -> None:
+        """Place the steps, build the solver's plan and a fresh state (nothing survives from
+        an earlier loop).
+
+        Args:
+            num_inference_steps: Model evaluations; placed as the sibling scheduler places
+                them (or on the diffsolve grid ``grid`` names).
+            device: Where :attr:`timesteps` and :attr:`sigmas` live (and the solver's
+                statistics: DPM-Solver-v3 plans there).
+            timesteps: Custom, strictly decreasing network timesteps.
+            sigmas: Custom, strictly decreasing diffusers sigmas (σ/α for VP, flow σ); a
+                trailing 0 is optional.
+            mu: Dynamic shift (``use_dynamic_shifting``, Flux).
+        """
+        steps = self._make_steps(num_inference_steps, timesteps, sigmas, mu)
+        self._reset()
+        self._steps = steps
+        if device is not None:  # statistics where the pipeline runs: v3 plans there
+            self._needs = {
+                k: v.to(device) if hasattr(v, "to") else v for k, v in self._needs.items()
+            }
+        self._build(0)
+        self.timesteps = steps.timesteps.to(device)
+        self.sigmas = steps.sigmas.to(device)
+        self.num_inference_steps = len(steps.timesteps)
+
+    def _make_steps(
+        self,
+        n: int | None,
+        timesteps: Sequence[float] | Tensor | None,
+        sigmas: Sequence[float] | Tensor | None,
+        mu: float | None,
+    ) -> Steps:
+        given = timesteps is not None or sigmas is not None
+        if timesteps is not None and sigmas is not None and self._source != FLOW_MATCH:
+            raise ValueError("set_timesteps: pass timesteps or sigmas, not both")
+        if not given and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise ValueError(f"num_inference_steps must be a positive integer, got {n!r}")
+        invert = bool(self.config.invert_sigmas) and self._flow
+        n_train = self.config.num_train_timesteps
+        custom = accepted(self._sibling, timesteps=timesteps, sigmas=sigmas, mu=mu)
+        if given and n is not None and not ({"timesteps", "sigmas"} & set(custom)):
+            raise ValueError(
+                "set_timesteps: pass exactly one of num_inference_steps, timesteps, sigmas"
+            )
+        if mu is not None and "mu" not in custom:
+            raise ValueError(
+                f"set_timesteps: mu (dynamic shifting) is not a {self._source} argument; use a "
+                "flow-matching config with use_dynamic_shifting=True"
+            )
+        if self.config.grid is None and (not given or "timesteps" in custom or "sigmas" in custom):
+            return sibling_steps(self._sibling, self.schedule, n, custom, invert)
+        if given:
+            return custom_steps(self.schedule, timesteps, sigmas, n_train, invert)
+        kind = self.config.grid
+        shift = self.config.shift if self._source == FLOW_MATCH else self.config.flow_shift
+        shift = float(np.exp(mu)) if mu is not None else float(shift)
+        return kind_steps(self.schedule, n, kind, n_train, shift, FLOW_GRID_START)  # type: ignore[arg-type]
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start at step ``begin_index`` (img2img): the plan is rebuilt on the rest of the
+        grid, starting afresh at first order, as diffusers' multistep schedulers do."""
+        if self._steps is None:
+            raise ValueError("set_begin_index: call set_timesteps() first")
+        n = self._steps.grid.numel() - 1
+        if not isinstance(begin_index, int) or not 0 <= begin_index < n:
+            raise ValueError(
+                f"begin_index must be an integer in [0, {n - 1}], got {begin_index!r}"
+            )
+        self._build(begin_index)
+        self._begin_index = begin_index
+
+    def _build(self, start: int) -> None:
+        assert self._steps is not None
+        grid = self._steps.grid[start:]
+        plan = self.build_solver(self._steps.grid.numel() - 1).plan(self.schedule, grid)
+        if plan.num_steps is None or plan.nfe != plan.num_steps:
+            raise ValueError(
+                f"{type(self).__name__}: the solver must take one model evaluation per step "
+                f"(a multistep method) to run as a diffusers scheduler; its plan "
+                f"{type(plan).__name__} takes {plan.nfe} for {plan.num_steps} steps"
+            )
+        self._plan, self._state, self._last_output, self._start = plan, None, None, start
+
+    @property
+    def grid(self) -> Tensor | None:
+        """The current loop's grid in diffsolve solver time (``None`` before
+        :meth:`set_timesteps`): ``sample()`` on it equals the loop."""
+        return None if self._steps is None else self._steps.grid
+
+    @property
+    def begin_index(self) -> int | None:
+        """The first step set by :meth:`set_begin_index` (``None`` if it was not called)."""
+        return self._begin_index
+
+    @property
+    def step_index(self) -> int | None:
+        """Index into :attr:`timesteps` of the next step (``None`` before the first)."""
+        if self._state is None:
+            return None
+        return self._start + self._state.step
+
+    # ---- the loop ------------------------------------------------------------------------
+    def scale_model_input(self, sample: Tensor, timestep: Any = None) -> Tensor:
+        """Identity: the network takes :math:`x_t` as it is (VP and flow)."""
+        return sample
+
+    def step(
+        self,
+        model_output: Tensor,
+        timestep: float | Tensor,
+        sample: Tensor,
+        eta: float = 0.0,
+        use_clipped_model_output: bool | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        variance_noise: Tensor | None = None,
+        return_dict: bool = True,
+    ) -> DiffsolveSchedulerOutput | tuple[Tensor, ...]:
+        """Advance one step with the network output at ``(sample, timestep)``.
+
+        Args:
+            model_output: Raw network output, shaped like ``sample`` (or with twice its
+                channels when ``variance_type`` is ``learned``/``learned_range``).
+            timestep: The timestep the network was called with. The first step of a loop
+                without :meth:`set_begin_index` starts where this timestep is (img2img, as
+                diffusers); later ones must follow :attr:`timesteps`.
+            sample: The current sample. When it is the tensor the previous step returned,
+                the scheduler continues from its own float32 copy.
+            eta: DDIM's stochasticity (DDIM adapters; 0 elsewhere).
+            use_clipped_model_output: DDIM: recompute :math:`\\hat\\epsilon` from the clipped
+                :math:`\\hat x_0` (DDIM adapters; ``None``/``False`` elsewhere).
+            generator: Draws the noise of ``eta > 0``.
+            variance_noise: The noise of ``eta > 0`` itself, instead of drawing it.
+            return_dict: Return a :class:`DiffsolveSchedulerOutput` (else a tuple).
+
+        The step runs under ``torch.no_grad()`` unless :attr:`differentiable` is set.
+        """
+        self._check_step_options(eta, use_clipped_model_output)
+        state = self._current_state(timestep, sample)
+        assert self._plan is not None and self._steps is not None
+        i = self._start + state.step
+        t = float(self._steps.grid[i])
+        output = self._model_output(model_output, sample).to(state.x.dtype)
+        raw = Prediction(state.x, output, self._wrapper.conversion(t), t)
+        used = self._clipping.apply(raw)
+        with contextlib.nullcontext() if self.differentiable else torch.no_grad():
+            new = self._plan.step(_ReplayModel(self.schedule, used), state)
+            mixed = self._clipping.active and not use_clipped_model_output
+            if eta or (mixed and self.mapping.sibling == "DDIMScheduler"):
+                noise = self._ddim_noise(eta, model_output, generator, variance_noise)
+                eps = raw.eps if mixed else used.eps
+                new = replace(new, x=self._ddim(used.x0, eps, i, eta, noise))
+        self._state = new
+        prev = new.x.to(sample.dtype)
+        self._last_output = prev
+        if not return_dict:
+            return (prev,)
+        return DiffsolveSchedulerOutput(
+            prev_sample=prev, pred_original_sample=used.x0.to(sample.dtype)
+        )
+
+    def _check_step_options(self, eta: float, use_clipped: bool | None) -> None:
+        if self.mapping.sibling == "DDIMScheduler":
+            if not (isinstance(eta, (int, float)) and 0.0 <= eta < math.inf):
+                raise ValueError(f"eta must be a number >= 0, got {eta!r}")
+            return
+        if eta:
+            raise ValueError(
+                f"eta={eta!r}: {type(self).__name__} is deterministic; eta applies to DDIM "
+                "(DiffsolveDDIMScheduler)"
+            )
+        if use_clipped:
+            raise ValueError(
+                "use_clipped_model_output applies to DDIM's step (DiffsolveDDIMScheduler)"
+            )
+
+    def _current_state(self, timestep: float | Tensor, sample: Tensor) -> State:
+        """The state this step starts from (the first step finds its index from
+        ``timestep`` when no begin index was set)."""
+        if self._plan is None:
+            raise ValueError(f"{type(self).__name__}.step: call set_timesteps() before step()")
+        state = self._state
+        if state is not None and state.done:
+            raise ValueError(
+                f"{type(self).__name__}.step: all {self._plan.num_steps} steps are done; call "
+                "set_timesteps() to start a new loop"
+            )
+        if state is None:
+            if self._begin_index is None:
+                start = self.index_for_timestep(timestep)
+                if start != self._start:
+                    self._build(start)
+            state = self._plan.init(sample.to(state_dtype(sample.dtype)))
+        elif sample is not self._last_output:  # the pipeline changed the sample (e.g. masks)
+            state = replace(state, x=sample.to(state.x.dtype))
+        self._check_timestep(timestep, state.step)
+        return state
+
+    def _ddim(self, x0: Tensor, eps: Tensor, i: int, eta: float, noise: Tensor | None) -> Tensor:
+        assert self._steps is not None
+        a_s, s_s, a_t, s_t = (
+            float(v)
+            for v in (
+                *(torch.exp(x) for x in self.schedule.log_alpha_sigma(self._steps.grid[i])),
+                *(torch.exp(x) for x in self.schedule.log_alpha_sigma(self._steps.grid[i + 1])),
+            )
+        )
+        return ddim_step(x0, eps, a_s, s_s, a_t, s_t, float(eta), noise)
+
+    @staticmethod
+    def _ddim_noise(
+        eta: float, like: Tensor, generator: Any, variance_noise: Tensor | None
+    ) -> Tensor | None:
+        if not eta:
+            return None
+        if variance_noise is not None:
+            return variance_noise
+        return randn_tensor(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+
+    def _model_output(self, model_output: Tensor, sample: Tensor) -> Tensor:
+        if (
+            self.config.variance_type in ("learned", "learned_range")
+            and model_output.ndim >= 2
+            and model_output.shape[1] == 2 * sample.shape[1]
+        ):
+            model_output = model_output[:, : sample.shape[1]]
+        if model_output.shape != sample.shape:
+            raise ValueError(
+                f"model_output has shape {tuple(model_output.shape)} but sample has "
+                f"{tuple(sample.shape)}; they must match"
+            )
+        if self._flow and self.config.invert_sigmas:
+            return -model_output  # velocity in inverted time
+        return model_output
+
+    def _check_timestep(self, timestep: float | Tensor, step: int) -> None:
+        expected = float(self.timesteps[self._start + step])
+        ts = torch.as_tensor(timestep).detach().to("cpu", torch.float64).flatten()
+        if ts.numel() == 0:
+            raise ValueError("step: timestep is empty")
+        # 1% covers timesteps rounded to bfloat16/float16 by a pipeline.
+        if not torch.allclose(ts, torch.full_like(ts, expected), rtol=1e-2, atol=0.5):
+            raise ValueError(
+                f"{type(self).__name__}.step: expected timestep {expected:g} (step "
+                f"{self._start + step} of {len(self.timesteps)}), got "
+                f"{ts[0].item():g}; loop over scheduler.timesteps in order and call "
+                "set_timesteps() before every new loop"
+            )
+
+    # ---- img2img ---------------------------------------------------------------------------
+    def _noise_levels(self, timesteps: float | Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        """:math:`\\alpha, \\sigma` at network ``timesteps`` (the grid's own point for this
+        loop's timesteps), shaped to broadcast against ``like``."""
+        ts = torch.as_tensor(timesteps).detach().flatten()
+        if ts.numel() not in (1, like.shape[0]):
+            raise ValueError(
+                f"got {ts.numel()} timesteps for a batch of {like.shape[0]}; pass one or one "
+                "per sample"
+            )
+        t = self.solver_time(ts)
+        if self._steps is not None and self.timesteps.numel():
+            for j, value in enumerate(ts):
+                with contextlib.suppress(ValueError):
+                    t[j] = self._steps.grid[self.index_for_timestep(value)]
+        if (t <= 0).any() or (t > self.schedule.t_max * (1 + 1e-12)).any():
+            raise ValueError(
+                f"timesteps map outside the schedule's range (0, {self.schedule.t_max}]"
+            )
+        shape = (-1,) + (1,) * (like.ndim - 1)
+        log_alpha, log_sigma = self.schedule.log_alpha_sigma(t)
+        alpha = log_alpha.exp().reshape(shape).to(like.device, like.dtype)
+        return alpha, log_sigma.exp().reshape(shape).to(like.device, like.dtype)
+
+    def add_noise(
+        self, original_samples: Tensor, noise: Tensor, timesteps: float | Tensor
+    ) -> Tensor:
+        """Forward process :math:`x_t = \\alpha_t x_0 + \\sigma_t \\epsilon` at network
+        ``timesteps`` (a scalar or one per sample)."""
+        alpha, sigma = self._noise_levels(timesteps, original_samples)
+        return alpha * original_samples + sigma * noise.to(original_samples.dtype)
+
+    def scale_noise(
+        self, sample: Tensor, timestep: float | Tensor, noise: Tensor | None = None
+    ) -> Tensor:
+        """Flow matching's forward process, :math:`x_t = (1 - \\sigma) x_0 + \\sigma
+        \\epsilon` (FlowMatch's ``scale_noise``; any schedule's :math:`\\alpha, \\sigma`)."""
+        if noise is None:
+            raise ValueError("scale_noise: pass the noise to mix in")
+        return self.add_noise(sample, noise, timestep)
+
+    # ---- files ------------------------------------------------------------------------------
+    def save_pretrained(
+        self, save_directory: str | os.PathLike[str], push_to_hub: bool = False, **kwargs: Any
+    ) -> None:
+        """Save the config and copy each statistics file it names (``<need>_path``) next to
+        it, stored as a path relative to the folder, so the folder works on any machine."""
+        folder = Path(save_directory)
+        if folder.is_file():
+            raise ValueError(f"save_pretrained: {folder} is a file, not a folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        saved = {}
+        for need in self._solver_cls.needs:
+            source = self.config[f"{need}_path"]
+            target = folder / Path(source).name
+            if Path(source).resolve() != target.resolve():
+                shutil.copyfile(source, target)
+            saved[f"{need}_path"] = target.name
+        original = {k: self.config[k] for k in saved}
+        self.register_to_config(**saved)
+        try:
+            super().save_pretrained(folder, push_to_hub=push_to_hub, **kwargs)
+        finally:
+            self.register_to_config(**original)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike[str] | None = None,
+        subfolder: str | None = None,
+        return_unused_kwargs: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """diffusers' ``from_pretrained``; relative statistics paths resolve against the
+        folder the config is in."""
+        config, kwargs = cls.load_config(
+            pretrained_model_name_or_path,
+            subfolder=subfolder,
+            return_unused_kwargs=True,
+            return_commit_hash=False,
+            **kwargs,
+        )
+        folder = Path(str(pretrained_model_name_or_path)) / (subfolder or "")
+        for key, value in list(config.items()):
+            relative = isinstance(value, str) and not Path(value).is_absolute()
+            if key.endswith("_path") and relative and (folder / value).exists():
+                config[key] = str(folder / value)
+        return cls.from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------
+# One scheduler class per solver, generated from its declaration
+def scheduler_keys(solver: type[Solver]) -> dict[str, Any]:
+    """A solver's scheduler config keys and their defaults
+    (:func:`~diffsolve.integrations.diffusers.config.adapter_keys`)."""
+    return adapter_keys(solver.diffusers, solver.needs)  # type: ignore[attr-defined]
+
+
+_GENERATED: dict[type[Solver], type[DiffsolveScheduler]] = {}
+
+
+def scheduler_class(solver: type[Solver]) -> type[DiffsolveScheduler]:
+    """The diffusers scheduler class of a solver that declares a
+    :class:`~diffsolve.solvers.registry.DiffusersMapping` (made once, then cached)."""
+    if solver in _GENERATED:
+        return _GENERATED[solver]
+    mapping = getattr(solver, "diffusers", None)
+    if not isinstance(mapping, DiffusersMapping):
+        raise ValueError(f"{solver.__name__} declares no diffusers mapping")
+    keys = scheduler_keys(solver)
+    signature = inspect.Signature(
+        [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        + [
+            inspect.Parameter(k, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=v)
+            for k, v in keys.items()
+        ]
+    )
+
+    def init(self: DiffsolveScheduler, *args: Any, **kwargs: Any) -> None:
+        signature.bind(self, *args, **kwargs)  # a TypeError names an unknown argument
+        self._setup()
+
+    init.__signature__ = signature  # type: ignore[attr-defined]
+    init.__name__ = "__init__"
+    init.__qualname__ = f"{mapping.scheduler}.__init__"
+    summary = next(iter((solver.__doc__ or "").strip().splitlines()), solver.__name__)
+    doc = (
+        f"{solver.__name__} ({summary}) as a drop-in for diffusers' {mapping.sibling}. "
+        f"Config keys: {', '.join(keys)} (see :mod:`diffsolve.integrations.diffusers` and "
+        f":class:`{solver.__module__}.{solver.__name__}`)."
+    )
+    cls = type(
+        mapping.scheduler,
+        (DiffsolveScheduler,),
+        {
+            "__init__": register_to_config(init),
+            "__doc__": doc,
+            "__module__": "diffsolve.integrations.diffusers",
+            "solver_class": solver,
+            "mapping": mapping,
+        },
+    )
+    _GENERATED[solver] = cls
+    return cls
+
+
+def scheduler_classes() -> dict[str, type[DiffsolveScheduler]]:
+    """Every registered solver's scheduler class, by class name."""
+    out = {}
+    for solver in solver_classes():
+        if isinstance(getattr(solver, "diffusers", None), DiffusersMapping):
+            cls = scheduler_class(solver)
+            out[cls.__name__] = cls
+    return out
