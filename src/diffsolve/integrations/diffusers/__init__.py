@@ -40,7 +40,9 @@ one or refuses it with a ``ValueError`` naming it (:mod:`.config`); the construc
   ``index_for_timestep``, ``begin_index``, ``step_index``, ``add_noise``,
   ``scale_model_input`` (identity).
 * **Files.** ``save_pretrained`` copies each statistics file (DPM-Solver-v3's EMS) next to the
-  config with a relative path; ``from_pretrained`` of that folder works anywhere.
+  config with a relative path; ``from_pretrained`` of that folder works anywhere, and so does
+  ``DiffusionPipeline.from_pretrained`` of a saved pipeline (``model_index.json`` names this
+  module).
 
 **The schedule.** For VP configs, the sibling's own :math:`\bar\alpha` (float32, what
 diffusers trained with) in float64, so the coefficients match diffusers to round-off; a
@@ -61,6 +63,10 @@ kept in at least float32 between steps. Refused: the SDE ``algorithm_type``\ s a
 """
 
 from __future__ import annotations
+
+# diffusers' pipeline loader looks a saved component's base classes up in the module that
+# model_index.json names (this one): SchedulerMixin must be found here.
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from diffsolve.integrations.diffusers.config import (
     GRID_KEYS,
@@ -96,6 +102,7 @@ __all__ = [
     "SCHEDULE_KEYS",
     "SIBLINGS",
     "DiffsolveScheduler",
+    "SchedulerMixin",
     "DiffsolveSchedulerOutput",
     "adapter_keys",
     "diffusers_schedule",

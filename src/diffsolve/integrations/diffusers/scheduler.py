@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
+import diffusers
 import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -95,6 +96,22 @@ def _is_flow_match(config: dict[str, Any]) -> bool:
     return "beta_start" not in config and bool({"shift", "base_shift"} & set(config))
 
 
+def _check_decreasing(**custom: Sequence[float] | Tensor | None) -> None:
+    """Custom timesteps or sigmas must be strictly decreasing (noisy to clean)."""
+    for name, values in custom.items():
+        if values is None:
+            continue
+        v = torch.as_tensor(values).detach().to("cpu", torch.float64).flatten()
+        bad = (v[1:] >= v[:-1]).nonzero().flatten()
+        if bad.numel():
+            i = int(bad[0]) + 1
+            what = "duplicate time point" if v[i] == v[i - 1] else "rising value"
+            raise ValueError(
+                f"set_timesteps: custom {name} must be strictly decreasing; {what} "
+                f"{float(v[i]):g} at index {i}"
+            )
+
+
 def _no_network(*args: Any, **kwargs: Any) -> Tensor:
     raise RuntimeError("the scheduler adapter never calls a network")
 
@@ -141,7 +158,7 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         self._source = self._grid_source()
         if c.grid is not None:
             check_choice(c.grid, GRID_KINDS, "grid")
-        check_grid_keys(c, self._source, init_defaults(sibling_class(self.mapping.sibling)))
+        check_grid_keys(c, self._source, self._key_defaults())
         self._flow = bool(c.use_flow_sigmas) or self._source == FLOW_MATCH
         checked = diffusers_schedule(
             c.num_train_timesteps,
@@ -163,6 +180,12 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         self.init_noise_sigma = 1.0
         self._reset()
         self.build_solver(1 << 20)  # check the solver options now, not at the first loop
+
+    @classmethod
+    def _key_defaults(cls) -> dict[str, Any]:
+        """The adapter's config keys and their defaults."""
+        params = inspect.signature(cls.__init__).parameters.values()
+        return {p.name: p.default for p in params if p.default is not p.empty}
 
     def _grid_source(self) -> str:
         """The diffusers scheduler whose ``set_timesteps`` places the steps."""
@@ -236,50 +259,52 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         self._state: State | None = None
         self._last_output: Tensor | None = None
         self._start = 0
+        self._index: int | None = None
         self._begin_index: int | None = None
 
-    def build_solver(self, num_steps: int) -> Solver:
+    def build_solver(self, num_steps: int, trailing: int = 0) -> Solver:
         """The solver for a loop of ``num_steps`` steps: the config's options, the order
-        capped at the number of steps, diffusers' rule for ``lower_order_final``."""
+        capped at the number of steps, diffusers' rule for ``lower_order_final``. With
+        ``trailing`` zero-length last steps (DEIS repeats its last sigma), diffusers' lowered
+        last step is one of those, and the last real step keeps its order (up to 2)."""
         options = self.mapping.options(self.config)
         if "order" in options:
             options["order"] = min(options["order"], num_steps)
         below = self.mapping.lower_order_final_below
         if below is not None and "lower_order_final" in options:
             options["lower_order_final"] = options["lower_order_final"] and num_steps < below
+        if trailing and "lower_order_final" in options:
+            options["lower_order_final"] = False
         return self._solver_cls(**self._needs, **options)
 
     def __len__(self) -> int:
         return int(self.config.num_train_timesteps)
 
     # ---- diffusers attributes pipelines read --------------------------------------------
+    def _tables(self) -> Any:
+        """A diffusers scheduler holding the config's ``betas``, ``alphas``,
+        ``alphas_cumprod``: the sibling, or (FlowMatch has none) a ``DDPMScheduler`` of the
+        config's beta keys, as diffusers' DPM-Solver keeps for its flow mode."""
+        if hasattr(self._sibling, "betas"):
+            return self._sibling
+        c = self.config
+        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+        return diffusers.DDPMScheduler(**{k: c[k] for k in keys if k in c})
+
     @property
     def alphas_cumprod(self) -> Tensor:
-        """:math:`\\bar\\alpha_i` of the config's betas (float32, as diffusers)."""
-        ac = getattr(self._sibling, "alphas_cumprod", None)
-        if ac is None:
-            c = self.config
-            vp = diffusers_schedule(
-                c.num_train_timesteps,
-                c.beta_start,
-                c.beta_end,
-                c.beta_schedule,
-                c.trained_betas,
-                c.get("rescale_betas_zero_snr", False),
-            )
-            ac = vp.alphas_cumprod  # type: ignore[attr-defined]
-        return ac.to(torch.float32)
+        """:math:`\\bar\\alpha_i` of the config's betas (float32, diffusers' own)."""
+        return self._tables().alphas_cumprod
 
     @property
     def alphas(self) -> Tensor:
         """:math:`1 - \\beta_i`."""
-        ac = self.alphas_cumprod.to(torch.float64)
-        return torch.cat([ac[:1], ac[1:] / ac[:-1]]).to(torch.float32)
+        return self._tables().alphas
 
     @property
     def betas(self) -> Tensor:
         """:math:`\\beta_i`."""
-        return 1.0 - self.alphas
+        return self._tables().betas
 
     # ---- time maps ---------------------------------------------------------------------
     def solver_time(self, timesteps: Tensor | Sequence[float] | float) -> Tensor:
@@ -347,13 +372,17 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         mu: float | None,
     ) -> Steps:
         given = timesteps is not None or sigmas is not None
+        _check_decreasing(timesteps=timesteps, sigmas=sigmas)
         if timesteps is not None and sigmas is not None and self._source != FLOW_MATCH:
             raise ValueError("set_timesteps: pass timesteps or sigmas, not both")
         if not given and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
             raise ValueError(f"num_inference_steps must be a positive integer, got {n!r}")
         invert = bool(self.config.invert_sigmas) and self._flow
         n_train = self.config.num_train_timesteps
-        custom = accepted(self._sibling, timesteps=timesteps, sigmas=sigmas, mu=mu)
+        # diffusers' VP schedulers take custom sigmas only for flow (UniPC); diffsolve maps
+        # VP sigmas itself
+        flow_sigmas = sigmas if self._flow else None
+        custom = accepted(self._sibling, timesteps=timesteps, sigmas=flow_sigmas, mu=mu)
         if given and n is not None and not ({"timesteps", "sigmas"} & set(custom)):
             raise ValueError(
                 "set_timesteps: pass exactly one of num_inference_steps, timesteps, sigmas"
@@ -363,7 +392,10 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
                 f"set_timesteps: mu (dynamic shifting) is not a {self._source} argument; use a "
                 "flow-matching config with use_dynamic_shifting=True"
             )
-        if self.config.grid is None and (not given or "timesteps" in custom or "sigmas" in custom):
+        delegated = (timesteps is None or "timesteps" in custom) and (
+            sigmas is None or "sigmas" in custom
+        )
+        if self.config.grid is None and delegated:
             return sibling_steps(self._sibling, self.schedule, n, custom, invert)
         if given:
             return custom_steps(self.schedule, timesteps, sigmas, n_train, invert)
@@ -377,7 +409,7 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         grid, starting afresh at first order, as diffusers' multistep schedulers do."""
         if self._steps is None:
             raise ValueError("set_begin_index: call set_timesteps() first")
-        n = self._steps.grid.numel() - 1
+        n = len(self._steps.timesteps)
         if not isinstance(begin_index, int) or not 0 <= begin_index < n:
             raise ValueError(
                 f"begin_index must be an integer in [0, {n - 1}], got {begin_index!r}"
@@ -386,9 +418,15 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         self._begin_index = begin_index
 
     def _build(self, start: int) -> None:
+        """The plan from pipeline step ``start`` on. A timestep the sibling repeats (DPM-Solver's
+        ``linspace`` placement at 1000 steps) is a zero-length step: it is left out of the
+        plan, and :meth:`step` returns its sample unchanged."""
         assert self._steps is not None
         grid = self._steps.grid[start:]
-        plan = self.build_solver(self._steps.grid.numel() - 1).plan(self.schedule, grid)
+        moving = torch.cat([grid[:1], grid[1:][grid[1:] != grid[:-1]]])
+        trailing = int(grid.numel() > 1 and bool(grid[-1] == grid[-2]))
+        solver = self.build_solver(len(self._steps.timesteps), trailing)
+        plan = solver.plan(self.schedule, moving)
         if plan.num_steps is None or plan.nfe != plan.num_steps:
             raise ValueError(
                 f"{type(self).__name__}: the solver must take one model evaluation per step "
@@ -396,12 +434,14 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
                 f"{type(plan).__name__} takes {plan.nfe} for {plan.num_steps} steps"
             )
         self._plan, self._state, self._last_output, self._start = plan, None, None, start
+        self._index = None
 
     @property
     def grid(self) -> Tensor | None:
         """The current loop's grid in diffsolve solver time (``None`` before
-        :meth:`set_timesteps`): ``sample()`` on it equals the loop."""
-        return None if self._steps is None else self._steps.grid
+        :meth:`set_timesteps`): ``sample()`` on it equals the loop (a repeated point, a
+        zero-length step, is taken once)."""
+        return None if self._steps is None else self._steps.grid.unique_consecutive()
 
     @property
     def begin_index(self) -> int | None:
@@ -411,9 +451,7 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
     @property
     def step_index(self) -> int | None:
         """Index into :attr:`timesteps` of the next step (``None`` before the first)."""
-        if self._state is None:
-            return None
-        return self._start + self._state.step
+        return self._index
 
     # ---- the loop ------------------------------------------------------------------------
     def scale_model_input(self, sample: Tensor, timestep: Any = None) -> Tensor:
@@ -451,22 +489,22 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         The step runs under ``torch.no_grad()`` unless :attr:`differentiable` is set.
         """
         self._check_step_options(eta, use_clipped_model_output)
-        state = self._current_state(timestep, sample)
+        i, state = self._current_state(timestep, sample)
         assert self._plan is not None and self._steps is not None
-        i = self._start + state.step
         t = float(self._steps.grid[i])
         output = self._model_output(model_output, sample).to(state.x.dtype)
         raw = Prediction(state.x, output, self._wrapper.conversion(t), t)
         used = self._clipping.apply(raw)
-        with contextlib.nullcontext() if self.differentiable else torch.no_grad():
-            new = self._plan.step(_ReplayModel(self.schedule, used), state)
-            mixed = self._clipping.active and not use_clipped_model_output
-            if eta or (mixed and self.mapping.sibling == "DDIMScheduler"):
-                noise = self._ddim_noise(eta, model_output, generator, variance_noise)
-                eps = raw.eps if mixed else used.eps
-                new = replace(new, x=self._ddim(used.x0, eps, i, eta, noise))
-        self._state = new
-        prev = new.x.to(sample.dtype)
+        if float(self._steps.grid[i + 1]) != t:
+            with contextlib.nullcontext() if self.differentiable else torch.no_grad():
+                state = self._plan.step(_ReplayModel(self.schedule, used), state)
+                mixed = self._clipping.active and not use_clipped_model_output
+                if eta or (mixed and self.mapping.sibling == "DDIMScheduler"):
+                    noise = self._ddim_noise(eta, model_output, generator, variance_noise)
+                    eps = raw.eps if mixed else used.eps
+                    state = replace(state, x=self._ddim(used.x0, eps, i, eta, noise))
+        self._state, self._index = state, i + 1
+        prev = state.x.to(sample.dtype)
         self._last_output = prev
         if not return_dict:
             return (prev,)
@@ -489,27 +527,27 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
                 "use_clipped_model_output applies to DDIM's step (DiffsolveDDIMScheduler)"
             )
 
-    def _current_state(self, timestep: float | Tensor, sample: Tensor) -> State:
-        """The state this step starts from (the first step finds its index from
-        ``timestep`` when no begin index was set)."""
+    def _current_state(self, timestep: float | Tensor, sample: Tensor) -> tuple[int, State]:
+        """This step's index into :attr:`timesteps` and the state it starts from (the first
+        step finds its index from ``timestep`` when no begin index was set)."""
         if self._plan is None:
             raise ValueError(f"{type(self).__name__}.step: call set_timesteps() before step()")
-        state = self._state
-        if state is not None and state.done:
+        if self._index == len(self.timesteps):
             raise ValueError(
-                f"{type(self).__name__}.step: all {self._plan.num_steps} steps are done; call "
+                f"{type(self).__name__}.step: all {len(self.timesteps)} steps are done; call "
                 "set_timesteps() to start a new loop"
             )
-        if state is None:
+        state, i = self._state, self._index
+        if i is None:
             if self._begin_index is None:
                 start = self.index_for_timestep(timestep)
                 if start != self._start:
                     self._build(start)
-            state = self._plan.init(sample.to(state_dtype(sample.dtype)))
+            state, i = self._plan.init(sample.to(state_dtype(sample.dtype))), self._start
         elif sample is not self._last_output:  # the pipeline changed the sample (e.g. masks)
-            state = replace(state, x=sample.to(state.x.dtype))
-        self._check_timestep(timestep, state.step)
-        return state
+            state = replace(state, x=sample.to(state.x.dtype))  # type: ignore[arg-type]
+        self._check_timestep(timestep, i)
+        return i, state  # type: ignore[return-value]
 
     def _ddim(self, x0: Tensor, eps: Tensor, i: int, eta: float, noise: Tensor | None) -> Tensor:
         assert self._steps is not None
@@ -548,8 +586,8 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
             return -model_output  # velocity in inverted time
         return model_output
 
-    def _check_timestep(self, timestep: float | Tensor, step: int) -> None:
-        expected = float(self.timesteps[self._start + step])
+    def _check_timestep(self, timestep: float | Tensor, i: int) -> None:
+        expected = float(self.timesteps[i])
         ts = torch.as_tensor(timestep).detach().to("cpu", torch.float64).flatten()
         if ts.numel() == 0:
             raise ValueError("step: timestep is empty")
@@ -557,7 +595,7 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         if not torch.allclose(ts, torch.full_like(ts, expected), rtol=1e-2, atol=0.5):
             raise ValueError(
                 f"{type(self).__name__}.step: expected timestep {expected:g} (step "
-                f"{self._start + step} of {len(self.timesteps)}), got "
+                f"{i} of {len(self.timesteps)}), got "
                 f"{ts[0].item():g}; loop over scheduler.timesteps in order and call "
                 "set_timesteps() before every new loop"
             )

@@ -85,13 +85,9 @@ def sibling_steps(
     if type(sibling).__name__ == "DDIMScheduler":
         return _ddim_steps(sibling, schedule, timesteps)
     sigmas = sibling.sigmas.detach().to("cpu", torch.float32)
-    if sigmas.numel() > 1 and float(sigmas[-1]) == float(sigmas[-2]):
-        # DEIS with flow sigmas repeats its last sigma (a zero-length last step that never
-        # reaches the data); diffsolve ends at sigma = 0 instead
-        sigmas = torch.cat([sigmas[:-1], sigmas.new_zeros(1)])
     if not isinstance(schedule, VPDiscrete):  # flow matching: t = sigma
         t = sigmas.to(_F64)
-        return Steps(grids.validate_grid(schedule, 1.0 - t if invert else t), timesteps, sigmas)
+        return Steps(_checked(schedule, 1.0 - t if invert else t), timesteps, sigmas)
     ac = sibling.alphas_cumprod.detach().to("cpu", _F64)
     return Steps(_vp_times(schedule, sigmas.to(_F64), timesteps, ac), timesteps, sigmas)
 
@@ -108,7 +104,14 @@ def _vp_times(schedule: VPDiscrete, sigmas: Tensor, timesteps: Tensor, ac: Tenso
         i = int(timesteps[j]) if j < timesteps.numel() else 0  # the final sigma_min: step 0
         close = abs(sigma - float(own[i])) <= 1e-6 * float(own[i]) + 1e-12
         t[j] = (i + 1) / n if close else float(schedule.t_of_edm_sigma(sigma))
-    return grids.validate_grid(schedule, _clamp_start(schedule, t))
+    return _checked(schedule, _clamp_start(schedule, t))
+
+
+def _checked(schedule: NoiseSchedule, t: Tensor) -> Tensor:
+    """``t`` after checking it as a grid with its repeated points (zero-length steps, which
+    the scheduler skips) taken once."""
+    grids.validate_grid(schedule, t.unique_consecutive())
+    return t
 
 
 def _clamp_start(schedule: NoiseSchedule, t: Tensor) -> Tensor:
