@@ -449,9 +449,44 @@ def test_v3_scheduler_needs_and_checks_its_ems(tmp_path):
 
 def test_single_step_solvers_are_refused():
     class SingleStep(DiffsolveDPMSolverPPScheduler):
-        def build_solver(self, num_steps):
+        def build_solver(self, num_steps, trailing=0):
             return DPMSolverPP(2, method="singlestep")
 
     scheduler = SingleStep()
     with pytest.raises(ValueError, match="one model evaluation per step"):
         scheduler.set_timesteps(6)
+
+
+def test_dpm_solver_v3_on_a_flow_model_through_the_adapter():
+    """DPM-Solver-v3 runs a flow-matching model from a FlowMatch config with the model's
+    EMS (the digits-flow demo): from sigma = 1 exactly, equal to sample() on its grid, and
+    closer to a 500-step reference than FlowMatch's Euler at the same 10 steps (on FlowMatch's
+    uniform sigmas; 0.048 against 0.061 relative)."""
+    model = load_model("digits-flow")
+    config = diffusers.FlowMatchEulerDiscreteScheduler().config
+    scheduler = DPMSolverV3Scheduler.from_config(config, ems_path=str(model.ems_path))
+    euler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(config)
+    net = model.network
+    noise = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def flow_net(x, timestep):
+        with torch.no_grad():
+            return net(x, torch.as_tensor(timestep).float().expand(x.shape[0]) / 1000)
+
+    outs = []
+    for s in (scheduler, euler):
+        s.set_timesteps(10)
+        x = noise
+        for t in s.timesteps:
+            x = s.step(flow_net(x, t), t, x).prev_sample
+        outs.append(x)
+    assert float(scheduler.grid[0]) == 1.0
+    wrapped = ModelWrapper(lambda x, t: net(x, t), scheduler.schedule, "flow", "t")
+    solver = DPMSolverV3(model.load_ems(), 2)
+    assert rel_err(outs[0], sample(wrapped, noise, solver, scheduler.grid).x) <= 1e-5
+    reference = diffusers.FlowMatchEulerDiscreteScheduler.from_config(config)
+    reference.set_timesteps(500)
+    x = noise
+    for t in reference.timesteps:
+        x = reference.step(flow_net(x, t), t, x).prev_sample
+    assert rel_err(outs[0], x) < 0.85 * rel_err(outs[1], x)
