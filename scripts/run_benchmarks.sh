@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduce every table and plot of BENCHMARKS.md (2 CPU cores: about 25 minutes).
-#   scripts/run_benchmarks.sh [STEP ...]     steps: bench scale teleport guidance inversion ems properties
+#   scripts/run_benchmarks.sh [STEP ...]     steps: bench scale adapters teleport guidance inversion ems properties
 # Outputs: docs/bench/*.txt (the printed tables), docs/bench/*.json, docs/img/bench-*.png.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,7 +8,7 @@ DS=.venv/bin/diffsolve
 OUT=docs/bench
 mkdir -p "$OUT" docs/img
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(bench scale teleport guidance inversion ems properties)
+[ ${#steps[@]} -eq 0 ] && steps=(bench scale adapters teleport guidance inversion ems properties)
 
 for step in "${steps[@]}"; do
   case "$step" in
@@ -20,6 +20,9 @@ for step in "${steps[@]}"; do
     scale)
       OMP_NUM_THREADS=2 $DS bench --profile scale --json "$OUT/scale-cpu.json" \
         --plot docs/img/bench-scale-cpu.png | tee "$OUT/scale-cpu.txt" ;;
+    adapters)
+      OMP_NUM_THREADS=1 .venv/bin/python scripts/adapter_pipelines.py --repeats 7 \
+        | grep "^|" | tee "$OUT/adapters-cpu.txt" ;;
     teleport)
       $DS bench --sweep teleport --model digits --nfe 5,6,8,10,15 --skips 0,0.1,0.2,0.3,0.4 \
         --json "$OUT/teleport-digits.json" | tee "$OUT/teleport-digits.txt" ;;
