@@ -83,7 +83,7 @@ def vp_net(scheduler, prediction: str = "epsilon", learned: bool = False):
         i = round(float(torch.as_tensor(timestep).flatten()[0]))
         a, s = float(ac[i].sqrt()), float((1 - ac[i]).sqrt())
         dtype, x = x.dtype, x.double()
-        x0 = GAUSSIAN.denoise(x, a, s) if a > 0 else GAUSSIAN.mean.expand_as(x).reshape(x.shape)
+        x0 = GAUSSIAN.denoise(x, a, s) if a > 0 else GAUSSIAN.mean.reshape(SHAPE).expand_as(x)
         eps = (x - a * x0) / s
         out = {"epsilon": eps, "sample": x0, "v_prediction": a * eps - s * x0}[prediction]
         return (torch.cat([out, torch.zeros_like(out)], 1) if learned else out).to(dtype)
@@ -213,8 +213,6 @@ def test_timesteps_stay_in_the_trained_range_at_every_step_count(name):
     x0 step; v3's EMS cover every grid."""
     scheduler = make(name)
     for n in STEP_COUNTS:
-        if n < 3 and name == "DPMSolverV3Scheduler":
-            continue
         scheduler.set_timesteps(n)
         ts = scheduler.timesteps
         assert ts.dtype == torch.int64 and len(ts) == n == scheduler.num_inference_steps
@@ -226,6 +224,29 @@ def test_timesteps_stay_in_the_trained_range_at_every_step_count(name):
             on_kind.set_timesteps(n)
             assert float(on_kind.timesteps.min()) >= 0.0 and float(on_kind.grid[-1]) == 0.0
     passed(name, "timesteps in range, 1-1000 steps")
+
+
+# DEISMultistepScheduler has no rescale_betas_zero_snr; v3's EMS are for plain linear betas
+@pytest.mark.parametrize(
+    "name", [n for n in ADAPTERS if n not in ("DPMSolverV3Scheduler", "DiffsolveDEISScheduler")]
+)
+@pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+def test_zero_terminal_snr_runs_for_every_beta_schedule(name, beta_schedule):
+    """rescale_betas_zero_snr with any beta schedule: a decreasing schedule (linear betas
+    reach alpha_cumprod[-2] = 4e-9 < 2^-24), finite v-prediction loops at 1-1000 steps."""
+    scheduler = make(
+        name,
+        beta_schedule=beta_schedule,
+        rescale_betas_zero_snr=True,
+        prediction_type="v_prediction",
+        timestep_spacing="trailing",
+    )
+    ac = scheduler.schedule.alphas_cumprod
+    assert bool((ac[1:] < ac[:-1]).all()) and float(ac[-1]) > 0
+    for n in (1, 10, 1000):
+        scheduler.set_timesteps(n)
+        assert torch.isfinite(loop(scheduler, vp_net(scheduler, "v_prediction"), noise())).all()
+    passed(name, f"zero terminal SNR [{beta_schedule}]")
 
 
 @pytest.mark.parametrize("name", list(ADAPTERS))

@@ -183,7 +183,8 @@ class DiffusersMapping:
 
     Attributes:
         scheduler: The generated class's name.
-        preset: The registry preset whose grid kind ``grid="preset"`` uses.
+        preset: The registry preset the adapter runs by default (its name in docs and
+            the bench).
         keys: The solver's config keys (beyond the schedule and grid keys the adapter
             handles itself, see :mod:`diffsolve.integrations.diffusers`).
         sibling: The diffusers scheduler the adapter replaces: its config keys are the
