@@ -69,3 +69,13 @@ def gaussian() -> GaussianModel:
 def noise(schedule, shape=(16, 6), seed=0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g, dtype=torch.float64) * schedule.init_noise_sigma()
+
+
+@pytest.fixture
+def single_thread():
+    """On shared, oversubscribed CPUs torch's intra-op threads can be ~100x slower; modules
+    that run many small networks use ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

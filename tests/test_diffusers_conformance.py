@@ -41,12 +41,7 @@ SHAPE = (1, 8, 8)  # the digits demo's, which DPM-Solver-v3's shipped EMS are fo
 GAUSSIAN = GaussianModel.random(SHAPE, seed=3)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def betas(name: str) -> dict:

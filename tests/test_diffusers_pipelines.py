@@ -54,12 +54,7 @@ VP_PIPELINES = {
 FLOW_PIPELINES = {"sd3": tiny.sd3_pipeline, "flux": tiny.flux_pipeline}
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -53,13 +53,7 @@ GAUSSIAN = GaussianModel.random((1, 4, 4), seed=3)
 DEMO = demo_path("digits-diffusers")
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """On shared, oversubscribed CPUs torch's intra-op threads can be ~100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def vp_eps(x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
