@@ -128,6 +128,8 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         FLOW_MATCH,
     ]
     order: ClassVar[int] = 1
+    #: The initial noise is standard normal, as for diffusers' VP and flow schedulers.
+    init_noise_sigma: ClassVar[float] = 1.0
     #: Set to True to differentiate through :meth:`step` (it runs under ``no_grad``
     #: otherwise).
     differentiable: bool = False
@@ -177,7 +179,6 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         self._clipping = Clipping.from_config(c)
         self._solver_cls = self._algorithm()
         self._needs = {need: self._load_need(need) for need in self._solver_cls.needs}
-        self.init_noise_sigma = 1.0
         self._reset()
         self.build_solver(1 << 20)  # check the solver options now, not at the first loop
 
