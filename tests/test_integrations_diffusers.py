@@ -484,3 +484,12 @@ def test_dpm_solver_v3_on_a_flow_model_through_the_adapter():
     for t in reference.timesteps:
         x = reference.step(flow_net(x, t), t, x).prev_sample
     assert rel_err(outs[0], x) < 0.85 * rel_err(outs[1], x)
+    # at 1000 SD3-shifted steps the first sigmas lie above the EMS range (t <= 0.999): those
+    # steps are first order, the rest is v3
+    shifted = DPMSolverV3Scheduler.from_config(
+        diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0).config, ems_path=str(model.ems_path)
+    )
+    shifted.set_timesteps(1000)
+    features = [step.predictor.feature for step in shifted._plan.steps]
+    assert float(shifted.sigmas[1]) > 0.999 and features[:2] == ["data", "data"]
+    assert features.count("f") >= 990

@@ -72,5 +72,5 @@ def test_the_first_step_is_the_exact_limit():
 
 def test_the_pure_noise_point_is_no_history():
     at = GridValues.of(SCHEDULE, grid(6))
-    assert at.is_pure_noise(0) and at.lam[0] == -math.inf and at.first_usable == 1
+    assert at.alpha[0] == 0.0 and at.lam[0] == -math.inf and at.first_usable == 1
     assert multistep_orders(at, 3, False) == [1, 1, 2, 3, 3, 3]

@@ -83,6 +83,12 @@ class NoiseSchedule(ABC):
         return self.t_range[0]
 
     @property
+    def t_bound(self) -> float:
+        """The largest time statistics may be computed at (λ finite): ``t_max``, or beyond
+        it where ``t_max`` only clips sampling (rectified flow: any ``t < 1``)."""
+        return self.t_max
+
+    @property
     def default_range(self) -> tuple[float, float]:
         """Conventional ``(t_start, t_end)`` for sampling."""
         return self.t_range
@@ -373,6 +379,10 @@ class RectifiedFlow(NoiseSchedule):
 
     def d_alpha_sigma(self, t: float) -> tuple[float, float] | None:
         return (-1.0, 1.0)
+
+    @property
+    def t_bound(self) -> float:
+        return math.nextafter(1.0, 0.0)
 
     def log_alpha_sigma(self, t: TimeLike) -> tuple[Tensor, Tensor]:
         t = _as_f64(t)

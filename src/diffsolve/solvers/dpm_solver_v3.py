@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import ClassVar, Literal
 
 import torch
@@ -171,9 +171,8 @@ class DPMSolverV3(Solver):
         return plan
 
     def _build_plan(self, schedule: NoiseSchedule, grid: Tensor) -> StepPlan:
-        at = GridValues.of(schedule, grid)
-        finite = [lam for lam in at.lam if math.isfinite(lam)]
-        self.ems.check_compatible(schedule)
+        at = self._grid_values(schedule, grid)
+        finite = [lam for lam in at.lam[at.first_usable :] if math.isfinite(lam)]
         self.ems.check_range(finite)
         table = EMSTable(self.ems, finite, self.order, offset=at.first_usable)
         orders = multistep_orders(at, self.order, self.lower_order_final, self.euler_at_final)
@@ -189,6 +188,22 @@ class DPMSolverV3(Solver):
         return multistep_plan(
             at, orders, predictor, lambda i: self._corrector(table, at, i, orders), f_x
         )
+
+    def _grid_values(self, schedule: NoiseSchedule, grid: Tensor) -> GridValues:
+        """The grid's values, with the points noisier than the EMS range (a flow grid's
+        first points near σ = 1, at hundreds of steps) left out of every history: their
+        steps are the exact first-order step, which needs no statistics."""
+        self.ems.check_compatible(schedule)
+        at = GridValues.of(schedule, grid)
+        lowest = self.ems.lambda_range[0] - 1e-6
+        first = at.first_usable
+        while (
+            first < at.num_steps - 1
+            and at.lam[first] < lowest
+            and at.lam[first + 1] > at.lam[first]
+        ):
+            first += 1
+        return replace(at, first_usable=first)
 
     def _corrector(
         self, table: EMSTable, at: GridValues, i: int, orders: list[int]

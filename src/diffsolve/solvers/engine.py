@@ -162,10 +162,11 @@ FINAL = Update(0.0, (1.0,), "data")
 
 
 def start_update(at: GridValues, i: int) -> Update:
-    r"""The step from a pure-noise point (α = 0, λ = −∞) to ``i + 1``:
-    :math:`x_{i+1} = \frac{\sigma_{i+1}}{\sigma_i} x_i + \alpha_{i+1}\hat x_0`, the exact
-    limit of every exponential integrator's first-order step (and of Euler's step in flow
-    time, which it equals); higher orders are undefined there (:meth:`ExpStep.between`)."""
+    r"""The first-order data-space step from grid point ``i`` (DDIM): from a pure-noise point
+    (α = 0, λ = −∞) it is :math:`x_{i+1} = \frac{\sigma_{i+1}}{\sigma_i} x_i +
+    \alpha_{i+1}\hat x_0`, the exact limit of every exponential integrator's first-order step
+    (and of Euler's step in flow time, which it equals); higher orders are undefined there
+    (:meth:`ExpStep.between`)."""
     step = at.exp_step("data", i, i + 1)
     return Update(step.a, (step.coef(0),), "data")
 
@@ -352,6 +353,11 @@ class GridValues:
     """Schedule values at every grid point, as Python floats (float64).
 
     At ``t = 0`` (clean data): ``alpha = 1``, ``sigma = 0``, ``lam = inf``.
+
+    ``first_usable`` is the first grid point a multistep history may use: 1 when the grid
+    starts from pure noise (α = 0, λ = −∞, infinitely far from every other point), else 0;
+    a solver may raise it (DPM-Solver-v3: points beyond its statistics' range). The steps
+    from the points before it are the exact first-order :func:`start_update`.
     """
 
     schedule: NoiseSchedule
@@ -360,6 +366,7 @@ class GridValues:
     alpha: tuple[float, ...]
     sigma: tuple[float, ...]
     lam: tuple[float, ...]
+    first_usable: int = 0
 
     @classmethod
     def of(cls, schedule: NoiseSchedule, grid: Tensor) -> GridValues:
@@ -372,6 +379,7 @@ class GridValues:
             alpha=tuple(torch.exp(log_alpha).tolist()),
             sigma=tuple(torch.exp(log_sigma).tolist()),
             lam=tuple((log_alpha - log_sigma).tolist()),
+            first_usable=int(float(log_alpha[0]) == -math.inf),
         )
 
     @property
@@ -387,17 +395,6 @@ class GridValues:
     def is_final(self, i: int) -> bool:
         """Whether step ``i`` ends at clean data (and takes :data:`FINAL`)."""
         return self.sigma[i + 1] == 0.0
-
-    def is_pure_noise(self, i: int) -> bool:
-        """Whether grid point ``i`` is pure noise (α = 0, λ = −∞: flow matching's σ = 1);
-        only a grid's first point can be."""
-        return self.alpha[i] == 0.0
-
-    @property
-    def first_usable(self) -> int:
-        """Index of the first grid point a multistep history may use: 1 when the grid starts
-        from pure noise (its λ = −∞ is infinitely far from every other point), else 0."""
-        return int(self.is_pure_noise(0))
 
     def exp_step(self, space: Space, i: int, j: int) -> ExpStep:
         """The exponential-integrator step from grid point ``i`` to ``j``."""
@@ -426,22 +423,23 @@ def multistep_plan(
     extra: Sequence[MultistepStep] = (),
 ) -> StepPlan:
     """A multistep plan: step ``i`` predicts with ``predictor(i, orders[i])`` (or
-    :func:`final_update` when it ends at clean data, :func:`start_update` when it starts from
-    pure noise), is preceded by ``corrector(i)`` (the corrector of the step that ended at
-    point ``i``; none when that step started from pure noise) and stores ``f_x(i)``
-    features. ``extra`` steps (e.g. UniPC's final corrector) are appended as they are."""
+    :func:`final_update` when it ends at clean data, :func:`start_update` when it starts
+    before ``at.first_usable``), is preceded by ``corrector(i)`` (the corrector of the step
+    that ended at point ``i``; none when that step started before ``at.first_usable``) and
+    stores ``f_x(i)`` features. ``extra`` steps (e.g. UniPC's final corrector) are appended
+    as they are."""
     steps = []
     for i, p in enumerate(orders):
-        noise = at.is_pure_noise(i)
-        feature = None if f_x is None or noise else f_x(i)
-        if noise:
+        unused = i < at.first_usable
+        feature = None if f_x is None or unused else f_x(i)
+        if unused:
             update = start_update(at, i)
         elif at.is_final(i):
             update = final_update(feature)
         else:
             update = predictor(i, p)
-        after_noise = i > 0 and at.is_pure_noise(i - 1)
-        fix = None if corrector is None or after_noise else corrector(i)
+        after_unused = 0 < i <= at.first_usable
+        fix = None if corrector is None or after_unused else corrector(i)
         steps.append(MultistepStep(at.t[i], at.t[i + 1], update, fix, feature))
     return StepPlan(at.schedule, at.grid, (*steps, *extra))
 
@@ -456,7 +454,7 @@ def stage_plan(at: GridValues, step: Callable[[int], StageStep]) -> StepPlan:
 
     steps = [
         single(i, start_update(at, i))
-        if at.is_pure_noise(i)
+        if at.alpha[i] == 0.0
         else single(i, FINAL)
         if at.is_final(i)
         else step(i)
@@ -471,8 +469,8 @@ def multistep_orders(
     """Per-step orders of a multistep method: warm-up ``1, 2, …``, then ``order``; with
     ``lower_order_final`` the last steps fall back to ``min(order, steps_left)``; a final
     step to ``t = 0`` is first order (it returns :math:`\\hat x_0`), and so is any last step
-    with ``euler_at_final`` (diffusers' option). A pure-noise first point does not count as
-    history (:attr:`GridValues.first_usable`)."""
+    with ``euler_at_final`` (diffusers' option). Points before ``at.first_usable`` (a
+    pure-noise start) do not count as history."""
     n = at.num_steps
     orders = []
     for i in range(n):

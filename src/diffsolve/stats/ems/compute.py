@@ -349,9 +349,10 @@ def _check_model_and_range(
     default_start, default_end = schedule.default_range
     t_start = default_start if t_start is None else float(t_start)
     t_end = default_end if t_end is None else float(t_end)
-    if not 0 < t_end < t_start <= schedule.t_max:
+    if not 0 < t_end < t_start <= schedule.t_bound:
         raise ValueError(
-            f"need 0 < t_end < t_start <= {schedule.t_max}; got t_start={t_start}, t_end={t_end}"
+            f"need 0 < t_end < t_start <= {schedule.t_bound}; got t_start={t_start}, "
+            f"t_end={t_end}"
         )
     return schedule, t_start, t_end
 
