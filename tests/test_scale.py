@@ -149,8 +149,10 @@ def test_killed_run_resumes_with_every_seed_once(tmp_path, reference):
         run_sampling(config(tmp_path, batch_size=3), on_shard=kill_after_two)
     assert not (tmp_path / "samples.npz").exists()
     # a write torn by the kill: the temporary file of the third shard
-    torn = tmp_path / ".shard-00000016.npz.x1y2.tmp"
+    torn = tmp_path / ".shard-00000016.npz.diffsolve-x1y2.tmp"
     torn.write_bytes(b"PK\x03\x04 partial")
+    users = tmp_path / ".notes.tmp"  # not diffsolve's: never touched
+    users.write_text("keep")
     kept = {p: p.stat().st_mtime_ns for p in written}
     with pytest.raises(SamplingError, match="seeds 16-19 have no shard yet"):
         merge_shards(tmp_path)
@@ -159,7 +161,7 @@ def test_killed_run_resumes_with_every_seed_once(tmp_path, reference):
     assert report.skipped == written
     assert report.computed == [shard_path(tmp_path, 16)] and not report.recomputed
     assert {p: p.stat().st_mtime_ns for p in written} == kept  # finished work untouched
-    assert not torn.exists()
+    assert not torn.exists() and users.read_text() == "keep"
     samples, seeds = merged(tmp_path)
     assert seeds.tolist() == list(range(20))  # none missing, none duplicated
     np.testing.assert_allclose(samples, reference, rtol=0, atol=1e-6)
@@ -178,7 +180,12 @@ def test_corrupt_shards_are_detected_and_recomputed(tmp_path, reference):
     first, second, third = (shard_path(tmp_path, s) for s in (0, 8, 16))
     first.write_bytes(first.read_bytes()[:500])  # truncated by a crash or a full disk
     _flip_last_data_byte(second)
-    np.savez(third, samples=np.full((4, *shape), np.nan, np.float32), seeds=np.arange(16, 20))
+    np.savez(
+        third,
+        samples=np.full((4, *shape), np.nan, np.float32),
+        seeds=np.arange(16, 20),
+        fingerprint=np.asarray(read_manifest(tmp_path).fingerprint()),
+    )
     assert "unreadable" in check_shard(first, range(8), shape)
     assert "unreadable" in check_shard(second, range(8, 16), shape)
     assert check_shard(third, range(16, 20), shape) == "samples contain non-finite values"
@@ -216,10 +223,15 @@ def test_other_settings_are_refused(tmp_path):
     with pytest.raises(ValueError, match="shard_size: 8 in the folder, 5 now"):
         run_sampling(config(tmp_path, shard_size=5))
     args = ["sample", "--model", "gaussian", "--nfe", "6", "--seeds", "0-29", "--out"]
-    result = CliRunner().invoke(main, [*args, str(tmp_path), "--shard-size", "8"])
-    assert result.exit_code == 2 and "seeds: '0-19' in the folder, '0-29' now" in result.output
-    # batch size, device and merging may change between resumes
-    report = run_sampling(config(tmp_path, batch_size=3, merge=False))
+    result = CliRunner().invoke(main, [*args, str(tmp_path), "--shard-size", "8", "--nfe", "8"])
+    assert result.exit_code == 2 and "nfe: 6 in the folder, 8 now" in result.output
+    # the batch size changes the network's floating-point reductions: refused too
+    with pytest.raises(ValueError, match="batch_size: 64 in the folder, 3 now"):
+        run_sampling(config(tmp_path, batch_size=3))
+    # fewer seeds are refused; the device and merging may change between resumes
+    with pytest.raises(ValueError, match="leaves out 10-19"):
+        run_sampling(config(tmp_path, seeds="0-9"))
+    report = run_sampling(config(tmp_path, merge=False))
     assert len(report.skipped) == 3 and not report.computed
     assert read_manifest(tmp_path).seeds == "0-19"
 

@@ -13,18 +13,30 @@ A run samples a list of seeds (``--seeds 0-49999``) into an output folder:
   complete or absent; the npz is written last and marks the shard as done.
 * **Processes.** Under ``torchrun`` (``WORLD_SIZE > 1``) rank ``r`` of ``R`` takes shards
   ``r::R``; a gloo process group only provides barriers. Without torchrun nothing is set up.
-* **Manifest and resume.** ``sample.json`` records what defines the samples (model and a hash
-  of its config, solver, NFE, grid kind and times, seeds, shard size, data shape). Rerunning a
-  command in the same folder checks the manifest — different settings are refused with the
-  list of differences — and skips every shard that validates (loadable, exactly the expected
-  seeds, right shape and dtype, finite; the zip CRC catches flipped bytes); a missing, partial
-  or corrupt shard is recomputed, never trusted.
+* **Manifest and resume.** ``sample.json`` records everything that defines the samples: the
+  model and the SHA-256 of its config and weights, of the statistics the run uses (EMS,
+  Gaussian statistics) and of a guidance classifier, the resolved solver with its options, the
+  NFE, grid kind and times, guidance, labels, teleportation, dtype, batch size, shard size and
+  seeds; its :meth:`~RunManifest.fingerprint` (everything but the seeds) is stored in every
+  shard too. Rerunning a command in the same folder checks the manifest — other settings are
+  refused with the list of differences; more seeds (a superset) extend the run — and skips
+  every shard that validates (loadable, exactly the expected seeds, right shape and dtype,
+  finite, the run's fingerprint; the zip CRC catches flipped bytes); a missing, partial,
+  corrupt or foreign shard is recomputed, never trusted. The manifest is written only once
+  every input of the run has been checked, so a refused start leaves nothing behind.
+* **One writer.** A run holds an exclusive lock on ``.diffsolve-sample.lock`` in the folder
+  for its whole life (released however the process ends); a second run into the same folder
+  is refused with a message. Temporary files are named ``.<file>.diffsolve-<random>.tmp``, and
+  only such files, left by a killed run, are ever removed.
 * **Merge.** :func:`merge_shards` checks that the shards cover every seed of the manifest
   exactly once and writes ``samples.npz`` with all seeds sorted.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -115,14 +127,29 @@ def _file_mode() -> int:
     return 0o666 & ~mask
 
 
-def save_npz_atomic(path: str | Path, **arrays: np.ndarray) -> Path:
-    """Write an uncompressed ``.npz`` to a temporary file in the same folder, flush it to
-    disk and rename it into place: readers see the old file, or the complete new one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+TMP_MARK = ".diffsolve-"
+LOCK_NAME = ".diffsolve-sample.lock"
+
+
+def atomic_temp(path: Path) -> tuple[int, str]:
+    """A temporary file beside ``path``, named ``.<name>.diffsolve-<random>.tmp``: the only
+    names a run ever cleans up (:func:`stale_temp_files`)."""
+    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TMP_MARK}", suffix=".tmp")
+
+
+def stale_temp_files(folder: Path) -> list[Path]:
+    """Temporary files of diffsolve writers in ``folder`` (left by a killed run)."""
+    return sorted(folder.glob(f".*{TMP_MARK}*.tmp"))
+
+
+def _write_atomic(path: Path, write: Callable[[Any], None], binary: bool = True) -> Path:
+    """``write(file)`` into a temporary file beside ``path``, flushed to disk, then renamed
+    into place with the permissions of a normally created file: readers see the old file or
+    the complete new one, and a failure (a full disk) leaves no temporary file behind."""
+    fd, tmp = atomic_temp(path)
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, _file_mode())
@@ -133,35 +160,44 @@ def save_npz_atomic(path: str | Path, **arrays: np.ndarray) -> Path:
     return path
 
 
+def save_npz_atomic(path: str | Path, **arrays: np.ndarray) -> Path:
+    """Write an uncompressed ``.npz`` atomically (:func:`_write_atomic`)."""
+    return _write_atomic(Path(path), lambda f: np.savez(f, **arrays))
+
+
 def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _write_atomic(path, lambda f: f.write(text), binary=False)
 
 
-def check_shard(path: str | Path, seeds: Sequence[int], data_shape: Sequence[int]) -> str | None:
+SHARD_ARRAYS = ["fingerprint", "samples", "seeds"]
+
+
+def check_shard(
+    path: str | Path,
+    seeds: Sequence[int],
+    data_shape: Sequence[int],
+    fingerprint: str | None = None,
+) -> str | None:
     """Why the shard file at ``path`` cannot be trusted, or ``None`` when it is valid.
 
-    Valid means: it loads (the zip CRC verifies every byte), holds exactly ``samples`` and
-    ``seeds``, the seeds equal ``seeds`` in order, the samples are float32 of shape
-    ``(len(seeds), *data_shape)`` and all finite.
+    Valid means: it loads (the zip CRC verifies every byte), holds exactly ``samples``,
+    ``seeds`` and ``fingerprint``, the fingerprint is the run's (when given: a shard made
+    under other settings is never trusted), the seeds equal ``seeds`` in order, the samples
+    are float32 of shape ``(len(seeds), *data_shape)`` and all finite.
     """
     path = Path(path)
     if not path.is_file():
         return "missing"
     try:
         with np.load(path, allow_pickle=False) as data:
-            if sorted(data.files) != ["samples", "seeds"]:
-                return f"holds arrays {sorted(data.files)}, expected ['samples', 'seeds']"
+            if sorted(data.files) != SHARD_ARRAYS:
+                return f"holds arrays {sorted(data.files)}, expected {SHARD_ARRAYS}"
             got_seeds, samples = data["seeds"], data["samples"]
+            made_under = str(data["fingerprint"])
     except Exception as err:  # any failure to read means the file is not usable
         return f"unreadable ({type(err).__name__}: {err})"
+    if fingerprint is not None and made_under != fingerprint:
+        return "made under other settings (its fingerprint is not this run's)"
     expected = np.asarray(seeds, dtype=np.int64)
     if got_seeds.shape != expected.shape or not np.array_equal(got_seeds, expected):
         return f"holds seeds {format_seeds(got_seeds.tolist())}, expected {format_seeds(seeds)}"
@@ -183,9 +219,11 @@ class RunManifest:
 
     Attributes:
         model: Demo name or absolute model folder.
-        model_config_sha256: Hash of the model's parsed config (catches another model under
-            the same folder name).
+        model_config_sha256: Hash of the model's parsed config.
+        inputs: SHA-256 of every file the samples depend on (``weights``, ``ems``,
+            ``gaussian_stats``, ``classifier``; an analytic model's own fingerprint), as JSON.
         solver: Registry name.
+        solver_options: The resolved solver with all its options (its ``repr``).
         nfe: Model evaluations per sample actually spent.
         nfe_budget: The ``--nfe`` asked for.
         grid: Grid kind.
@@ -193,6 +231,9 @@ class RunManifest:
         seeds: Canonical seed list (:func:`format_seeds`).
         num_seeds: Number of seeds.
         shard_size: Seeds per shard.
+        batch_size: Samples per model call (the network's floating-point reductions depend on
+            it: samples agree across batch sizes to ~1e-5, not bit for bit).
+        dtype: The network's dtype.
         data_shape: Shape of one sample.
         conditioning: Guidance, labels and teleportation settings (JSON).
         version: diffsolve version that wrote it (informative, not compared).
@@ -200,7 +241,9 @@ class RunManifest:
 
     model: str
     model_config_sha256: str
+    inputs: str
     solver: str
+    solver_options: str
     nfe: int
     nfe_budget: int
     grid: str
@@ -208,16 +251,19 @@ class RunManifest:
     seeds: str
     num_seeds: int
     shard_size: int
+    batch_size: int
+    dtype: str
     data_shape: tuple[int, ...]
     conditioning: str = ""
     version: str = ""
     format: str = MANIFEST_FORMAT
 
     _INFORMATIVE = ("version",)
+    _SEEDS = ("seeds", "num_seeds")
 
     def to_json(self) -> str:
         """JSON text (floats written exactly)."""
-        return json.dumps(asdict(self), indent=2) + "\n"
+        return json.dumps({**asdict(self), "fingerprint": self.fingerprint()}, indent=2) + "\n"
 
     @classmethod
     def from_json(cls, text: str) -> RunManifest:
@@ -225,25 +271,42 @@ class RunManifest:
         data = json.loads(text)
         if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"not a diffsolve run manifest (format {MANIFEST_FORMAT})")
-        data["grid_t"] = tuple(data["grid_t"])
-        data["data_shape"] = tuple(data["data_shape"])
+        data.pop("fingerprint", None)
         try:
+            data["grid_t"] = tuple(data["grid_t"])
+            data["data_shape"] = tuple(data["data_shape"])
             return cls(**data)
-        except TypeError as err:
+        except (TypeError, KeyError) as err:
             raise ValueError(f"malformed run manifest: {err}") from None
 
+    def fingerprint(self) -> str:
+        """SHA-256 of every setting but the seeds (stored in each shard: a shard made under
+        other settings is never trusted)."""
+        settings = {
+            k: v for k, v in asdict(self).items() if k not in self._INFORMATIVE + self._SEEDS
+        }
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
     def differences(self, other: RunManifest) -> list[str]:
-        """The settings in which ``other`` differs (informative fields excluded)."""
+        """The settings but the seeds in which ``other`` differs (informative fields
+        excluded)."""
         mine, theirs = asdict(self), asdict(other)
         out = []
         for key, value in mine.items():
-            if key in self._INFORMATIVE or theirs[key] == value:
+            if key in self._INFORMATIVE + self._SEEDS or theirs[key] == value:
                 continue
             if key == "grid_t":
                 out.append("grid_t: the step grids differ")
+            elif key == "inputs":
+                changed = _changed_inputs(json.loads(value), json.loads(theirs[key]))
+                out.append(f"inputs: {', '.join(changed)} changed")
             else:
                 out.append(f"{key}: {value!r} in the folder, {theirs[key]!r} now")
         return out
+
+
+def _changed_inputs(before: dict[str, str], now: dict[str, str]) -> list[str]:
+    return sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
 
 
 def read_manifest(out_dir: str | Path) -> RunManifest | None:
@@ -254,14 +317,18 @@ def read_manifest(out_dir: str | Path) -> RunManifest | None:
     try:
         return RunManifest.from_json(path.read_text())
     except (ValueError, KeyError) as err:
-        raise SamplingError(f"{path}: {err}") from None
+        raise SamplingError(
+            f"{path}: {err}; this folder holds another kind of run (or an older diffsolve's): "
+            "pass another --out"
+        ) from None
 
 
-def check_resume(out_dir: Path, manifest: RunManifest) -> None:
-    """Refuse to resume into a folder made with other settings."""
+def check_resume(out_dir: Path, manifest: RunManifest) -> RunManifest | None:
+    """The folder's manifest, after refusing a run made with other settings. More seeds
+    than the folder's run (a superset) extend it; fewer or other seeds are refused."""
     existing = read_manifest(out_dir)
     if existing is None:
-        return
+        return None
     diff = existing.differences(manifest)
     if diff:
         raise ValueError(
@@ -269,6 +336,15 @@ def check_resume(out_dir: Path, manifest: RunManifest) -> None:
             + "; ".join(diff)
             + "); pass another --out, or delete the folder to start over"
         )
+    if existing.seeds != manifest.seeds:
+        dropped = set(parse_seeds(existing.seeds)) - set(parse_seeds(manifest.seeds))
+        if dropped:
+            raise ValueError(
+                f"--out {out_dir} holds seeds {existing.seeds}; --seeds {manifest.seeds} "
+                f"leaves out {format_seeds(sorted(dropped))}. A run can only be extended "
+                "(pass a superset of its seeds), or use another --out"
+            )
+    return existing
 
 
 # ---------------------------------------------------------------------------------------
@@ -289,6 +365,41 @@ class Distributed:
     def device(self, device: str) -> str:
         """``cuda`` becomes ``cuda:<local rank>`` under torchrun; other devices unchanged."""
         return f"cuda:{self.local_rank}" if device == "cuda" and self.world_size > 1 else device
+
+    def all_ok(self, ok: bool) -> bool:
+        """Whether ``ok`` holds on every process (a collective: all must call it)."""
+        if self.world_size == 1:
+            return ok
+        flag = torch.tensor([int(ok)])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
+
+
+@contextmanager
+def run_lock(out_dir: Path, dist: Distributed) -> Iterator[None]:
+    """Hold the folder's writer lock for the run: rank 0 takes an exclusive ``flock`` on
+    :data:`LOCK_NAME` (the system releases it when the process ends, however it ends); a
+    second run into the same folder is refused on every rank."""
+    handle = None
+    ok = True
+    if dist.rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(out_dir / LOCK_NAME, "a")  # noqa: SIM115 - held for the whole run
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            handle, ok = None, False
+    if not dist.all_ok(ok):
+        raise SamplingError(
+            f"--out {out_dir} is in use by another diffsolve sample run; wait for it to "
+            "finish, or pass another --out"
+        )
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.close()  # closing releases the flock
 
 
 @contextmanager
@@ -374,7 +485,8 @@ class RunReport:
 
 
 class SeedSampler:
-    """Samples for a list of seeds, in batches; a sample depends on its seed only."""
+    """Samples for a list of seeds, in batches; a sample depends on its seed (and, to
+    floating-point round-off of the network's batched reductions, on the batch size)."""
 
     def __init__(
         self,
@@ -402,7 +514,14 @@ class SeedSampler:
             return torch.full((len(seeds),), self.class_label, device=self.device)
         return torch.tensor(list(seeds), device=self.device) % classes
 
-    def __call__(self, seeds: Sequence[int]) -> Tensor:
+    def check(self, seeds: Sequence[int]) -> None:
+        """Build the guided denoiser for the first seed (a bad guidance setting fails here,
+        before anything is written)."""
+        self.guidance.build(self.model, self.labels(list(seeds[:1])))
+
+    def __call__(
+        self, seeds: Sequence[int], on_batch: Callable[[int], None] | None = None
+    ) -> Tensor:
         from diffsolve.ode.sampling import sample
 
         out = []
@@ -413,6 +532,8 @@ class SeedSampler:
             with torch.inference_mode():
                 y = sample(denoiser, x, self.solver, plan=self.plan).x
             out.append(y.float().cpu())
+            if on_batch is not None:
+                on_batch(len(batch))
         return torch.cat(out)
 
 
@@ -424,11 +545,10 @@ def _save_png(samples: np.ndarray | Tensor, path: Path) -> None:
     from diffsolve.app.images import save_grid
 
     save_grid(torch.as_tensor(np.asarray(samples[:GRID_SAMPLES])), path)
-    os.chmod(path, _file_mode())  # save_grid's temporary file is created 0600
 
 
 def run_shards(
-    sampler: Callable[[Sequence[int]], Tensor],
+    sampler: Callable[..., Tensor],
     shards: Sequence[Sequence[int]],
     out_dir: Path,
     report: RunReport,
@@ -440,40 +560,53 @@ def run_shards(
     """Compute every shard whose file does not validate; keep the others.
 
     ``on_shard(path)`` is called after each shard file is written (tests use it to simulate
-    a run killed midway).
+    a run killed midway). The progress bar counts samples, batch by batch, across shards.
     """
-    shape = report.manifest.data_shape
+    manifest = report.manifest
+    fingerprint = manifest.fingerprint()
     bar = _bar(sum(len(s) for s in shards), desc) if progress else None
+    on_batch = None if bar is None else bar.update
     for seeds in shards:
         path = shard_path(out_dir, seeds[0])
-        reason = check_shard(path, seeds, shape)
+        reason = check_shard(path, seeds, manifest.data_shape, fingerprint)
         if reason is None:
             report.skipped.append(path)
-            png = path.with_suffix(".png")
-            if _is_image(shape) and not png.is_file():
-                with np.load(path) as data:
-                    _save_png(data["samples"], png)
-        else:
-            if reason != "missing":
-                report.recomputed[path] = reason
-            _compute_shard(sampler, seeds, path, shape)
-            report.computed.append(path)
-            if on_shard is not None:
-                on_shard(path)
-        if bar is not None:
-            bar.update(len(seeds))
+            _ensure_png(path, manifest.data_shape)
+            if on_batch is not None:
+                on_batch(len(seeds))
+            continue
+        if reason != "missing":
+            report.recomputed[path] = reason
+        samples = _sample_shard(sampler, seeds, on_batch)
+        _write_shard(samples, seeds, path, manifest.data_shape, fingerprint)
+        report.computed.append(path)
+        if on_shard is not None:
+            on_shard(path)
     if bar is not None:
         bar.close()
     return report
 
 
-def _compute_shard(
-    sampler: Callable[[Sequence[int]], Tensor],
-    seeds: Sequence[int],
-    path: Path,
-    shape: Sequence[int],
-) -> None:
-    samples = sampler(seeds).numpy().astype(np.float32, copy=False)
+def _ensure_png(path: Path, shape: Sequence[int]) -> None:
+    png = path.with_suffix(".png")
+    if _is_image(shape) and not png.is_file():
+        with np.load(path) as data:
+            _writing(lambda: _save_png(data["samples"], png), png)
+
+
+def _sample_shard(
+    sampler: Callable[..., Tensor], seeds: Sequence[int], on_batch: Callable[[int], Any] | None
+) -> np.ndarray:
+    from diffsolve.ode.sampling import NonFiniteError
+
+    try:
+        out = sampler(seeds) if on_batch is None else sampler(seeds, on_batch)
+        samples = out.numpy().astype(np.float32, copy=False)
+    except NonFiniteError as err:
+        raise SamplingError(
+            f"seeds {format_seeds(seeds)}: the solver diverged ({err}); try more NFE, a lower "
+            "guidance scale or another solver; finished shards are kept"
+        ) from None
     if not np.isfinite(samples).all():
         finite = np.isfinite(samples).reshape(len(seeds), -1).all(1)
         bad = [s for s, ok in zip(seeds, finite, strict=True) if not ok]
@@ -481,9 +614,33 @@ def _compute_shard(
             f"seeds {format_seeds(bad)} gave non-finite samples: the solver diverged (try more "
             "NFE or another solver); finished shards are kept"
         )
+    return samples
+
+
+def _write_shard(
+    samples: np.ndarray, seeds: Sequence[int], path: Path, shape: Sequence[int], fingerprint: str
+) -> None:
+    """The shard's PNG, then its npz (which marks it done), atomically."""
     if _is_image(shape):
-        _save_png(samples, path.with_suffix(".png"))
-    save_npz_atomic(path, samples=samples, seeds=np.asarray(seeds, dtype=np.int64))
+        _writing(lambda: _save_png(samples, path.with_suffix(".png")), path.with_suffix(".png"))
+    arrays = {
+        "samples": samples,
+        "seeds": np.asarray(seeds, dtype=np.int64),
+        "fingerprint": np.asarray(fingerprint),
+    }
+    _writing(lambda: save_npz_atomic(path, **arrays), path)
+
+
+def _writing(write: Callable[[], Any], path: Path) -> None:
+    """Run a file write; a system error (full disk, read-only folder) stops the run with a
+    message naming the file, finished shards kept."""
+    try:
+        write()
+    except OSError as err:
+        raise SamplingError(
+            f"cannot write {path}: {err.strerror or err}; finished shards are kept, rerun the "
+            "command to resume once the problem is fixed"
+        ) from None
 
 
 def _bar(total: int, desc: str) -> Any:
@@ -497,6 +654,47 @@ def model_config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (cached per path, size and modification time)."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+        _FILE_HASHES[key] = digest.hexdigest()
+    return _FILE_HASHES[key]
+
+
+def run_inputs(config: RunConfig, model: LoadedModel) -> dict[str, str]:
+    """SHA-256 of every file a run's samples depend on: the weights, the statistics it
+    uses (EMS, Gaussian statistics) and a guidance classifier; an analytic model's own
+    fingerprint."""
+    from diffsolve.solvers import registry
+
+    files: dict[str, Path | None] = {}
+    if model.folder is not None and model.network is not None:
+        files["weights"] = model.folder / "model.safetensors"
+    if "ems" in registry.preset(config.solver).needs:
+        files["ems"] = model.ems_path
+    if config.teleport:
+        stats = config.gaussian_stats
+        files["gaussian_stats"] = Path(stats) if stats else model.gaussian_stats_path
+    if config.guidance.method == "classifier":
+        from diffsolve.app.classifier import classifier_path
+
+        files["classifier"] = classifier_path("digits-classifier") / "model.safetensors"
+    out = {k: file_sha256(p) for k, p in files.items() if p is not None and Path(p).is_file()}
+    if model.analytic is not None:
+        out["analytic"] = model.analytic.fingerprint()
+    return out
+
+
 def run_sampling(
     config: RunConfig,
     dist: Distributed | None = None,
@@ -506,49 +704,111 @@ def run_sampling(
 ) -> RunReport:
     """Sample ``config.seeds`` into ``config.out_dir`` as this process's share of the run.
 
-    All processes check the folder's manifest (a different one raises ``ValueError``); rank 0
-    writes it and removes temporary files left by a killed run; then every process computes
-    its shards ``rank::world_size``; after a barrier rank 0 merges (``config.merge``) and draws
-    ``grid.png``. Raises ``ValueError`` for bad settings, :class:`SamplingError` when the
-    run cannot go on.
+    Every input is checked first (a bad one raises ``ValueError`` and writes nothing); all
+    processes check the folder's manifest; the run takes the folder's writer lock; rank 0
+    writes the manifest and removes temporary files left by a killed run; every process
+    computes its shards ``rank::world_size``; after a barrier rank 0 merges
+    (``config.merge``) and draws ``grid.png``. Raises :class:`SamplingError` when the run
+    cannot go on.
     """
+    dist = dist or Distributed()
+    config, model, method, plan, seeds = _checked_run(config, dist)
+    shards = seed_shards(seeds, config.shard_size)
+    manifest = run_manifest(config, model, plan, seeds, method)
+    sampler = SeedSampler(
+        model, method, plan, model.device, config.batch_size, config.guidance, config.class_label
+    )
+    sampler.check(seeds)
+    out_dir = Path(config.out_dir)
+    check_resume(out_dir, manifest)  # every rank: they all fail alike, none hangs
+    report = RunReport(manifest)
+    with run_lock(out_dir, dist):
+        _prepare_folder(out_dir, manifest, dist)
+        run_shards(
+            sampler,
+            shards[dist.rank :: dist.world_size],
+            out_dir,
+            report,
+            on_shard=on_shard,
+            progress=progress and dist.rank == 0,
+            desc="sampling" if dist.world_size == 1 else f"rank 0 of {dist.world_size}",
+        )
+        dist.barrier()
+        if dist.rank == 0:
+            if config.merge:
+                report.merged = merge_shards(out_dir)
+            if _is_image(manifest.data_shape):
+                report.grid_png = _overview(out_dir, shards, manifest)
+    return report
+
+
+def _checked_run(
+    config: RunConfig, dist: Distributed
+) -> tuple[RunConfig, LoadedModel, Solver, Plan[Any], list[int]]:
+    """Every input of a run, checked before anything is written."""
     from diffsolve.app.loader import load_model
 
-    dist = dist or Distributed()
     seeds = parse_seeds(config.seeds)
-    shards = seed_shards(seeds, config.shard_size)
+    seed_shards(seeds, config.shard_size)  # checks the shard size
     if not isinstance(config.batch_size, int) or config.batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {config.batch_size!r}")
-    device = dist.device(config.device)
+    out_dir = Path(config.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} exists and is not a folder")
+    device = check_device(dist.device(config.device))
     model = load_model(config.model, device=device)
     config, method, grid = resolve_method(config, model)
-    plan = method.plan(model.schedule, grid)
-    classes = model.num_classes or 10
-    if config.class_label is not None and not 0 <= config.class_label < classes:
-        raise ValueError(f"class_label must lie in [0, {classes - 1}], got {config.class_label}")
-    manifest = run_manifest(config, model, plan, seeds)
-    out_dir = Path(config.out_dir)
-    _prepare_folder(out_dir, manifest, dist)
-    report = RunReport(manifest)
-    sampler = SeedSampler(
-        model, method, plan, device, config.batch_size, config.guidance, config.class_label
-    )
-    run_shards(
-        sampler,
-        shards[dist.rank :: dist.world_size],
-        out_dir,
-        report,
-        on_shard=on_shard,
-        progress=progress and dist.rank == 0,
-        desc="sampling" if dist.world_size == 1 else f"rank 0 of {dist.world_size}",
-    )
-    dist.barrier()
-    if dist.rank == 0:
-        if config.merge:
-            report.merged = merge_shards(out_dir)
-        if _is_image(manifest.data_shape):
-            report.grid_png = _overview(out_dir, shards, manifest)
-    return report
+    check_options(config, model, method)
+    return config, model, method, method.plan(model.schedule, grid), seeds
+
+
+def check_device(device: str) -> str:
+    """``device`` if torch can use it here, else a clear ``ValueError``."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"--device {device!r} is not a torch device; use cpu, cuda, cuda:N or mps"
+        ) from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch build or machine has no CUDA; use cpu")
+    count = torch.cuda.device_count() if parsed.type == "cuda" else 0
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= count:
+        raise ValueError(f"--device {device}: only {count} GPU(s) here")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available here; use cpu")
+    return device
+
+
+def check_options(config: RunConfig, model: LoadedModel, method: Solver) -> None:
+    """Refuse options that the run would not apply (never accept and ignore one)."""
+    from diffsolve.wrappers.teleport import Teleported
+
+    guided = config.guidance.method != "none"
+    if config.class_label is not None:
+        classes = model.num_classes or (10 if config.guidance.method == "classifier" else 0)
+        if not classes:
+            raise ValueError(
+                f"--label {config.class_label}: {config.model} is unconditional; labels apply "
+                "to class-conditional models or to --guidance classifier"
+            )
+        if not 0 <= config.class_label < classes:
+            raise ValueError(
+                f"--label must lie in [0, {classes - 1}], got {config.class_label}"
+            )
+    if not guided and config.guidance.scale != 1.0:
+        raise ValueError(
+            f"--scale {config.guidance.scale:g} has no effect without guidance; pass "
+            "--guidance cfg, apg or classifier (or drop --scale)"
+        )
+    if config.gaussian_stats is not None and not config.teleport:
+        raise ValueError("--gaussian-stats is used by --teleport only; pass --teleport too")
+    if config.teleport and not isinstance(method, Teleported):
+        raise ValueError(
+            f"--teleport {config.teleport:g} skips no step of the solver's grid at --nfe "
+            f"{config.nfe} (it skips round({config.teleport:g} x steps) = 0 steps); raise "
+            "--teleport or --nfe"
+        )
 
 
 def resolve_method(config: RunConfig, model: LoadedModel) -> tuple[RunConfig, Solver, Tensor]:
@@ -575,7 +835,11 @@ def resolve_method(config: RunConfig, model: LoadedModel) -> tuple[RunConfig, So
 
 
 def run_manifest(
-    config: RunConfig, model: LoadedModel, plan: Plan[Any], seeds: Sequence[int]
+    config: RunConfig,
+    model: LoadedModel,
+    plan: Plan[Any],
+    seeds: Sequence[int],
+    method: Solver | None = None,
 ) -> RunManifest:
     """What defines the run's samples (see :class:`RunManifest`)."""
     from diffsolve import __version__
@@ -590,10 +854,14 @@ def run_manifest(
         "class_label": config.class_label,
         "teleport": config.teleport,
     }
+    network = model.network
+    dtype = str(next(network.parameters()).dtype) if network is not None else "float64"
     return RunManifest(
         model=model_id,
         model_config_sha256=model_config_hash(model.config),
+        inputs=json.dumps(run_inputs(config, model), sort_keys=True),
         solver=config.solver,
+        solver_options=_solver_repr(method),
         nfe=int(plan.nfe or 0),
         nfe_budget=config.nfe,
         grid=config.grid or preset(config.solver).grid_kind(config.nfe),
@@ -601,23 +869,56 @@ def run_manifest(
         seeds=format_seeds(seeds),
         num_seeds=len(seeds),
         shard_size=config.shard_size,
+        batch_size=config.batch_size,
+        dtype=dtype.removeprefix("torch."),
         data_shape=tuple(model.data_shape),
         conditioning=json.dumps(conditioning, sort_keys=True),
         version=__version__,
     )
 
 
+def _solver_repr(method: Solver | None) -> str:
+    """The solver with its options; statistics it holds (EMS, Gaussian) are summarised by
+    their hashes in ``inputs`` instead."""
+    if method is None:
+        return ""
+    from diffsolve.wrappers.teleport import Teleported
+
+    if isinstance(method, Teleported):
+        return f"Teleported({_solver_repr(method.solver)})"
+    dataclass = dataclasses.is_dataclass(method)
+    names = [f.name for f in dataclasses.fields(method)] if dataclass else []
+    options = {k: getattr(method, k) for k in names if k not in ("ems", "gaussian")}
+    return f"{type(method).__name__}({', '.join(f'{k}={v!r}' for k, v in options.items())})"
+
+
 def _prepare_folder(out_dir: Path, manifest: RunManifest, dist: Distributed) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out {out_dir} exists and is not a folder")
-    check_resume(out_dir, manifest)  # every rank: they all fail alike, none hangs
+    """Under the writer lock: re-check the manifest (another run may have just written
+    one), write or extend it, drop this run's shards of an earlier seed partition, and
+    remove temporary files left by a killed run (only diffsolve's)."""
+    existing = check_resume(out_dir, manifest)
     if dist.rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in out_dir.glob(".*.tmp"):  # left by a killed run; nobody writes yet
+        for stale in stale_temp_files(out_dir):
             stale.unlink(missing_ok=True)
-        if read_manifest(out_dir) is None:
+        if existing is None or existing.seeds != manifest.seeds:
+            if existing is not None:
+                _drop_other_partition(out_dir, manifest)
             _write_text_atomic(out_dir / MANIFEST_NAME, manifest.to_json())
     dist.barrier()
+
+
+def _drop_other_partition(out_dir: Path, manifest: RunManifest) -> None:
+    """Shards of this run's settings whose first seed is not a shard start of the extended
+    seed list (their seeds are recomputed in the new partition)."""
+    shards = seed_shards(parse_seeds(manifest.seeds), manifest.shard_size)
+    expected = {shard_path(out_dir, s[0]).name for s in shards}
+    for path in out_dir.glob("shard-*.npz"):
+        if path.name in expected:
+            continue
+        with contextlib.suppress(Exception), np.load(path, allow_pickle=False) as data:
+            if str(data["fingerprint"]) == manifest.fingerprint():
+                path.unlink()
+                path.with_suffix(".png").unlink(missing_ok=True)
 
 
 def _overview(out_dir: Path, shards: Sequence[Sequence[int]], manifest: RunManifest) -> Path:
@@ -630,7 +931,7 @@ def _overview(out_dir: Path, shards: Sequence[Sequence[int]], manifest: RunManif
             parts.append(data["samples"][: GRID_SAMPLES - count])
         count += len(parts[-1])
     path = out_dir / GRID_NAME
-    _save_png(np.concatenate(parts), path)
+    _writing(lambda: _save_png(np.concatenate(parts), path), path)
     return path
 
 
@@ -652,8 +953,10 @@ def merge_shards(out_dir: str | Path, name: str = MERGED_NAME) -> Path:
     stray = sorted(p.name for p in out_dir.glob("shard-*.npz") if p.name not in expected)
     problems = [f"{n}: not a shard of this run" for n in stray]
     missing: list[int] = []
+    fingerprint = manifest.fingerprint()
     for shard in shards:
-        reason = check_shard(shard_path(out_dir, shard[0]), shard, manifest.data_shape)
+        path = shard_path(out_dir, shard[0])
+        reason = check_shard(path, shard, manifest.data_shape, fingerprint)
         if reason == "missing":
             missing.extend(shard)
         elif reason is not None:
@@ -670,4 +973,9 @@ def merge_shards(out_dir: str | Path, name: str = MERGED_NAME) -> Path:
     all_seeds = np.concatenate(merged)
     if np.unique(all_seeds).size != all_seeds.size or all_seeds.tolist() != seeds:
         raise SamplingError(f"cannot merge {out_dir}: the shards' seeds do not match the manifest")
-    return save_npz_atomic(out_dir / name, samples=np.concatenate(samples), seeds=all_seeds)
+    merged_path = out_dir / name
+    _writing(
+        lambda: save_npz_atomic(merged_path, samples=np.concatenate(samples), seeds=all_seeds),
+        merged_path,
+    )
+    return merged_path
