@@ -59,9 +59,21 @@ def file_option(flag: str, dest: str, help: str) -> Callable[[F], F]:
     return click.option(flag, dest, default=None, type=click.Path(dir_okay=False), help=help)
 
 
-def out_file_option(what: str) -> Callable[[F], F]:
-    """``--out FILE`` (default: the model folder's file)."""
-    return file_option("--out", "out_path", f"Output file (default: the model's {what}).")
+def out_file_option(name: str) -> Callable[[F], F]:
+    """``--out FILE`` (default: ``./<name>``) and ``--force``."""
+
+    def decorate(f: F) -> F:
+        f = click.option(
+            "--force", is_flag=True, help="Replace --out if it exists (never inside diffsolve)."
+        )(f)
+        return file_option(
+            "--out",
+            "out_path",
+            f"Output file (default: ./{name}; copy it into a model folder as {name} for "
+            "`diffsolve sample` to use it).",
+        )(f)
+
+    return decorate
 
 
 class SolverChoice(click.Choice):
@@ -83,11 +95,30 @@ class SolverChoice(click.Choice):
 @contextmanager
 def usage_errors() -> Iterator[None]:
     """Bad input (``ValueError``, a missing file) is a usage error: exit code 2 and the
-    message, never a traceback."""
+    message; a system error (a read-only folder, a full disk) exits 1 with its message;
+    never a traceback."""
     try:
         yield
     except (ValueError, FileNotFoundError) as err:
         raise click.UsageError(str(err)) from None
+    except OSError as err:
+        where = f" ({err.filename})" if err.filename else ""
+        raise click.ClickException(f"{err.strerror or err}{where}") from None
+
+
+def refuse_unused(ctx: click.Context, used: set[str], mode: str) -> None:
+    """Options given on the command line that ``mode`` does not use are an error, not
+    silently ignored."""
+    from click.core import ParameterSource
+
+    given = [
+        p.opts[0]  # type: ignore[attr-defined]
+        for p in ctx.command.params
+        if p.name not in used
+        and ctx.get_parameter_source(p.name) is ParameterSource.COMMANDLINE  # type: ignore[arg-type]
+    ]
+    if given:
+        raise click.UsageError(f"{', '.join(given)}: not used by {mode}; drop it")
 
 
 def _csv(text: str, convert: Callable[[str], Any], option: str, example: str) -> list[Any]:
@@ -141,7 +172,13 @@ def list_solvers() -> None:
     help="Step grid (default: the solver's).",
 )
 @click.option("--seeds", default="0-63", metavar="LIST", help="Seeds, e.g. 0-49999 or 0,5,9-12.")
-@int_option("--batch-size", 64, 1, "Samples per model call (does not change the samples).")
+@int_option(
+    "--batch-size",
+    64,
+    1,
+    "Samples per model call. Samples agree across batch sizes and process counts to ~1e-5 "
+    "(the network's floating-point reductions), not bit for bit: a resume keeps it.",
+)
 @int_option("--shard-size", 1000, 1, "Seeds per shard file (shard-<first seed>.npz).")
 @click.option(
     "--out",
@@ -207,10 +244,12 @@ def sample_command(
 ) -> None:
     """Sample a model into --out: shard files, a manifest, samples.npz and grid.png.
 
-    A sample depends only on its seed (one random generator per seed), not on --batch-size
-    nor on the number of processes. Under `torchrun --nproc_per_node R -m diffsolve sample`
-    rank r takes shards r::R. Rerunning the same command resumes: valid shards are kept,
-    missing or corrupt ones recomputed; a folder made with other settings is refused.
+    A sample depends only on its seed (one random generator per seed), up to ~1e-5 of
+    floating-point round-off between batch sizes and process counts. Under `torchrun
+    --nproc_per_node R -m diffsolve sample` rank r takes shards r::R. Rerunning the same
+    command resumes: valid shards are kept, missing, corrupt or foreign ones recomputed; a
+    folder made with other settings (model weights, statistics, solver, batch size, ...) is
+    refused, more seeds extend the run; one run writes into a folder at a time.
     """
     from diffsolve.app.conditioning import GuidanceSpec
     from diffsolve.app.scale import RunConfig, SamplingError, distributed, run_sampling
@@ -324,7 +363,9 @@ def merge_command(out_dir: str) -> None:
 @click.option(
     "--scales", default="1,2,3,5,7,10", metavar="LIST", help="Guidance scales (--sweep guidance)."
 )
+@click.pass_context
 def bench_command(
+    ctx: click.Context,
     nfe_list: str,
     solvers: str | None,
     json_path: str | None,
@@ -338,9 +379,15 @@ def bench_command(
     from diffsolve.app.bench import BenchConfig, run_bench
     from diffsolve.app.bench.report import format_table, plot, write_json
 
+    profile, shapes, end_to_end = (options.pop(k) for k in ("profile", "shapes", "end_to_end"))
+    mode = f"--sweep {sweep}" if sweep else f"--profile {profile}"
+    refuse_unused(ctx, BENCH_OPTIONS[sweep or profile], mode)
+    with usage_errors():
+        from diffsolve.app.scale import check_device
+
+        check_device(device)
     nfes = _nfe_list(nfe_list)
     names = [s.strip() for s in solvers.split(",")] if solvers else None
-    profile, shapes, end_to_end = (options.pop(k) for k in ("profile", "shapes", "end_to_end"))
     if profile == "scale":
         _run_scale(device, shapes, end_to_end, json_path, plot_path)
         return
@@ -358,12 +405,28 @@ def bench_command(
         **options,
     )
     with usage_errors():
-        result = run_bench(config)
+        result = run_bench(config, progress=lambda message: click.echo(message, err=True))
     click.echo(format_table(result))
     if json_path:
         write_json(result, json_path)
     if plot_path:
         plot(result, plot_path)
+
+
+_COMMON = {"sweep", "profile"}
+#: The ``bench`` options each mode uses (others given on the command line are refused).
+BENCH_OPTIONS: dict[str, set[str]] = {
+    "scale": _COMMON | {"device", "shapes", "end_to_end", "json_path", "plot_path"},
+    "solvers": _COMMON
+    | {"model_name", "nfe_list", "solvers", "samples", "seed", "reference_steps"}
+    | {"json_path", "plot_path", "device", "no_overhead"},
+    "teleport": _COMMON
+    | {"model_name", "nfe_list", "solvers", "samples", "seed", "reference_steps"}
+    | {"skips", "json_path"},
+    "guidance": _COMMON
+    | {"model_name", "nfe_list", "solvers", "samples", "seed", "methods", "scales", "json_path"},
+    "inversion": _COMMON | {"model_name", "nfe_list", "solvers", "samples", "json_path"},
+}
 
 
 def _run_scale(
@@ -458,7 +521,11 @@ def _run_sweep(
 @model_option()
 @int_option("--samples", 1024, 2, "K: data points.")
 @click.option(
-    "--grid", "grid_size", default=200, type=click.IntRange(2, None), help="N: logSNR intervals."
+    "--grid",
+    "grid_size",
+    default=1200,
+    type=click.IntRange(2, None),
+    help="N: logSNR intervals (1200, as the shipped EMS; 200 is visibly worse, README).",
 )
 @out_file_option("ems.safetensors")
 @data_option("x0 points: the digits training split, or a .pt/.npy/.npz array (M, ...).")
@@ -476,7 +543,8 @@ def _run_sweep(
     "--checkpoint",
     default=None,
     type=click.Path(dir_okay=False),
-    help="Progress file (default: OUT.partial); rerunning resumes from it.",
+    help="Progress file (default: OUT.partial); rerunning resumes from it. An existing file "
+    "that is not this run's checkpoint is refused, never overwritten.",
 )
 @click.option(
     "--labels",
@@ -490,6 +558,7 @@ def _run_sweep(
 def ems_command(
     model_name: str,
     out_path: str | None,
+    force: bool,
     data_source: str,
     labels_source: str | None,
     device: str,
@@ -502,19 +571,20 @@ def ems_command(
     model, as sampled without guidance).
     """
     from diffsolve.app.loader import load_model
-    from diffsolve.app.scale import distributed
-    from diffsolve.stats.ems.compute import compute_ems
+    from diffsolve.app.scale import check_device, distributed
+    from diffsolve.stats.ems.compute import checkpoint_files, compute_ems
 
     with distributed() as dist:
         with usage_errors():
-            model = load_model(model_name, device=device)
+            out = _out_path(out_path, "ems.safetensors", force)
+            model = load_model(model_name, device=check_device(device))
             data = _model_data(model, data_source)
             labels = _labels(labels_source, data_source, data)
-            out = _out_path(out_path, model.ems_path)
+            progress_file = Path(checkpoint or f"{out}.partial")
             ems = compute_ems(
                 model.denoiser,
                 data,
-                checkpoint=checkpoint or f"{out}.partial",
+                checkpoint=progress_file,
                 progress=True,
                 device=device,
                 conditioning=model.label_kwargs(labels),
@@ -522,9 +592,10 @@ def ems_command(
                 **options,
             )
         if dist.rank == 0:
-            ems.save(out)
-            for partial in out.parent.glob(f"{out.name}.partial*"):
-                partial.unlink()
+            with usage_errors():
+                ems.save(out)
+            for path in checkpoint_files(progress_file, dist.world_size):
+                path.unlink(missing_ok=True)  # this run's own checkpoint, now done
             click.echo(
                 f"EMS (K={options['samples']}, N={options['grid_size']}, "
                 f"{dist.world_size} process(es)) → {out}"
@@ -542,29 +613,41 @@ def ems_command(
 )
 @out_file_option("gaussian_stats.safetensors")
 def gaussian_stats_command(
-    model_name: str, data_source: str, rank: int | None, out_path: str | None
+    model_name: str, data_source: str, rank: int | None, out_path: str | None, force: bool
 ) -> None:
     """Mean and top eigenpairs of a data set (float64), for analytic teleportation."""
     from diffsolve.app.loader import load_model
     from diffsolve.stats.gaussian import compute_gaussian_stats
 
     with usage_errors():
+        out = _out_path(out_path, "gaussian_stats.safetensors", force)
         model = load_model(model_name)
         data = _model_data(model, data_source)
-        out = _out_path(out_path, model.gaussian_stats_path)
         stats = compute_gaussian_stats(
             data, rank, description=f"{data_source} data for model {model_name}"
         )
-    stats.save(out)
+        stats.save(out)
     click.echo(f"Gaussian statistics of {data.shape[0]} samples → {out}")
 
 
 # ---------------------------------------------------------------------------------------
 # Inputs of the statistics commands
-def _out_path(out_path: str | None, default: Path | None) -> Path:
-    out = Path(out_path) if out_path else default
-    if out is None:
-        raise ValueError("--out is required for this model")
+def _out_path(out_path: str | None, name: str, force: bool) -> Path:
+    """``--out`` (default ``./<name>``): never inside the installed package, and an existing
+    file only with ``--force``."""
+    import diffsolve
+
+    out = Path(out_path) if out_path else Path.cwd() / name
+    package = Path(diffsolve.__file__).resolve().parent
+    if out.resolve().is_relative_to(package):
+        raise ValueError(
+            f"--out {out} is inside the installed diffsolve package (its shipped files are "
+            f"never replaced); write elsewhere, e.g. --out ./{name}"
+        )
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a file name, e.g. {out / name}")
+    if out.exists() and not force:
+        raise ValueError(f"--out {out} exists; pass --force to replace it, or another --out")
     return out
 
 
@@ -603,7 +686,13 @@ def _load_array(source: str, option: str = "--data") -> torch.Tensor:
     if not path.is_file():
         raise ValueError(f"{option}: {source!r} is neither 'digits' nor an existing file")
     if path.suffix == ".pt":
-        return torch.as_tensor(torch.load(path, weights_only=True))
+        loaded = torch.load(path, weights_only=True)
+        if not isinstance(loaded, torch.Tensor):
+            raise ValueError(
+                f"{option} {source}: holds a {type(loaded).__name__}, not a tensor; save the "
+                "array itself (torch.save(tensor, path))"
+            )
+        return loaded.float()
     if path.suffix in (".npy", ".npz"):
         array = np.load(path)
         if path.suffix == ".npz":

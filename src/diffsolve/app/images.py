@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from diffsolve.app.files import write_atomic
 
 
 def to_uint8(samples: Tensor) -> np.ndarray:
@@ -40,9 +40,4 @@ def save_grid(
         ] = big
     mode = "L" if c == 1 else "RGB"
     picture = Image.fromarray(canvas[..., 0] if c == 1 else canvas, mode=mode)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as tmp:
-        picture.save(tmp, format="PNG")
-    os.replace(tmp.name, path)
-    return path
+    return write_atomic(path, lambda f: picture.save(f, format="PNG"))

@@ -40,7 +40,6 @@ import fcntl
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -53,6 +52,7 @@ import torch
 from torch import Tensor
 
 from diffsolve.app.conditioning import GuidanceSpec
+from diffsolve.app.files import save_npz_atomic, stale_temp_files, write_text_atomic
 from diffsolve.app.loader import LoadedModel
 from diffsolve.app.seeds import noise_for_seeds, parse_seeds
 from diffsolve.ode.plan import Plan, Solver
@@ -120,53 +120,7 @@ def shard_path(out_dir: str | Path, first_seed: int, suffix: str = ".npz") -> Pa
 
 # ---------------------------------------------------------------------------------------
 # Atomic files and shard validation
-def _file_mode() -> int:
-    """Permissions of a newly created file under the current umask (``mkstemp`` makes 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-TMP_MARK = ".diffsolve-"
 LOCK_NAME = ".diffsolve-sample.lock"
-
-
-def atomic_temp(path: Path) -> tuple[int, str]:
-    """A temporary file beside ``path``, named ``.<name>.diffsolve-<random>.tmp``: the only
-    names a run ever cleans up (:func:`stale_temp_files`)."""
-    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TMP_MARK}", suffix=".tmp")
-
-
-def stale_temp_files(folder: Path) -> list[Path]:
-    """Temporary files of diffsolve writers in ``folder`` (left by a killed run)."""
-    return sorted(folder.glob(f".*{TMP_MARK}*.tmp"))
-
-
-def _write_atomic(path: Path, write: Callable[[Any], None], binary: bool = True) -> Path:
-    """``write(file)`` into a temporary file beside ``path``, flushed to disk, then renamed
-    into place with the permissions of a normally created file: readers see the old file or
-    the complete new one, and a failure (a full disk) leaves no temporary file behind."""
-    fd, tmp = atomic_temp(path)
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def save_npz_atomic(path: str | Path, **arrays: np.ndarray) -> Path:
-    """Write an uncompressed ``.npz`` atomically (:func:`_write_atomic`)."""
-    return _write_atomic(Path(path), lambda f: np.savez(f, **arrays))
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    _write_atomic(path, lambda f: f.write(text), binary=False)
 
 
 SHARD_ARRAYS = ["fingerprint", "samples", "seeds"]
@@ -903,7 +857,7 @@ def _prepare_folder(out_dir: Path, manifest: RunManifest, dist: Distributed) -> 
         if existing is None or existing.seeds != manifest.seeds:
             if existing is not None:
                 _drop_other_partition(out_dir, manifest)
-            _write_text_atomic(out_dir / MANIFEST_NAME, manifest.to_json())
+            write_text_atomic(out_dir / MANIFEST_NAME, manifest.to_json())
     dist.barrier()
 
 

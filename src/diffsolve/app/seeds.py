@@ -7,10 +7,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+#: The most seeds one run takes (a list of that many seeds already holds ~1 GB).
+MAX_SEEDS = 10_000_000
+#: Seeds are torch generator seeds: below 2**63.
+SEED_LIMIT = 2**63
 
-def parse_seeds(text: str) -> list[int]:
-    """Parse ``"0-63"``, ``"1,5,9-12"`` into a sorted list of unique seeds (EDM's syntax)."""
-    seeds: set[int] = set()
+
+def _ranges(text: str) -> list[tuple[int, int]]:
+    """``(first, last)`` of every comma-separated part of a seed list."""
+    out = []
     for part in str(text).split(","):
         part = part.strip()
         if not part:
@@ -21,13 +26,30 @@ def parse_seeds(text: str) -> list[int]:
                 first, last = int(lo), int(hi)
                 if last < first:
                     raise ValueError
-                seeds.update(range(first, last + 1))
             else:
-                seeds.add(int(part))
+                first = last = int(part)
         except ValueError:
             raise ValueError(
                 f"seeds: cannot parse {part!r}; use integers and ranges like '0-63,100'"
             ) from None
+        out.append((first, last))
+    return out
+
+
+def parse_seeds(text: str) -> list[int]:
+    """Parse ``"0-63"``, ``"1,5,9-12"`` into a sorted list of unique seeds (EDM's syntax);
+    at most :data:`MAX_SEEDS` of them, each below :data:`SEED_LIMIT`."""
+    ranges = _ranges(text)
+    if sum(last - first + 1 for first, last in ranges) > MAX_SEEDS:
+        raise ValueError(
+            f"seeds: {text!r} names more than {MAX_SEEDS:,} seeds, the most one run takes; "
+            "split the work into several runs (e.g. --seeds 0-9999999, then 10000000-...)"
+        )
+    if any(last >= SEED_LIMIT for _, last in ranges):
+        raise ValueError(f"seeds: seeds must be below 2**63, got {text!r}")
+    seeds: set[int] = set()
+    for first, last in ranges:
+        seeds.update(range(first, last + 1))
     if not seeds:
         raise ValueError("seeds: no seeds given; use e.g. '0-63'")
     if min(seeds) < 0:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from diffsolve.app.bench.runner import BenchResult, Row
+from diffsolve.app.files import write_bytes_atomic
 
 
 def format_table(result: BenchResult) -> str:
@@ -76,7 +77,7 @@ def _table(
 
 def write_json(result: Any, path: str | Path) -> None:
     """Write a result (anything with ``to_json()``) as JSON, atomically."""
-    _atomic_write(Path(path), json.dumps(result.to_json(), indent=2).encode())
+    write_bytes_atomic(path, json.dumps(result.to_json(), indent=2).encode())
 
 
 def plot(result: BenchResult, path: str | Path) -> None:
@@ -149,11 +150,4 @@ def save_figure(fig: Any, path: str | Path) -> None:
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp.name, path)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as tmp:
-        tmp.write(data)
     os.replace(tmp.name, path)

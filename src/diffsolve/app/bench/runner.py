@@ -190,6 +190,8 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
         denoiser = loaded.conditional(labels)
     model = TimedModel(denoiser)
     test = load_digits("test")
+    say = progress or (lambda message: None)
+    say(f"bench {config.model}: reference solves, 2 x {config.reference_steps} steps ...")
     with torch.inference_mode():
         reference, check, info = reference_solve(model, x_start, config.reference_steps)
     result = BenchResult(
@@ -209,6 +211,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
             bar.update(1)
     bar.close()
     if config.overhead:
+        say(f"bench {config.model}: overhead per step (null model) ...")
         result.overhead = [null_overhead(batch) for batch in (1, config.samples)]
     result.seconds_total = time.perf_counter() - started
     return result

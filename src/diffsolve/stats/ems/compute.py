@@ -475,6 +475,12 @@ def _bar(enabled: bool, total: int, done: set[int]):  # noqa: ANN202 - tqdm type
     return tqdm(total=total, initial=len(done), desc="EMS", unit="λ")
 
 
+def checkpoint_files(path: str | Path, world_size: int = 1) -> list[Path]:
+    """The files of a checkpoint written by ``world_size`` processes (rank ``r > 0`` adds
+    ``.rank<r>`` to the name)."""
+    return [_checkpoint_path(path, rank) for rank in range(world_size)]
+
+
 def _checkpoint_path(path: str | Path, rank: int) -> Path:
     path = Path(path)
     return path if rank == 0 else path.with_name(f"{path.name}.rank{rank}")
