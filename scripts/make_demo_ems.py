@@ -30,9 +30,14 @@ def main(names: list[str]) -> None:
             ems = gaussian_ems(model.analytic, model.schedule, SETTINGS["grid_size"])
         else:
             ems = compute_ems(
-                model.denoiser, load_digits("train"), samples=SETTINGS["samples"],
-                grid_size=SETTINGS["grid_size"], batch_size=SETTINGS["batch_size"],
-                checkpoint=f"{model.ems_path}.partial", progress=True, model_name=name,
+                model.denoiser,
+                load_digits("train"),
+                samples=SETTINGS["samples"],
+                grid_size=SETTINGS["grid_size"],
+                batch_size=SETTINGS["batch_size"],
+                checkpoint=f"{model.ems_path}.partial",
+                progress=True,
+                model_name=name,
                 conditioning=model.label_kwargs(load_digit_labels("train")),
             )
         ems.save(model.ems_path)

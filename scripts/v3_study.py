@@ -88,8 +88,10 @@ def main() -> None:
     with torch.inference_mode():
         reference, _, _ = reference_solve(denoiser, x, 500)
     best = best_peer(args.bench)
-    print(f"{args.model}: RMSE to the reference ({args.samples} samples) / ratio to the best "
-          "diffusers scheduler at that NFE")
+    print(
+        f"{args.model}: RMSE to the reference ({args.samples} samples) / ratio to the best "
+        "diffusers scheduler at that NFE"
+    )
     print(f"{'best diffusers':<40}" + "".join(f"{best[n]:>14.3e}" for n in NFES))
 
     def row(label: str, solver_for, kind: str | None) -> None:
@@ -116,13 +118,19 @@ def main() -> None:
     print("B. shipped EMS: solver options × step grids")
     for kind in GRIDS:
         for label, options in OPTIONS.items():
-            row(f"{kind[:9]} {label}", lambda nfe, o=options: (DPMSolverV3(shipped, **o), None),
-                kind)
+            row(
+                f"{kind[:9]} {label}",
+                lambda nfe, o=options: (DPMSolverV3(shipped, **o), None),
+                kind,
+            )
     print("C. our peers on the same grids")
     for kind in GRIDS:
         for name in PEERS:
-            row(f"{kind[:9]} {name}",
-                lambda nfe, name=name: setup_solver(name, loaded.schedule, nfe), kind)
+            row(
+                f"{kind[:9]} {name}",
+                lambda nfe, name=name: setup_solver(name, loaded.schedule, nfe),
+                kind,
+            )
 
 
 if __name__ == "__main__":

@@ -90,8 +90,9 @@ def test_teleport_and_guidance_sweeps():
         teleport_sweep,
     )
 
-    result = teleport_sweep("gaussian", ["dpm-solver++-2m"], [6], [0.0, 0.3], samples=16,
-                            reference_steps=40)
+    result = teleport_sweep(
+        "gaussian", ["dpm-solver++-2m"], [6], [0.0, 0.3], samples=16, reference_steps=40
+    )
     rows = result["rows"]
     assert [r["skip"] for r in rows] == [0.0, 0.3] and all(r["nfe"] == 6 for r in rows)
     assert rows[1]["t_skip"] < rows[0]["t_skip"]
@@ -112,8 +113,21 @@ def test_inversion_sweep_from_the_cli(tmp_path):
     out = tmp_path / "inversion.json"
     result = CliRunner().invoke(
         main,
-        ["bench", "--sweep", "inversion", "--model", "gaussian", "--nfe", "5,20",
-         "--solvers", "ddim,dpm-solver++-2m,bdia", "--samples", "16", "--json", str(out)],
+        [
+            "bench",
+            "--sweep",
+            "inversion",
+            "--model",
+            "gaussian",
+            "--nfe",
+            "5,20",
+            "--solvers",
+            "ddim,dpm-solver++-2m,bdia",
+            "--samples",
+            "16",
+            "--json",
+            str(out),
+        ],
     )
     assert result.exit_code == 0, result.output
     assert "inversion round trip" in result.output

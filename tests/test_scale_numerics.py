@@ -103,7 +103,8 @@ def test_a_nan_at_step_k_is_reported_as_step_k(k):
 
 def test_the_finiteness_check_does_not_synchronise_every_step(monkeypatch):
     """Count every way a tensor reaches the host (bool, item, float, tolist) during a
-    20-step sample with a null model: one read per CHECK_EVERY steps and one at the end.
+    20-step sample with a null model: one read of ``x_start`` before the first evaluation (a
+    non-finite start is the input's fault), one per CHECK_EVERY steps and one at the end.
     (A first run fills the model wrapper's per-time cache of schedule scalars, host-side
     float64 arithmetic that never touches the sample's device.)"""
     model = ModelWrapper(lambda x, t: 0.5 * x, SCHEDULE, "epsilon")
@@ -121,7 +122,7 @@ def test_the_finiteness_check_does_not_synchronise_every_step(monkeypatch):
 
         monkeypatch.setattr(torch.Tensor, name, counted)
     sample(model, x, DPMSolverPP(2), plan=plan)
-    assert reads["n"] == math.ceil(20 / sampling.CHECK_EVERY)
+    assert reads["n"] == 1 + math.ceil(20 / sampling.CHECK_EVERY)
     reads["n"] = 0
     sample(model, x, DPMSolverPP(2), plan=plan, check_finite=False)
     assert reads["n"] == 0

@@ -114,8 +114,7 @@ def refuse_unused(ctx: click.Context, used: set[str], mode: str) -> None:
     given = [
         p.opts[0]  # type: ignore[attr-defined]
         for p in ctx.command.params
-        if p.name not in used
-        and ctx.get_parameter_source(p.name) is ParameterSource.COMMANDLINE  # type: ignore[arg-type]
+        if p.name not in used and ctx.get_parameter_source(p.name) is ParameterSource.COMMANDLINE  # type: ignore[arg-type]
     ]
     if given:
         raise click.UsageError(f"{', '.join(given)}: not used by {mode}; drop it")

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diffsolve.ode.model import Denoiser, ModelWrapper
+from diffsolve.ode.model import Denoiser, ModelWrapper, network_fingerprint
 from diffsolve.ode.schedule import NoiseSchedule, VPDiscrete, schedule_from_config
 from diffsolve.solvers.registry import NEEDS, SolverContext
 from diffsolve.stats.ems import EMS, load_ems, model_fingerprint
@@ -160,20 +160,24 @@ def load_model(
             f"unknown model {name!r}: not a demo model ({', '.join(DEMO_MODELS)}) and not an "
             "existing folder with config.json and model.safetensors"
         )
+    from diffsolve.app.model_config import ConfigError, check_model_config
     from diffsolve.app.nets import load_network
 
-    network, config = load_network(folder)
+    network, config = load_network(folder, check_model_config)
+    try:
+        schedule = schedule_from_config(config["schedule"])
+    except ValueError as err:
+        raise ConfigError(f"{folder / 'config.json'}: key 'schedule': {err}") from None
+    # the fingerprint of the weights as stored, before a cast to half precision rounds them
+    fingerprint = network_fingerprint(network)
     network = network.to(device=device, dtype=dtype or torch.float32)
-    for key in ("schedule", "prediction", "data_shape"):
-        if key not in config:
-            raise ValueError(f"{folder / 'config.json'}: missing required key {key!r}")
-    schedule = schedule_from_config(config["schedule"])
     wrapper = ModelWrapper(
         network,
         schedule,
         config["prediction"],
         config.get("time_input", "auto"),
         model_dtype=dtype,
+        fingerprint=fingerprint,
     )
     conditioning = config.get("conditioning") or {}
     return LoadedModel(

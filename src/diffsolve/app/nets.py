@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as fn
+
+from diffsolve.app.model_config import ConfigError, check_arguments
 
 __all__ = ["DigitsUNet", "build_network", "load_network"]
 
@@ -255,11 +257,12 @@ class DigitsUNet(nn.Module):
 _NETWORK_CLASSES: dict[str, type[nn.Module]] = {"DigitsUNet": DigitsUNet}
 
 
-def build_network(config: dict[str, Any]) -> nn.Module:
+def build_network(config: dict[str, Any], path: str | Path = "network config") -> nn.Module:
     """Build a network from a config dict.
 
     Accepts either a full demo config (with a ``"network"`` entry) or the ``"network"``
-    entry itself: ``{"class": "DigitsUNet", **constructor_kwargs}``.
+    entry itself: ``{"class": "DigitsUNet", **constructor_kwargs}``. The arguments are
+    checked against the class's constructor first (``path`` names the file in errors).
     """
     if not isinstance(config, dict):
         raise ValueError(f"network config must be a dict, got {type(config).__name__}")
@@ -272,14 +275,20 @@ def build_network(config: dict[str, Any]) -> nn.Module:
         raise ValueError(
             f"unknown network class {cls_name!r}; expected one of {sorted(_NETWORK_CLASSES)}"
         )
+    check_arguments(_NETWORK_CLASSES[cls_name], kwargs, path, "network.")
     try:
         return _NETWORK_CLASSES[cls_name](**kwargs)
     except TypeError as exc:
         raise ValueError(f"bad arguments for {cls_name}: {exc}") from exc
 
 
-def load_network(folder: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+def load_network(
+    folder: str | Path, check: Callable[[dict[str, Any], Path], None] | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
     """Load ``config.json`` and ``model.safetensors`` from ``folder``.
+
+    ``check(config, config_path)`` validates the parsed config before anything is built
+    (e.g. :func:`~diffsolve.app.model_config.check_model_config`).
 
     Returns ``(model, config)`` with the model in eval mode (float32, on the CPU).
     """
@@ -300,8 +309,12 @@ def load_network(folder: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         raise ValueError(f"malformed JSON in {config_path}: {exc}") from exc
     if not isinstance(config, dict) or not isinstance(config.get("network"), dict):
         raise ValueError(f"{config_path} must be a JSON object with a 'network' object")
+    if check is not None:
+        check(config, config_path)
     try:
-        model = build_network(config["network"])
+        model = build_network(config["network"], config_path)
+    except ConfigError:
+        raise
     except ValueError as exc:
         raise ValueError(f"{config_path}: {exc}") from exc
     try:

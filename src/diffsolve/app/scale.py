@@ -747,9 +747,7 @@ def check_options(config: RunConfig, model: LoadedModel, method: Solver) -> None
                 "to class-conditional models or to --guidance classifier"
             )
         if not 0 <= config.class_label < classes:
-            raise ValueError(
-                f"--label must lie in [0, {classes - 1}], got {config.class_label}"
-            )
+            raise ValueError(f"--label must lie in [0, {classes - 1}], got {config.class_label}")
     if not guided and config.guidance.scale != 1.0:
         raise ValueError(
             f"--scale {config.guidance.scale:g} has no effect without guidance; pass "

@@ -22,13 +22,14 @@ the EDM / k-diffusion convention), or any callable ``float -> float``.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from diffsolve.numerics.expint import Space
 from diffsolve.ode.schedule import NoiseSchedule, VPDiscrete
@@ -199,8 +200,15 @@ class ModelWrapper:
         time_input: How solver time maps to the network's time argument; ``"auto"`` picks
             ``"timestep"`` for discrete VP schedules, ``"sigma"`` for EDM, ``"t"`` otherwise.
         model_kwargs: Extra keyword arguments for every call (e.g. ``class_labels``).
-        model_dtype: If set, inputs are cast to this dtype for the call (e.g. a float16
-            network); outputs are always cast back to the solver state's dtype.
+        model_dtype: The dtype the network runs in: inputs are cast to it for the call;
+            outputs are always cast back to the solver state's dtype. Default: the dtype of
+            an ``nn.Module``'s first floating-point parameter (so float64 solver state drives
+            a float32 network), else the input's dtype.
+        fingerprint: The weights' fingerprint (:func:`network_fingerprint`), when known —
+            e.g. computed by :func:`diffsolve.app.loader.load_model` from the weights as
+            stored, before casting them to half precision. DPM-Solver-v3 checks it against
+            its statistics' ``model_fingerprint`` at no cost; without it only the sample
+            shape is checked (:meth:`weights_fingerprint` hashes the network on request).
     """
 
     def __init__(
@@ -211,6 +219,7 @@ class ModelWrapper:
         time_input: TimeInput | Literal["auto"] = "auto",
         model_kwargs: Mapping[str, Any] | None = None,
         model_dtype: torch.dtype | None = None,
+        fingerprint: str | None = None,
     ) -> None:
         if not callable(model):
             raise ValueError(f"model must be callable, got {type(model).__name__}")
@@ -222,6 +231,7 @@ class ModelWrapper:
         self.time_input = _resolve_time_input(time_input, schedule)
         self.model_kwargs = dict(model_kwargs or {})
         self.model_dtype = model_dtype
+        self.fingerprint = fingerprint
         self._conversions: dict[float, Conversion] = {}
         self._model_times: dict[float, float] = {}
 
@@ -234,7 +244,25 @@ class ModelWrapper:
             self.time_input,
             {**self.model_kwargs, **model_kwargs},
             self.model_dtype,
+            self.fingerprint,
         )
+
+    def weights_fingerprint(self) -> str | None:
+        """The network's fingerprint: the one given (:attr:`fingerprint`), else
+        :func:`network_fingerprint` of the network (hashing every weight)."""
+        if self.fingerprint is not None:
+            return self.fingerprint
+        return network_fingerprint(self.model)
+
+    def network_dtype(self, x: Tensor) -> torch.dtype:
+        """The dtype the network is called in (see ``model_dtype``)."""
+        if self.model_dtype is not None:
+            return self.model_dtype
+        if isinstance(self.model, nn.Module):
+            for parameter in self.model.parameters():
+                if parameter.is_floating_point():
+                    return parameter.dtype
+        return x.dtype
 
     def model_time(self, t: float) -> float:
         """The network's own time input for solver time ``t``."""
@@ -257,7 +285,7 @@ class ModelWrapper:
         """The network's raw output at solver time ``t``, in ``x``'s dtype (no range check
         beyond the time map itself: peers may evaluate where λ is infinite, e.g. flow t = 1)."""
         model_t = self.model_time(t)
-        dtype = self.model_dtype or x.dtype
+        dtype = self.network_dtype(x)
         t_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         t_in = torch.full((x.shape[0],), model_t, dtype=t_dtype, device=x.device)
         out = _unwrap_output(self.model(x.to(dtype), t_in, **self.model_kwargs))
@@ -273,7 +301,7 @@ class ModelWrapper:
         (forward- and reverse-mode), for estimating DPM-Solver-v3's statistics."""
         log_alpha, log_sigma = self.schedule.log_alpha_sigma(t)
         alpha, sigma = torch.exp(log_alpha), torch.exp(log_sigma)
-        dtype = self.model_dtype or x.dtype
+        dtype = self.network_dtype(x)
         model_t = torch.as_tensor(self.time_input(t), dtype=torch.float64)
         t_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         t_in = model_t.to(t_dtype).expand(x.shape[0])
@@ -367,3 +395,34 @@ def _resolve_time_input(
     raise ValueError(
         f"time_input must be 'auto', 't', 'timestep', 'sigma' or a callable; got {time_input!r}"
     )
+
+
+_FULL_PRECISION = (torch.float32, torch.float64)
+
+
+def network_fingerprint(network: object) -> str | None:
+    """A short hash identifying a network's weights: SHA-256 of the state dict's names and
+    values in float32, so that a network in float64 keeps the fingerprint of its float32
+    file. A network held in float16/bfloat16 has none (``None``): its rounded weights
+    cannot be told from the original's, so give the fingerprint of the weights as stored
+    (``ModelWrapper(fingerprint=...)``, as ``load_model`` does)."""
+    if not isinstance(network, nn.Module):  # a callable holding tensors: their raw bytes
+        tensors = [v for v in getattr(network, "__dict__", {}).values() if isinstance(v, Tensor)]
+        digest = hashlib.sha256()
+        for tensor in tensors:
+            digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy())
+        return digest.hexdigest()[:16] if tensors else None
+    return _hash_tensors(sorted(network.state_dict().items()))
+
+
+def _hash_tensors(named: list[tuple[str, Tensor]]) -> str | None:
+    digest = hashlib.sha256()
+    for name, tensor in named:
+        value = tensor.detach().cpu()
+        if value.is_floating_point():
+            if value.dtype not in _FULL_PRECISION:
+                return None
+            value = value.float()
+        digest.update(name.encode())
+        digest.update(value.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]

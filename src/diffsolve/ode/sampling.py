@@ -177,10 +177,11 @@ def sample(
         callback: Called with a :class:`StepInfo` after every step.
         progress: Show a tqdm progress bar.
         return_intermediates: Keep the state after every step.
-        check_finite: Detect a NaN or inf state and raise :class:`NonFiniteError` naming the
-            step where it appeared (:class:`FinitenessWatch`): one reduction of the state
-            every :data:`CHECK_EVERY` steps and at the end, so the loop does not wait for the
-            device after every step.
+        check_finite: Refuse a non-finite ``x_start`` (``ValueError``, before any model
+            evaluation), and detect a NaN or inf state and raise :class:`NonFiniteError`
+            naming the step where it appeared (:class:`FinitenessWatch`): one reduction of
+            the state every :data:`CHECK_EVERY` steps and at the end, so the loop does not
+            wait for the device after every step.
         initial_state: Start from this state of ``plan`` instead of ``plan.init(x_start)``
             (e.g. BDIA's pair from an inversion).
         grad: Record autograd graphs (to differentiate through sampling). By default the
@@ -192,6 +193,7 @@ def sample(
         A :class:`SampleOutput` with the samples and the exact number of model evaluations.
 
     Raises:
+        ValueError: ``x_start`` (or ``initial_state.x``) holds NaN or inf.
         NonFiniteError: The state became NaN or inf; the last finite state is attached.
     """
     if plan is None:
@@ -202,6 +204,8 @@ def sample(
         raise ValueError(
             f"x_start must have a non-empty batch dimension, got shape {tuple(x_start.shape)}"
         )
+    if check_finite:
+        _check_finite_start(x_start, initial_state)
     reset = getattr(model, "reset", None)
     if callable(reset):  # stateful model wrappers (e.g. APG momentum) start every run afresh
         reset()
@@ -213,6 +217,19 @@ def sample(
             initial_state,
             denoise_to_zero,
             _Reporting(callback, progress, return_intermediates, check_finite),
+        )
+
+
+def _check_finite_start(x_start: Tensor, initial_state: State | None) -> None:
+    """Raise a ``ValueError`` naming the input when the starting point is not finite (it
+    would otherwise surface as the model diverging)."""
+    name, x = ("initial_state.x", initial_state.x) if initial_state else ("x_start", x_start)
+    if x.is_floating_point() and not all_finite(x):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(
+            f"{name} contains {bad} NaN or inf value(s) out of {x.numel()}: the starting "
+            "point must be finite (e.g. noise from torch.randn scaled to the first time), "
+            "check how it was made"
         )
 
 

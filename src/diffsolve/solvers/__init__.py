@@ -2,7 +2,7 @@
 :mod:`.registry` collects their presets. Importing this package registers every solver."""
 
 from diffsolve.ode.plan import Plan, Solver, State
-from diffsolve.solvers.adaptive import DPMSolverAdaptive
+from diffsolve.solvers.adaptive import AdaptiveLimitError, DPMSolverAdaptive
 from diffsolve.solvers.bdia import BDIA, bdia_invert, bdia_reconstruct
 from diffsolve.solvers.ddim import DDIM
 from diffsolve.solvers.deis import DEIS
@@ -19,6 +19,7 @@ __all__ = [
     "DDIM",
     "DEIS",
     "SOLVERS",
+    "AdaptiveLimitError",
     "DPMSolver",
     "DPMSolverAdaptive",
     "DPMSolverPP",

@@ -33,6 +33,11 @@ from diffsolve.solvers.engine import GridValues, Update, check_options, check_or
 _NODES = {2: (0.5,), 3: (1 / 3, 2 / 3)}
 
 
+class AdaptiveLimitError(RuntimeError):
+    """:class:`DPMSolverAdaptive` would exceed its ``max_steps`` or ``max_nfe`` (the
+    tolerances ask for more steps than allowed)."""
+
+
 @dataclass(frozen=True)
 class AdaptiveState(State):
     """Adds the current λ, the proposed step and the last lower-order solution."""
@@ -73,6 +78,7 @@ class AdaptivePlan(Plan[AdaptiveState]):
         sign = 1.0 if lam_end >= state.lam else -1.0
         h, attempts = min(state.h, sign * (lam_end - state.lam)), state.attempts
         while True:
+            self._check_limits(state, attempts)
             attempts += 1
             if attempts > cfg.max_attempts:
                 raise RuntimeError(
@@ -98,6 +104,25 @@ class AdaptivePlan(Plan[AdaptiveState]):
                     done=last,
                 )
             h = min(h_new, sign * (lam_end - state.lam))
+
+    def _check_limits(self, state: AdaptiveState, attempts: int) -> None:
+        """Raise :class:`AdaptiveLimitError` before an attempt that would exceed
+        ``max_steps`` accepted steps or ``max_nfe`` model evaluations."""
+        cfg = self.solver
+        nfe = attempts * cfg.order  # every attempt, rejected ones too, costs `order` calls
+        if state.step >= cfg.max_steps:
+            reached = f"max_steps={cfg.max_steps} accepted steps"
+        elif nfe + cfg.order > cfg.max_nfe:
+            reached = f"max_nfe={cfg.max_nfe} model evaluations ({nfe} spent)"
+        else:
+            return
+        option = "max_steps" if state.step >= cfg.max_steps else "max_nfe"
+        raise AdaptiveLimitError(
+            f"DPMSolverAdaptive: {reached} reached at t={state.t:.6g} before the end "
+            f"t={float(self.grid[-1]):.6g}: the tolerances rtol={cfg.rtol:g}, atol={cfg.atol:g} "
+            f"ask for tiny steps; use a looser rtol/atol (defaults 0.05, 0.0078) or raise "
+            f"{option}"
+        )
 
     def _error(self, x_low: Tensor, x_high: Tensor, state: AdaptiveState) -> float:
         """:math:`E`, the worst sample's RMS of the scaled difference (module docstring)."""
@@ -133,6 +158,13 @@ class DPMSolverAdaptive(Solver):
 
     The grid only gives the range: its first and last time. Defaults follow the official
     code: ``h_init = 0.05``, ``atol = 0.0078``, ``rtol = 0.05``, ``theta = 0.9``.
+
+    The run is capped, since tight tolerances (``atol`` and ``rtol`` near 0) ask for
+    practically endless tiny steps: ``max_steps`` (default 5,000) accepted steps and
+    ``max_nfe`` (default 10,000) model evaluations, rejected attempts included; the attempt
+    that would exceed either raises :class:`AdaptiveLimitError`, before evaluating the model.
+    (The digits demo needs ~50 evaluations at the defaults, ~3,500 at ``rtol = 1e-5,
+    atol = 1e-6``.) ``max_attempts`` caps the attempts, accepted or not.
     """
 
     order: int = 3
@@ -143,12 +175,18 @@ class DPMSolverAdaptive(Solver):
     space: Space = "data"
     solver_type: SolverType = "midpoint"
     max_attempts: int = 100_000
+    max_steps: int = 5_000
+    max_nfe: int = 10_000
 
     name: ClassVar[str] = "dpm-solver-adaptive"
 
     def __post_init__(self) -> None:
         check_order(self.order, (2, 3), "DPMSolverAdaptive")
         check_options(self)
+        for name, low in (("max_attempts", 1), ("max_steps", 1), ("max_nfe", self.order)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         for name in ("rtol", "atol", "h_init"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")

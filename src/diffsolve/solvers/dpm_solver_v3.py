@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-from diffsolve.ode.plan import Solver
+from diffsolve.ode.model import Denoiser
+from diffsolve.ode.plan import Solver, State
 from diffsolve.ode.schedule import NoiseSchedule
 from diffsolve.solvers.engine import (
     GridValues,
@@ -51,7 +52,7 @@ from diffsolve.solvers.engine import (
     multistep_plan,
 )
 from diffsolve.solvers.registry import ConfigKey, DiffusersMapping, Preset, register
-from diffsolve.stats.ems import EMS, EMSTable
+from diffsolve.stats.ems import EMS, EMSTable, exposed_fingerprint
 
 HalfCorrector = Literal["off", "low_noise", "high_noise"]
 #: Plans kept per EMS (each holds a few per-dimension arrays per step).
@@ -83,6 +84,23 @@ def derivative_weights(deltas: list[float], pseudo: bool) -> list[list[float]]:
         tail = [math.factorial(k) * float(inverse[k - 1, j]) for j in range(n)]
         rows.append([-sum(tail), *tail])
     return rows
+
+
+@dataclass(frozen=True, eq=False)
+class EMSPlan(StepPlan):
+    """A DPM-Solver-v3 plan, which checks at the first step of every run that the input and
+    the model are those its statistics were computed for: the samples' shape always, the
+    model's fingerprint when the denoiser already knows it (a loaded or analytic model, a
+    :class:`~diffsolve.ode.model.ModelWrapper` given one; see
+    :func:`~diffsolve.stats.ems.exposed_fingerprint`) — no weights are hashed."""
+
+    ems: EMS | None = field(default=None, repr=False)
+
+    def step(self, model: Denoiser, state: State) -> State:
+        if self.ems is not None and not state.history:  # a run's first step
+            self.ems.check_data_shape(state.x.shape[1:], "DPM-Solver-v3's input samples")
+            self.ems.check_fingerprint(exposed_fingerprint(model))
+        return super().step(model, state)
 
 
 @register
@@ -155,7 +173,7 @@ class DPMSolverV3(Solver):
     def min_steps(self) -> int:
         return self.order
 
-    def build_plan(self, schedule: NoiseSchedule, grid: Tensor) -> StepPlan:
+    def build_plan(self, schedule: NoiseSchedule, grid: Tensor) -> EMSPlan:
         """The plan on ``grid``, reused from the EMS's cache when the same schedule, grid and
         options were planned before (the diffusers adapter re-plans at every
         ``set_timesteps``)."""
@@ -170,7 +188,7 @@ class DPMSolverV3(Solver):
             plans.popitem(last=False)
         return plan
 
-    def _build_plan(self, schedule: NoiseSchedule, grid: Tensor) -> StepPlan:
+    def _build_plan(self, schedule: NoiseSchedule, grid: Tensor) -> EMSPlan:
         at = self._grid_values(schedule, grid)
         finite = [lam for lam in at.lam[at.first_usable :] if math.isfinite(lam)]
         self.ems.check_range(finite)
@@ -185,9 +203,10 @@ class DPMSolverV3(Solver):
             """:math:`f = -\\hat x_0 + f_x x` with :math:`f_x = (1 - l)/\\alpha`."""
             return (1.0 - table.point(i).l) / at.alpha[i]
 
-        return multistep_plan(
+        plan = multistep_plan(
             at, orders, predictor, lambda i: self._corrector(table, at, i, orders), f_x
         )
+        return EMSPlan(plan.schedule, plan.grid, plan.steps, ems=self.ems)
 
     def _grid_values(self, schedule: NoiseSchedule, grid: Tensor) -> GridValues:
         """The grid's values, with the points noisier than the EMS range (a flow grid's

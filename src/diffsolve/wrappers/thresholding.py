@@ -29,9 +29,7 @@ def row_quantile(values: Tensor, q: float) -> Tensor:
     return ordered[:, lo] + frac * (ordered[:, hi] - ordered[:, lo])
 
 
-def dynamic_threshold(
-    x0: Tensor, ratio: float, lower: float, upper: float = math.inf
-) -> Tensor:
+def dynamic_threshold(x0: Tensor, ratio: float, lower: float, upper: float = math.inf) -> Tensor:
     r"""Per sample :math:`q = \mathrm{clamp}(\mathrm{quantile}(|\hat x_0|, \text{ratio}),
     \text{lower}, \text{upper})`, then :math:`\mathrm{clamp}(\hat x_0, -q, q)/q`, in at least
     float32. Imagen / DPM-Solver: ``lower`` the data range, no ``upper``; diffusers'

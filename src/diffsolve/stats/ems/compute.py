@@ -34,6 +34,7 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -268,7 +269,13 @@ def compute_ems(
             At high noise :math:`f` is :math:`e^{-\lambda}`-sensitive to errors in ``l``.
         jvp: ``"auto"`` (forward mode, falling back to double backward), ``"forward"`` or
             ``"double_backward"``.
-        checkpoint: A file to save progress to; a rerun with the same settings resumes.
+        checkpoint: A file to save progress to; a rerun from the same inputs resumes. The
+            file records a fingerprint of every input that determines the result (the data's
+            bytes, ``K``, ``N``, seed, time range, windows, conditioning, the model's and the
+            schedule's fingerprints, the number of processes): a checkpoint made from other
+            inputs is refused with a ``ValueError`` naming them (delete it to start over),
+            and an existing file that is not a diffsolve EMS checkpoint is refused and never
+            touched.
         progress: Show a progress bar (rank 0).
         device: Device for the model evaluations.
         model_name: Recorded in the metadata.
@@ -286,19 +293,23 @@ def compute_ems(
     window = round(5 * grid_size / 1200) if window is None else int(window)
     rank, world = _dist_info()
     fingerprint = model_fingerprint(model)
-    settings = {
-        "N": grid_size,
+    dtype = data.dtype if data.dtype in (torch.float32, torch.float64) else torch.float32
+    inputs = {
+        "data": tensor_digest(data.to(dtype)),
         "K": k_total,
+        "N": grid_size,
         "seed": seed,
         "t_start": t_start,
         "t_end": t_end,
+        "window": window,
+        "l_window": l_window,
+        "conditioning": {key: tensor_digest(v) for key, v in sorted(conditioning.items())},
         "model": fingerprint,
+        "schedule": schedule.fingerprint(),
         "world": world,
         "rank": rank,
         "shape": list(data.shape[1:]),
-        **({"conditioning": sorted(conditioning)} if conditioning else {}),
     }
-    dtype = data.dtype if data.dtype in (torch.float32, torch.float64) else torch.float32
     run = _Run(
         model,
         _JVP(model.differentiable_eps, jvp),  # type: ignore[attr-defined]
@@ -310,7 +321,7 @@ def compute_ems(
         batch_size,
         device,
     )
-    sums = run.all_points(_Checkpoint(checkpoint, settings, rank), progress and rank == 0)
+    sums = run.all_points(_Checkpoint(checkpoint, inputs, rank), progress and rank == 0)
     if world > 1:
         import torch.distributed as dist
 
@@ -351,8 +362,7 @@ def _check_model_and_range(
     t_end = default_end if t_end is None else float(t_end)
     if not 0 < t_end < t_start <= schedule.t_bound:
         raise ValueError(
-            f"need 0 < t_end < t_start <= {schedule.t_bound}; got t_start={t_start}, "
-            f"t_end={t_end}"
+            f"need 0 < t_end < t_start <= {schedule.t_bound}; got t_start={t_start}, t_end={t_end}"
         )
     return schedule, t_start, t_end
 
@@ -393,15 +403,18 @@ class _Checkpoint:
     """Where a run saves its progress (``None``: nowhere) and what it must match to resume."""
 
     path: str | Path | None
-    settings: dict
+    inputs: dict
     rank: int
 
     def load(self) -> tuple[dict[str, Tensor], set[int]]:
-        return _load_checkpoint(self.path, self.settings, self.rank)
+        """The progress saved from these inputs (none if there is no file yet)."""
+        if self.path is None:
+            return {}, set()
+        return _load_checkpoint(_checkpoint_path(self.path, self.rank), self.inputs)
 
     def save(self, sums: dict[str, Tensor], done: set[int]) -> None:
         if self.path is not None:
-            _save_checkpoint(self.path, self.settings, self.rank, sums, done)
+            _save_checkpoint(_checkpoint_path(self.path, self.rank), self.inputs, sums, done)
 
 
 @dataclass
@@ -486,47 +499,132 @@ def _checkpoint_path(path: str | Path, rank: int) -> Path:
     return path if rank == 0 else path.with_name(f"{path.name}.rank{rank}")
 
 
-def _save_checkpoint(
-    path: str | Path, settings: dict, rank: int, sums: dict[str, Tensor], done: set[int]
-) -> None:
+#: ``format`` metadata of a checkpoint file (older diffsolve checkpoints have none).
+CHECKPOINT_FORMAT = "diffsolve-ems-checkpoint"
+#: How the error names each recorded input.
+_INPUT_NAMES = {
+    "data": "data (the bytes of the data tensor)",
+    "K": "K (samples)",
+    "N": "N (grid_size)",
+    "conditioning": "labels/conditioning",
+    "model": "model (weights fingerprint)",
+    "schedule": "noise schedule",
+    "world": "number of processes",
+    "shape": "data shape",
+}
+
+
+def tensor_digest(tensor: Tensor) -> str:
+    """SHA-256 (first 16 hex digits) of a tensor's dtype, shape and bytes."""
+    value = tensor.detach().cpu().contiguous()
+    digest = hashlib.sha256(f"{value.dtype}:{list(value.shape)}".encode())
+    digest.update(value.flatten().view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
+
+
+def _save_checkpoint(target: Path, inputs: dict, sums: dict[str, Tensor], done: set[int]) -> None:
+    """Write the checkpoint atomically (a temporary ``.<name>.diffsolve-*.tmp`` beside it,
+    renamed into place), never over a file that is not one."""
     from safetensors.torch import save_file
 
-    target = _checkpoint_path(path, rank)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    meta = {"settings": json.dumps(settings, sort_keys=True), "done": json.dumps(sorted(done))}
-    save_file(
-        {k: v.contiguous() for k, v in sums.items()} or {"empty": torch.zeros(1)},
-        str(tmp),
-        metadata=meta,
+    if target.exists():
+        _read_checkpoint(target, arrays=False)  # raises if it is not a diffsolve checkpoint
+    handle, tmp = tempfile.mkstemp(
+        dir=target.parent, prefix=f".{target.name}.diffsolve-", suffix=".tmp"
     )
-    os.replace(tmp, target)
+    os.close(handle)
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "settings": json.dumps(inputs, sort_keys=True),
+        "done": json.dumps(sorted(done)),
+    }
+    try:
+        save_file(
+            {k: v.contiguous() for k, v in sums.items()} or {"empty": torch.zeros(1)},
+            tmp,
+            metadata=meta,
+        )
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
-def _load_checkpoint(
-    path: str | Path | None, settings: dict, rank: int
-) -> tuple[dict[str, Tensor], set[int]]:
-    if path is None or not _checkpoint_path(path, rank).is_file():
-        return {}, set()
+def _read_checkpoint(
+    target: Path, arrays: bool = True
+) -> tuple[dict[str, str], dict[str, Tensor]]:
+    """Metadata and (with ``arrays``) moment sums of a checkpoint file; a ``ValueError``
+    naming the path when it is not a diffsolve EMS checkpoint (the file is left untouched)."""
     from safetensors import safe_open
 
-    target = _checkpoint_path(path, rank)
+    refuse = (
+        f"the checkpoint path {target} holds a file that is not a diffsolve EMS checkpoint "
+        "({}); it is left untouched: pass another checkpoint path"
+    )
+    if not target.is_file():
+        raise ValueError(refuse.format("not a regular file"))
     try:
         with safe_open(str(target), framework="pt") as handle:
             meta = handle.metadata() or {}
-            sums = {k: handle.get_tensor(k) for k in handle.keys() if k in MOMENTS}  # noqa: SIM118
+            names = [k for k in handle.keys() if k in MOMENTS] if arrays else []  # noqa: SIM118
+            sums = {k: handle.get_tensor(k) for k in names}
     except Exception as err:
-        warnings.warn(f"ignoring unreadable EMS checkpoint {target}: {err}", stacklevel=3)
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(refuse.format(f"unreadable as safetensors: {reason}")) from None
+    if meta.get("format", CHECKPOINT_FORMAT) != CHECKPOINT_FORMAT or not {
+        "settings",
+        "done",
+    } <= set(meta):
+        raise ValueError(refuse.format("no diffsolve checkpoint metadata"))
+    return meta, sums
+
+
+def _load_checkpoint(target: Path, inputs: dict) -> tuple[dict[str, Tensor], set[int]]:
+    """The moment sums and finished grid points saved from ``inputs``."""
+    if not target.exists():
         return {}, set()
-    if json.loads(meta.get("settings", "{}")) != json.loads(json.dumps(settings, sort_keys=True)):
+    meta, sums = _read_checkpoint(target)
+    try:
+        saved = json.loads(meta["settings"])
+        done = {int(j) for j in json.loads(meta["done"])}
+    except (ValueError, TypeError) as err:
         raise ValueError(
-            f"the checkpoint {target} was made with other settings "
-            f"({meta.get('settings')}); delete it or use another --checkpoint"
+            f"the EMS checkpoint {target} has corrupt metadata ({err}); delete it to start over"
+        ) from None
+    now = json.loads(json.dumps(inputs, sort_keys=True))
+    if saved != now:
+        raise ValueError(
+            f"the EMS checkpoint {target} was made from other inputs: "
+            f"{_differences(saved, now)}; delete it to start over (or pass another checkpoint "
+            "path)"
         )
-    done = set(json.loads(meta.get("done", "[]")))
     if done and len(sums) != len(MOMENTS):
         return {}, set()
     return sums, done
 
 
-__all__ = ["compute_ems", "ems_grid", "finalize", "moving_average", "smoothed_derivative"]
+def _differences(saved: Any, now: dict) -> str:
+    """Which inputs differ, e.g. ``seed (0 in the checkpoint, 1 now), data ... differs``."""
+    saved = saved if isinstance(saved, dict) else {}
+    parts = []
+    for key in sorted(set(saved) | set(now)):
+        old, new = saved.get(key), now.get(key)
+        if old == new:
+            continue
+        name = _INPUT_NAMES.get(key, key)
+        if isinstance(new, (int, float)) and isinstance(old, (int, float, type(None))):
+            parts.append(f"{name} ({old} in the checkpoint, {new} now)")
+        else:
+            parts.append(f"{name} differs")
+    return ", ".join(parts)
+
+
+__all__ = [
+    "checkpoint_files",
+    "compute_ems",
+    "ems_grid",
+    "finalize",
+    "moving_average",
+    "smoothed_derivative",
+    "tensor_digest",
+]

@@ -18,7 +18,6 @@ Files are safetensors with arrays ``lambdas``, ``l``, ``s``, ``b`` and a JSON me
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -26,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from diffsolve.ode.model import network_fingerprint
 from diffsolve.ode.schedule import NoiseSchedule, schedule_from_config
 
 FORMAT = "diffsolve-ems"
@@ -178,11 +178,23 @@ class EMS:
                 f"EMS were computed for the schedule {schedule_from_config(made_for)!r}, but the "
                 f"model uses {schedule!r}; compute EMS for this model (`diffsolve ems`)"
             )
-        if data_shape is not None and tuple(data_shape) != self.data_shape:
+        if data_shape is not None:
+            self.check_data_shape(data_shape, "the model's samples")
+        self.check_fingerprint(fingerprint)
+
+    def check_data_shape(self, data_shape: Sequence[int], what: str = "the samples") -> None:
+        """Raise a clear ``ValueError`` unless ``data_shape`` (of ``what``) is the shape the
+        statistics were computed for."""
+        if tuple(data_shape) != self.data_shape:
             raise ValueError(
-                f"EMS were computed for data of shape {self.data_shape}, but the model's samples "
-                f"have shape {tuple(data_shape)}; EMS are per-pixel and tied to the resolution"
+                f"EMS were computed for data of shape {self.data_shape}, but {what} have "
+                f"shape {tuple(data_shape)}; EMS are per-pixel and tied to the model's "
+                "channels and resolution: use the EMS of this model (`diffsolve ems`)"
             )
+
+    def check_fingerprint(self, fingerprint: str | None) -> None:
+        """Raise a clear ``ValueError`` if the statistics record another model's
+        fingerprint (no check when either is unknown)."""
         theirs = self.metadata.get("model_fingerprint")
         if fingerprint is not None and theirs is not None and theirs != fingerprint:
             name = self.metadata.get("model_name", "another model")
@@ -288,32 +300,35 @@ def make_metadata(
 
 
 def model_fingerprint(model: object) -> str | None:
-    """A short hash identifying a network's weights (or an analytic model's parameters)."""
+    """A short hash identifying a network's weights (or an analytic model's parameters):
+    the fingerprint a denoiser exposes (``weights_fingerprint()``, e.g.
+    :class:`~diffsolve.ode.model.ModelWrapper`'s, which is independent of the dtype
+    ``load_model`` loaded the weights in), else that of the network it wraps."""
+    exposed = getattr(model, "weights_fingerprint", None)
+    if callable(exposed):
+        return exposed()
     target = getattr(model, "model", model)  # unwrap a ModelWrapper
     target = getattr(target, "gaussian", target)  # unwrap a GaussianDenoiser
     if callable(getattr(target, "fingerprint", None)):  # analytic models
         return target.fingerprint()
-    digest = hashlib.sha256()
-    if isinstance(target, nn.Module):
-        for name, tensor in sorted(target.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(_canonical_bytes(tensor))
-        return digest.hexdigest()[:16]
-    tensors = [v for v in vars(target).values() if isinstance(v, Tensor)]
-    if not tensors:
-        return None
-    for tensor in tensors:
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return network_fingerprint(target)
 
 
-def _canonical_bytes(tensor: Tensor) -> bytes:
-    """A weight's bytes in float32, so that a network loaded in float64 (or any dtype its
-    float32 weights convert to exactly) keeps the fingerprint of its file."""
-    value = tensor.detach().cpu()
-    if value.is_floating_point() and value.dtype != torch.float32:
-        value = value.float()
-    return value.contiguous().numpy().tobytes()
+def exposed_fingerprint(denoiser: object, depth: int = 16) -> str | None:
+    """The fingerprint a denoiser, or the diffsolve denoiser it wraps (through ``.model``:
+    counting, guidance and other wrappers), already knows — a
+    :class:`~diffsolve.ode.model.ModelWrapper`'s given ``fingerprint`` (every model from
+    ``load_model`` has one), an analytic model's — without hashing any weights; ``None``
+    when there is none (a user's wrapper without one, the diffusers adapter's outputs)."""
+    target = denoiser
+    for _ in range(depth):
+        if hasattr(target, "weights_fingerprint"):  # a diffsolve denoiser: the last stop
+            known = getattr(target, "fingerprint", None)
+            return known if isinstance(known, str) else None
+        target = getattr(target, "model", None)
+        if target is None:
+            return None
+    return None
 
 
 def _range(

@@ -58,6 +58,8 @@ class GaussianModel:
             )
         if (self.eigvals < 0).any() or not torch.isfinite(self.eigvals).all():
             raise ValueError("GaussianModel: eigenvalues must be finite and >= 0")
+        if not (torch.isfinite(self.mean).all() and torch.isfinite(self.eigvecs).all()):
+            raise ValueError("GaussianModel: the mean and eigenvectors must be finite")
         gram = self.eigvecs.T @ self.eigvecs
         if not torch.allclose(gram, torch.eye(r, dtype=_F64), atol=1e-8):
             raise ValueError("GaussianModel: eigenvector columns must be orthonormal")
@@ -171,6 +173,18 @@ class GaussianDenoiser:
         self.gaussian = model
         self.schedule = schedule
         self._cache: dict[float, tuple[float, float]] = {}
+        self._fingerprint: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """The analytic model's fingerprint (computed once, then cached)."""
+        if self._fingerprint is None:
+            self._fingerprint = self.gaussian.fingerprint()
+        return self._fingerprint
+
+    def weights_fingerprint(self) -> str:
+        """The analytic model's fingerprint (see :attr:`fingerprint`)."""
+        return self.fingerprint
 
     def __call__(self, x: Tensor, t: float) -> Prediction:
         coefficients = self._cache.get(t)

@@ -45,6 +45,7 @@ __all__ = [
     "FORMAT",
     "MAX_EXACT_DIM",
     "GaussianStats",
+    "check_stats",
     "compute_gaussian_stats",
     "data_fingerprint",
     "load_gaussian_stats",
@@ -83,6 +84,9 @@ class GaussianStats:
     method: str
     description: str = ""
 
+    def __post_init__(self) -> None:
+        check_stats(self.mean, self.eigvals, self.eigvecs, tuple(self.mean.shape))
+
     @property
     def data_shape(self) -> tuple[int, ...]:
         """Shape of one sample."""
@@ -100,6 +104,29 @@ class GaussianStats:
     def save(self, path: str | Path) -> None:
         """Write to a safetensors file (see the module docstring)."""
         save_gaussian_stats(self, path)
+
+
+def check_stats(mean: Tensor, eigvals: Tensor, eigvecs: Tensor, shape: tuple[int, ...]) -> None:
+    """Raise a one-line ``ValueError`` unless the statistics are valid: consistent shapes
+    for data of ``shape``, a finite mean and eigenpairs, eigenvalues >= 0."""
+    dim, rank = math.prod(shape), eigvals.numel()
+    if mean.numel() != dim or eigvals.ndim != 1 or tuple(eigvecs.shape) != (dim, rank):
+        raise ValueError(
+            f"inconsistent tensors of Gaussian statistics for data shape {shape}: mean "
+            f"{tuple(mean.shape)}, eigvals {tuple(eigvals.shape)}, eigvecs "
+            f"{tuple(eigvecs.shape)} (expected ({dim}, {rank}))"
+        )
+    for name, tensor in (("mean", mean), ("eigvals", eigvals), ("eigvecs", eigvecs)):
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(
+                f"invalid Gaussian statistics: {name} contains NaN or inf (were they computed "
+                "from data with NaN or inf?); recompute them from finite data"
+            )
+    if rank and float(eigvals.min()) < 0:
+        raise ValueError(
+            f"invalid Gaussian statistics: negative eigenvalue {float(eigvals.min()):.3g} "
+            "(a covariance has eigenvalues >= 0); recompute them"
+        )
 
 
 # ---- streaming over batches -------------------------------------------------------------
@@ -269,6 +296,7 @@ def _first_pass(
         n_b = x.shape[0]
         if n_b == 0:
             continue
+        _check_finite_batch(x, count)
         mean_b = x.mean(0)
         total = count + n_b
         delta = mean_b - mean
@@ -282,6 +310,17 @@ def _first_pass(
         raise ValueError("data is empty: no samples to compute statistics from")
     assert passes.shape is not None
     return mean, count, passes.shape, hasher.hexdigest()[:16], scatter
+
+
+def _check_finite_batch(x: Tensor, offset: int) -> None:
+    """Refuse data with NaN or inf (``offset``: index of the batch's first sample)."""
+    finite = torch.isfinite(x).all(1)
+    if not bool(finite.all()):
+        first = offset + int((~finite).nonzero()[0, 0])
+        raise ValueError(
+            f"data contains NaN or inf (first at sample {first}); Gaussian statistics need "
+            "finite data: drop or fix those samples"
+        )
 
 
 def _top_eigh(covariance: Tensor, rank: int) -> tuple[Tensor, Tensor]:
@@ -337,6 +376,10 @@ def save_gaussian_stats(stats: GaussianStats, path: str | Path) -> None:
     """Write ``stats`` to a safetensors file with its metadata."""
     from safetensors.torch import save_file
 
+    try:
+        check_stats(stats.mean, stats.eigvals, stats.eigvecs, stats.data_shape)
+    except ValueError as err:
+        raise ValueError(f"not writing {path}: {err}") from None
     tensors = {
         "mean": stats.mean.detach().to("cpu", _F64).contiguous(),
         "eigvals": stats.eigvals.detach().to("cpu", _F64).contiguous(),
@@ -391,14 +434,11 @@ def read_gaussian_stats(path: str | Path) -> GaussianStats:
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{path}: malformed metadata: {exc}") from exc
     mean, eigvals, eigvecs = tensors["mean"], tensors["eigvals"], tensors["eigvecs"]
-    dim = math.prod(shape)
+    try:
+        check_stats(mean, eigvals, eigvecs, shape)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
     r = eigvals.numel()
-    if mean.numel() != dim or eigvals.ndim != 1 or tuple(eigvecs.shape) != (dim, r):
-        raise ValueError(
-            f"{path}: inconsistent tensors for data shape {shape}: mean {tuple(mean.shape)}, "
-            f"eigvals {tuple(eigvals.shape)}, eigvecs {tuple(eigvecs.shape)} (expected "
-            f"({dim}, {r}))"
-        )
     if "rank" in metadata and metadata["rank"] != str(r):
         raise ValueError(f"{path}: metadata rank {metadata['rank']} but {r} eigenvalues stored")
     return GaussianStats(
