@@ -304,7 +304,7 @@ class ModelWrapper:
         dtype = self.network_dtype(x)
         model_t = torch.as_tensor(self.time_input(t), dtype=torch.float64)
         t_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        t_in = model_t.to(t_dtype).expand(x.shape[0])
+        t_in = model_t.to(device=x.device, dtype=t_dtype).expand(x.shape[0])
         out = _unwrap_output(self.model(x.to(dtype), t_in, **self.model_kwargs)).to(x.dtype)
         if self.prediction == "flow":
             d_alpha, d_sigma = torch.func.jacfwd(

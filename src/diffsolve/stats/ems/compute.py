@@ -21,8 +21,9 @@ themselves cancel to about five digits at high noise, :math:`w` and :math:`x/\al
 noise); the least-squares fit gives :math:`s = \mathrm{Cov}(f, f')/\mathrm{Var}(f)` and
 :math:`b = \mathbb E f' - s\,\mathbb E f`.
 
-Forward-mode AD (``torch.func.jvp``) is used, with an automatic fallback to the double-backward
-JVP (``torch.autograd.functional.jvp``) for modules without forward-AD support. Noise and probes
+The JVPs are taken by the first derivative path the network supports (:mod:`.derivatives`:
+forward-mode AD, the same with math attention, double backward, finite differences); the
+path is reported and recorded in the metadata (``"derivative"``). Noise and probes
 are drawn from one generator per (grid point, sample), so the result does not depend on the
 batch size nor on how samples are sharded over ``torch.distributed`` ranks (their sums are
 all-reduced). A checkpoint file makes an interrupted run resumable.
@@ -36,9 +37,8 @@ import math
 import os
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,12 +46,13 @@ import torch
 from torch import Tensor
 
 from diffsolve.ode.schedule import NoiseSchedule
+from diffsolve.stats.ems.derivatives import JVP, JVPMode, describe
+from diffsolve.stats.ems.memory import auto_batch_size
 from diffsolve.stats.ems.statistics import EMS, make_metadata, model_fingerprint
 
 _F64 = torch.float64
 # per sample: e = e^{-lambda} eps, w = e - x/alpha = -x0_pred, d = e^{-lambda} eps'
 MOMENTS = ("l", "e", "w", "d", "ee", "ew", "ed", "ww", "wd", "dd")
-JVPMode = Literal["auto", "forward", "double_backward"]
 
 
 @dataclass
@@ -117,31 +118,7 @@ def _noise(seed: int, j: int, indices: list[int], shape: tuple[int, ...]) -> tup
     return torch.stack(z), torch.stack(v)
 
 
-class _JVP:
-    """Jacobian-vector products of ``fn(x, t)``; forward mode with a double-backward fallback."""
-
-    def __init__(self, fn: Callable[[Tensor, Tensor], Tensor], mode: JVPMode) -> None:
-        self.fn, self.mode = fn, mode
-
-    def __call__(self, x: Tensor, t: Tensor, tx: Tensor, tt: Tensor) -> tuple[Tensor, Tensor]:
-        if self.mode in ("auto", "forward"):
-            try:
-                with torch.no_grad():
-                    return torch.func.jvp(self.fn, (x, t), (tx, tt))
-            except (RuntimeError, NotImplementedError) as err:
-                if self.mode == "forward":
-                    raise RuntimeError(
-                        f"forward-mode AD failed for this model: {err}; use jvp='double_backward'"
-                    ) from err
-                warnings.warn(
-                    f"forward-mode AD unsupported ({err}); falling back to the "
-                    "double-backward JVP",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                self.mode = "double_backward"
-        out, tangent = torch.autograd.functional.jvp(self.fn, (x, t), (tx, tt))
-        return out.detach(), tangent.detach()
+_JVP = JVP  # the derivative paths live in .derivatives
 
 
 def _accumulate(
@@ -241,7 +218,8 @@ def compute_ems(
     t_start: float | None = None,
     t_end: float | None = None,
     seed: int = 0,
-    batch_size: int = 256,
+    batch_size: int | Literal["auto"] = 256,
+    memory_budget: int | None = None,
     window: int | None = None,
     l_window: int = 0,
     jvp: JVPMode = "auto",
@@ -262,13 +240,23 @@ def compute_ems(
         grid_size: ``N``, intervals of the logSNR-uniform grid.
         t_start, t_end: Time range (default: the schedule's ``default_range``).
         seed: Seed of the noise and the probes.
-        batch_size: Samples per JVP batch (memory only: results do not depend on it).
+        batch_size: Samples per JVP batch (memory only: results do not depend on it), or
+            ``"auto"``: sized from the peak memory of probe batches on CUDA, 32 on CPU
+            (:mod:`.memory`).
+        memory_budget: Bytes a batch may use with ``batch_size="auto"`` (CUDA only;
+            default 90% of the memory the device has available).
         window: Half-width of the moving average smoothing :math:`l'` (official: 5 points on
             N = 1200); default ``round(5 N / 1200)``, the same width in λ.
         l_window: Half-width of a moving average of :math:`l` itself (0: none, as the paper).
             At high noise :math:`f` is :math:`e^{-\lambda}`-sensitive to errors in ``l``.
-        jvp: ``"auto"`` (forward mode, falling back to double backward), ``"forward"`` or
-            ``"double_backward"``.
+        jvp: How the JVPs are taken: ``"auto"`` (the first of the paths below that works
+            on the first batch), ``"forward"`` (``torch.func.jvp``),
+            ``"forward_math_attention"`` (the same with ``scaled_dot_product_attention`` on
+            its math backend, e.g. for attention models on CPU), ``"double_backward"``
+            (``torch.autograd.functional.jvp``) or ``"finite_difference"`` (forward passes
+            only); see :mod:`.derivatives`. The network may run in float16/bfloat16
+            (:meth:`~diffsolve.ModelWrapper.network_dtype`): its inputs are cast to it,
+            the statistics are accumulated in float64.
         checkpoint: A file to save progress to; a rerun from the same inputs resumes. The
             file records a fingerprint of every input that determines the result (the data's
             bytes, ``K``, ``N``, seed, time range, windows, conditioning, the model's and the
@@ -276,7 +264,8 @@ def compute_ems(
             inputs is refused with a ``ValueError`` naming them (delete it to start over),
             and an existing file that is not a diffsolve EMS checkpoint is refused and never
             touched.
-        progress: Show a progress bar (rank 0).
+        progress: Show a progress bar and one line naming the derivative path and the
+            batch size (rank 0).
         device: Device for the model evaluations.
         model_name: Recorded in the metadata.
         conditioning: Network keyword arguments per data point, each ``(M, ...)`` — e.g.
@@ -310,17 +299,35 @@ def compute_ems(
         "rank": rank,
         "shape": list(data.shape[1:]),
     }
+    report = _reporter(progress and rank == 0)
     run = _Run(
         model,
-        _JVP(model.differentiable_eps, jvp),  # type: ignore[attr-defined]
+        JVP(
+            model.differentiable_eps,  # type: ignore[attr-defined]
+            jvp,
+            precision=getattr(model, "network_dtype", None),
+            t_max=schedule.t_bound,
+            on_select=lambda path, failed: report(describe(path, failed)),
+        ),
         ems_grid(schedule, grid_size, t_start, t_end),
         data.to(device=device, dtype=dtype),
         conditioning,
         [k for k in range(k_total) if (k // BLOCK) % world == rank],
         seed,
-        batch_size,
+        batch_size if isinstance(batch_size, int) else 1,
         device,
     )
+    if batch_size == "auto":
+        plan = auto_batch_size(
+            lambda n: replace(run, mine=run.mine[:n], batch_size=n).point(0),
+            len(run.mine),
+            device,
+            memory_budget,
+        )
+        run.batch_size = plan.batch_size
+        report(f"EMS {plan.describe()}")
+    elif not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
     sums = run.all_points(_Checkpoint(checkpoint, inputs, rank), progress and rank == 0)
     if world > 1:
         import torch.distributed as dist
@@ -343,6 +350,7 @@ def compute_ems(
         seed=seed,
         window=window,
         model_name=model_name,
+        derivative=run.jvp.path,
     )
     return EMS(run.grid.lambdas, l, s, b, meta)
 
@@ -478,6 +486,18 @@ def _dist_info() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
+
+
+def _reporter(enabled: bool) -> Callable[[str], None]:
+    """Where one-line progress messages go: the progress output (tqdm's ``write``, which
+    keeps a bar intact) when enabled, else the ``diffsolve.ems`` logger."""
+    if enabled:
+        from tqdm.auto import tqdm
+
+        return tqdm.write
+    import logging
+
+    return logging.getLogger("diffsolve.ems").info
 
 
 def _bar(enabled: bool, total: int, done: set[int]):  # noqa: ANN202 - tqdm type
