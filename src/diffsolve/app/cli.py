@@ -516,6 +516,10 @@ def _run_sweep(
         Path(json_path).write_text(json.dumps(result, indent=2))
 
 
+#: ``diffsolve ems`` asks for ``--yes`` when its projected time exceeds this (seconds).
+CONFIRM_ABOVE_S = 3600.0
+
+
 @main.command("ems")
 @model_option()
 @int_option("--samples", 1024, 2, "K: data points.")
@@ -554,6 +558,11 @@ def _run_sweep(
     "Default: the digits labels with --data digits, else the null class (unconditional).",
 )
 @device_option()
+@click.option(
+    "--yes",
+    is_flag=True,
+    help="Run even when the projected time (printed first) exceeds one hour.",
+)
 def ems_command(
     model_name: str,
     out_path: str | None,
@@ -562,23 +571,51 @@ def ems_command(
     labels_source: str | None,
     device: str,
     checkpoint: str | None,
+    yes: bool,
     **options: Any,
 ) -> None:
     """Estimate DPM-Solver-v3's empirical model statistics (shards over torchrun ranks).
 
     A class-conditional model is measured under its data's own labels (the conditional
-    model, as sampled without guidance).
+    model, as sampled without guidance). The projected cost — JVPs and wall time, from a
+    short calibration run on --device — is printed first; over one hour needs --yes.
     """
+    import os
+
     from diffsolve.app.loader import load_model
     from diffsolve.app.scale import check_device, distributed
+    from diffsolve.stats.ems import cost
     from diffsolve.stats.ems.compute import checkpoint_files, compute_ems
 
+    with usage_errors():  # before joining the ranks: each calibrates on its own
+        out = _out_path(out_path, "ems.safetensors", force)
+        model = load_model(model_name, device=check_device(device))
+        data = _model_data(model, data_source)
+        conditioning = model.label_kwargs(_labels(labels_source, data_source, data))
+        estimate = cost.project_cost(
+            model.denoiser,
+            data,
+            samples=options["samples"],
+            grid_size=options["grid_size"],
+            batch_size=options["batch_size"],
+            device=device,
+            conditioning=conditioning,
+            processes=int(os.environ.get("WORLD_SIZE", "1")),
+            jvp=options["jvp"],
+            t_start=options["t_start"],
+            t_end=options["t_end"],
+        )
     with distributed() as dist:
+        estimate = cost.agree(estimate)
+        if dist.rank == 0:
+            click.echo(f"Projected: {estimate}", err=True)
+        if estimate.seconds > CONFIRM_ABOVE_S and not yes:
+            raise click.UsageError(
+                f"projected EMS time {cost.format_seconds(estimate.seconds)} on {device} "
+                "exceeds one hour: pass --yes to run it, or lower --samples/--grid, or use a "
+                "faster --device"
+            )
         with usage_errors():
-            out = _out_path(out_path, "ems.safetensors", force)
-            model = load_model(model_name, device=check_device(device))
-            data = _model_data(model, data_source)
-            labels = _labels(labels_source, data_source, data)
             progress_file = Path(checkpoint or f"{out}.partial")
             ems = compute_ems(
                 model.denoiser,
@@ -586,7 +623,7 @@ def ems_command(
                 checkpoint=progress_file,
                 progress=True,
                 device=device,
-                conditioning=model.label_kwargs(labels),
+                conditioning=conditioning,
                 model_name=model_name,
                 **options,
             )
