@@ -98,13 +98,28 @@ def test_another_recipe_is_projected_by_the_same_code(monkeypatch):
     assert estimate.seconds == pytest.approx(121 * 256 * 3 * 0.001)
 
 
-def test_calibration_counts_the_jvps_compute_ems_takes():
-    """JVPS_PER_SAMPLE is today's recipe: compute_ems evaluates the network twice per sample
-    at every λ point (and the projection counts what the calibration runs evaluate)."""
+class Counted:
+    """A denoiser that counts the samples its ``differentiable_eps`` evaluates."""
+
+    def __init__(self, model: object) -> None:
+        self.model, self.count = model, 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.model, name)
+
+    def differentiable_eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.count += x.shape[0]
+        return self.model.differentiable_eps(x, t)
+
+
+def test_jvps_per_sample_is_what_compute_ems_takes():
+    """JVPS_PER_SAMPLE is today's recipe: with forward-mode AD (one network call per JVP)
+    compute_ems evaluates the network twice per sample at every λ point. Should the recipe
+    change, this fails: update cost.JVPS_PER_SAMPLE (or pass the recipe's counts)."""
     loaded = load_model("gaussian")
     data = torch.randn(6, *loaded.data_shape)
-    counter = [0]
-    compute_ems(cost._Counted(loaded.denoiser, counter), data, samples=6, grid_size=3)
-    assert counter[0] == 4 * 6 * cost.JVPS_PER_SAMPLE
+    counted = Counted(loaded.denoiser)
+    compute_ems(counted, data, samples=6, grid_size=3, jvp="forward")
+    assert counted.count == 4 * 6 * cost.JVPS_PER_SAMPLE
     found = cost.calibrate(loaded.denoiser, data, batch_size=8, total_jvps=100, repeats=1)
     assert found.batch_size == 8 and found.seconds_per_batch > 0

@@ -23,8 +23,10 @@ from torch import Tensor
 
 #: JVPs per sample at each λ point in today's recipe (``compute._accumulate``: probe and ODE).
 JVPS_PER_SAMPLE = 2
-#: Points of the calibration runs' grid (``grid_size=2``: three λ points).
+#: Intervals of the calibration runs' grid (``compute_ems``: ``grid_size + 1`` λ points).
 _CALIBRATION_GRID = 2
+#: Largest calibration batch when the run sizes its batches itself (``batch_size="auto"``).
+_AUTO_BATCH_CAP = 256
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,7 @@ def project_cost(
     *,
     samples: int,
     grid_size: int,
-    batch_size: int,
+    batch_size: int | str,
     device: str = "cpu",
     conditioning: Mapping[str, Tensor] | None = None,
     points: int | None = None,
@@ -148,7 +150,8 @@ def project_cost(
         model, data, conditioning, device: As for
             :func:`~diffsolve.stats.ems.compute.compute_ems`; ``ems_options`` (``jvp``,
             ``t_start``, ``t_end``) are passed on to the calibration runs.
-        samples, grid_size, batch_size: The run's ``K``, ``N`` and JVP batch.
+        samples, grid_size, batch_size: The run's ``K``, ``N`` and JVP batch (``"auto"``:
+            calibrated at up to 256 samples).
         points, samples_per_point, jvps_per_sample: The recipe's counts (default: today's,
             ``N + 1`` points, ``K`` samples at each, :data:`JVPS_PER_SAMPLE`).
         processes: Processes sharing the samples.
@@ -165,10 +168,11 @@ def project_cost(
     points = grid_size + 1 if points is None else int(points)
     samples_per_point = samples if samples_per_point is None else int(samples_per_point)
     total = points * samples_per_point * jvps_per_sample
+    batch = batch_size if isinstance(batch_size, int) else _AUTO_BATCH_CAP
     calibration = calibrate(
         model,
         data,
-        batch_size=min(batch_size, samples_per_point),
+        batch_size=min(batch, samples_per_point),
         total_jvps=total // max(1, processes),
         device=device,
         conditioning=conditioning,
@@ -209,15 +213,11 @@ def calibrate(
     warm-up not counted)."""
     from diffsolve.stats.ems.compute import compute_ems
 
-    counter = [0]
-    counted = _Counted(model, counter)
-
     def timed(k: int) -> tuple[float, int]:
         """Seconds and JVP-samples of one estimation with ``k`` samples in one batch."""
-        counter[0] = 0
         start = clock()
         compute_ems(
-            counted,
+            model,
             data,
             samples=k,
             grid_size=_CALIBRATION_GRID,
@@ -226,11 +226,9 @@ def calibrate(
             conditioning=conditioning,
             **ems_options,
         )
-        seconds = clock() - start
-        # each JVP evaluates the network once on its batch; should a JVP not go through
-        # differentiable_eps, count today's recipe instead
-        jvps = counter[0] or (_CALIBRATION_GRID + 1) * k * jvps_per_sample
-        return seconds, jvps
+        # JVPs, not network calls: a derivative path may call the network several times
+        # per JVP (finite differences), which is part of a JVP's calibrated cost
+        return clock() - start, (_CALIBRATION_GRID + 1) * k * jvps_per_sample
 
     cap = max(2, batch_size)
     timed(2)  # warm-up: lazy initialisation, kernel selection, caches
@@ -279,27 +277,6 @@ def _forward_ratio(
     except (RuntimeError, TypeError, ValueError, AttributeError):
         return None
     return per_jvp * k / best if best > 0 else None
-
-
-class _Counted:
-    """``model`` seen through a counter of the samples its ``differentiable_eps`` evaluates
-    (conditioned copies from ``with_kwargs`` count into the same counter)."""
-
-    def __init__(self, model: object, counter: list[int]) -> None:
-        self._model, self._counter = model, counter
-
-    def __getattr__(self, name: str) -> Any:
-        value = getattr(self._model, name)
-        if name == "differentiable_eps":
-
-            def counted(x: Tensor, t: Tensor) -> Tensor:
-                self._counter[0] += int(x.shape[0]) if x.ndim else 1
-                return value(x, t)
-
-            return counted
-        if name == "with_kwargs":
-            return lambda **kwargs: _Counted(value(**kwargs), self._counter)
-        return value
 
 
 def agree(cost: EMSCost) -> EMSCost:
