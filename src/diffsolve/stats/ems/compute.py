@@ -307,7 +307,7 @@ def compute_ems(
             jvp,
             precision=getattr(model, "network_dtype", None),
             t_max=schedule.t_bound,
-            on_select=lambda path, failed: report(describe(path, failed)),
+            on_select=lambda path, failed: report(f"EMS derivatives: {describe(path, failed)}"),
         ),
         ems_grid(schedule, grid_size, t_start, t_end),
         data.to(device=device, dtype=dtype),
