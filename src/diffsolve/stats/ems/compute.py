@@ -302,13 +302,7 @@ def compute_ems(
     report = _reporter(progress and rank == 0)
     run = _Run(
         model,
-        JVP(
-            model.differentiable_eps,  # type: ignore[attr-defined]
-            jvp,
-            precision=getattr(model, "network_dtype", None),
-            t_max=schedule.t_bound,
-            on_select=lambda path, failed: report(f"EMS derivatives: {describe(path, failed)}"),
-        ),
+        _make_jvp(model, jvp, schedule, report),
         ems_grid(schedule, grid_size, t_start, t_end),
         data.to(device=device, dtype=dtype),
         conditioning,
@@ -317,17 +311,7 @@ def compute_ems(
         batch_size if isinstance(batch_size, int) else 1,
         device,
     )
-    if batch_size == "auto":
-        plan = auto_batch_size(
-            lambda n: replace(run, mine=run.mine[:n], batch_size=n).point(0),
-            len(run.mine),
-            device,
-            memory_budget,
-        )
-        run.batch_size = plan.batch_size
-        report(f"EMS {plan.describe()}")
-    elif not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
+    run.batch_size = _batch_size(run, batch_size, memory_budget, report)
     sums = run.all_points(_Checkpoint(checkpoint, inputs, rank), progress and rank == 0)
     if world > 1:
         import torch.distributed as dist
@@ -353,6 +337,41 @@ def compute_ems(
         derivative=run.jvp.path,
     )
     return EMS(run.grid.lambdas, l, s, b, meta)
+
+
+def _make_jvp(
+    model: Any, mode: JVPMode, schedule: NoiseSchedule, report: Callable[[str], None]
+) -> JVP:
+    """The JVPs of ``model``'s noise prediction by ``mode`` (:mod:`.derivatives`), finite
+    differences stepped for its network's dtype, the path ``"auto"`` takes reported."""
+    return JVP(
+        model.differentiable_eps,
+        mode,
+        precision=getattr(model, "network_dtype", None),
+        t_max=schedule.t_bound,
+        on_select=lambda path, failed: report(f"EMS derivatives: {describe(path, failed)}"),
+    )
+
+
+def _batch_size(
+    run: _Run,
+    batch_size: int | Literal["auto"],
+    memory_budget: int | None,
+    report: Callable[[str], None],
+) -> int:
+    """The batch size, checked; ``"auto"``: sized by probe batches (:mod:`.memory`)."""
+    if batch_size == "auto":
+        plan = auto_batch_size(
+            lambda n: replace(run, mine=run.mine[:n], batch_size=n).point(0),
+            len(run.mine),
+            run.device,
+            memory_budget,
+        )
+        report(f"EMS {plan.describe()}")
+        return plan.batch_size
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
+    return batch_size
 
 
 def _check_model_and_range(
