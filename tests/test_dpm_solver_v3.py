@@ -89,7 +89,9 @@ def test_estimator_converges_to_the_closed_form():
     errors = []
     for k in (256, 4096):
         data = g.sample(k, torch.Generator().manual_seed(0))
-        est = compute_ems(g.denoiser(schedule), data, grid_size=40, batch_size=4096, window=0)
+        est = compute_ems(
+            g.denoiser(schedule), data, grid_size=40, batch_size=4096, window=0, bandwidth=0
+        )
         inner = slice(2, -2)
         errors.append(
             [
@@ -243,3 +245,31 @@ def test_every_demo_model_ships_ems_that_sampling_picks_up(name):
     with torch.inference_mode():
         out = sample(denoiser, noise_for_seeds(range(4), loaded.data_shape), solver, grid)
     assert out.nfe == 5 and torch.isfinite(out.x).all()
+
+
+def test_smoothing_in_lambda_cuts_the_estimators_error():
+    """With few samples per point on a fine grid, smoothing the statistics in λ (the default
+    recipe's estimator) is several times closer to the exact optimum than the per-point
+    estimator at the same cost (measured: relative errors of l, s, b 1.3e-3, 6%, 6% against
+    5e-3, 50%, 70%)."""
+    g = GaussianModel.random((4,), seed=1)
+    schedule = VPDiscrete.from_diffusers()
+    exact = gaussian_ems(g, schedule, 300)
+    data = g.sample(4096, torch.Generator().manual_seed(0))
+    inner = slice(6, -6)
+
+    def errors(bandwidth: float) -> list[float]:
+        est = compute_ems(
+            g.denoiser(schedule), data, samples=24, grid_size=300, bandwidth=bandwidth
+        )
+        return [
+            float(
+                (getattr(est, n)[inner] - getattr(exact, n)[inner]).norm()
+                / getattr(exact, n)[inner].norm()
+            )
+            for n in "lsb"
+        ]
+
+    smoothed, per_point = errors(0.2), errors(0.0)
+    assert all(a < b / 3 for a, b in zip(smoothed, per_point, strict=True)), (smoothed, per_point)
+    assert smoothed[0] < 3e-3 and smoothed[1] < 0.15 and smoothed[2] < 0.15

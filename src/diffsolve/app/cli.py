@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import click
 import numpy as np
@@ -20,6 +20,8 @@ import torch
 from diffsolve.app.conditioning import GUIDANCE
 from diffsolve.ode.grids import GRIDS
 from diffsolve.solvers.registry import SOLVERS
+from diffsolve.stats.ems.compute import RECIPE
+from diffsolve.stats.ems.derivatives import JVPMode
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -522,13 +524,26 @@ CONFIRM_ABOVE_S = 3600.0
 
 @main.command("ems")
 @model_option()
-@int_option("--samples", 1024, 2, "K: data points.")
+@int_option(
+    "--samples",
+    RECIPE["samples"],
+    2,
+    "K: samples per λ point (noised data points; the points rotate through --data).",
+)
 @click.option(
     "--grid",
     "grid_size",
-    default=1200,
+    default=RECIPE["grid_size"],
     type=click.IntRange(2, None),
-    help="N: logSNR intervals (1200, as the shipped EMS; 200 is visibly worse, README).",
+    help="N: logSNR intervals (fine: the network varies between its training timesteps).",
+)
+@click.option(
+    "--bandwidth",
+    default=RECIPE["bandwidth"],
+    type=click.FloatRange(0, None),
+    show_default=True,
+    help="Smoothing of the statistics in λ (local regression); 0: the paper's per-point "
+    "estimator, which needs ~10x the samples (BENCHMARKS.md, EMS recipe).",
 )
 @out_file_option("ems.safetensors")
 @data_option("x0 points: the digits training split, or a .pt/.npy/.npz array (M, ...).")
@@ -539,8 +554,8 @@ CONFIRM_ABOVE_S = 3600.0
 @click.option(
     "--jvp",
     default="auto",
-    type=click.Choice(["auto", "forward", "double_backward"]),
-    help="Forward-mode AD, double-backward, or forward with automatic fallback.",
+    type=click.Choice(list(get_args(JVPMode))),
+    help="How the JVPs are taken (auto: the first path that works, reported).",
 )
 @click.option(
     "--checkpoint",

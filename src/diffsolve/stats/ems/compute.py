@@ -48,6 +48,7 @@ from torch import Tensor
 from diffsolve.ode.schedule import NoiseSchedule
 from diffsolve.stats.ems.derivatives import JVP, JVPMode, describe
 from diffsolve.stats.ems.memory import auto_batch_size
+from diffsolve.stats.ems.smoothing import local_polynomial, smooth
 from diffsolve.stats.ems.statistics import EMS, make_metadata, model_fingerprint
 
 _F64 = torch.float64
@@ -179,14 +180,52 @@ def smoothed_derivative(values: Tensor, lambdas: Tensor, window: int = 5) -> Ten
     return moving_average(grad, window)
 
 
+#: Default smoothing bandwidth in λ (:func:`finalize`), chosen on ``digits`` (BENCHMARKS.md,
+#: "EMS recipe"). A grid coarser than ``bandwidth / MIN_SPACINGS`` cannot resolve it and is
+#: not smoothed (:func:`effective_bandwidth`).
+BANDWIDTH = 0.2
+MIN_SPACINGS = 2.0
+#: The recommended estimation: a fine grid with few samples per point, smoothed — a tenth
+#: of the official recipe's K·N (256 × 1201) for the same DPM-Solver-v3 accuracy.
+RECIPE = {"grid_size": 1200, "samples": 24, "bandwidth": BANDWIDTH}
+
+def effective_bandwidth(bandwidth: float, lambdas: Tensor) -> float:
+    """``bandwidth`` if the grid ``lambdas`` resolves it (at least :data:`MIN_SPACINGS`
+    spacings), else 0: the per-point estimator."""
+    spacing = abs(float(lambdas[-1] - lambdas[0])) / max(lambdas.numel() - 1, 1)
+    return float(bandwidth) if bandwidth >= MIN_SPACINGS * spacing else 0.0
+
+
 def finalize(
-    sums: dict[str, Tensor], count: int, grid: _Grid, window: int = 5, l_window: int = 0
+    sums: dict[str, Tensor],
+    count: int,
+    grid: _Grid,
+    window: int = 5,
+    l_window: int = 0,
+    bandwidth: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Turn moment sums ``(N+1, *shape)`` over ``count`` samples into ``(l, s, b)``;
-    ``l_window > 0`` smooths the estimate of ``l`` itself over ±``l_window`` points."""
+    r"""Turn moment sums ``(N+1, *shape)`` over ``count`` samples into ``(l, s, b)``.
+
+    With ``bandwidth > 0`` (and a grid that resolves it, :func:`effective_bandwidth`) the
+    estimates are smoothed in λ with kernels of that bandwidth (:mod:`.smoothing`): first
+    :math:`l`, by a
+    local quadratic regression whose fit also gives :math:`l'`; then the per-point
+    :math:`\mathbb E f`, :math:`\mathbb E f'`, :math:`\mathrm{Var} f` and
+    :math:`\mathrm{Cov}(f, f')` (scaled by :math:`e^{\lambda}` per power of :math:`f`), by
+    a kernel average with positive weights (so the variance stays positive), before the ratio
+    :math:`s = \mathrm{Cov}/\mathrm{Var}` — a ratio of pooled moments, not a mean of noisy
+    per-point ratios. Otherwise (the paper's estimator) each point stands alone,
+    :math:`l'` is a finite difference smoothed over ±``window`` points and ``l_window > 0``
+    smooths ``l`` itself over ±``l_window`` points."""
     m = {k: v / count for k, v in sums.items()}
-    l = moving_average(m["l"], l_window)
-    dl = smoothed_derivative(l, grid.lambdas, window)
+    lambdas = grid.lambdas
+    bandwidth = effective_bandwidth(bandwidth, lambdas)
+    if bandwidth > 0:
+        value, slope = local_polynomial(lambdas, lambdas, bandwidth)
+        l, dl = smooth(m["l"], value), smooth(m["l"], slope)
+    else:
+        l = moving_average(m["l"], l_window)
+        dl = smoothed_derivative(l, lambdas, window)
     # f = A e + B w,  f' = e^{-lam}((l-1) eps + eps') - l' x/alpha = C e + D w + d
     big_a, big_b, big_c, big_d = 1 - l, l, l - 1 - dl, dl
     mean_f = big_a * m["e"] + big_b * m["w"]
@@ -201,6 +240,11 @@ def finalize(
     )
     var = ff - mean_f**2
     cov = fdf - mean_f * mean_df
+    if bandwidth > 0:  # positive weights: pooled variances stay positive
+        average, _ = local_polynomial(lambdas, lambdas, bandwidth, degree=0)
+        unit = torch.exp(lambdas).reshape(-1, *([1] * (l.ndim - 1)))  # f, f' ~ e^{-lambda}
+        mean_f, mean_df = (smooth(v * unit, average) / unit for v in (mean_f, mean_df))
+        var, cov = (smooth(v * unit**2, average) / unit**2 for v in (var, cov))
     tiny = 1e-12 * torch.clamp(ff, min=1e-300)
     s = torch.where(
         var > tiny, cov / torch.where(var > tiny, var, torch.ones_like(var)), torch.zeros_like(var)
@@ -214,7 +258,7 @@ def compute_ems(
     data: Tensor,
     *,
     samples: int | None = None,
-    grid_size: int = 200,
+    grid_size: int = 1200,
     t_start: float | None = None,
     t_end: float | None = None,
     seed: int = 0,
@@ -222,6 +266,7 @@ def compute_ems(
     memory_budget: int | None = None,
     window: int | None = None,
     l_window: int = 0,
+    bandwidth: float | None = None,
     jvp: JVPMode = "auto",
     checkpoint: str | Path | None = None,
     progress: bool = False,
@@ -235,9 +280,15 @@ def compute_ems(
         model: A denoiser with ``differentiable_eps(x, t)`` and ``schedule`` (a
             :class:`~diffsolve.ModelWrapper` or an analytic model's denoiser).
         data: Data points ``(M, *shape)`` in the model's input space (training data, or
-            model samples); sample ``k`` uses ``data[k % M]``.
-        samples: ``K`` (default: all of ``data``).
-        grid_size: ``N``, intervals of the logSNR-uniform grid.
+            model samples); sample ``k`` at grid point ``j`` uses ``data[(k + j K) % M]``:
+            the grid points rotate through the data, so every point of it is used even
+            with few samples per point (and neighbouring points, pooled by the smoothing,
+            see different data).
+        samples: ``K``, samples per grid point (default: as many as ``data`` has points;
+            recommended: :data:`RECIPE`'s 24 — with the smoothing, more buys little).
+        grid_size: ``N``, intervals of the logSNR-uniform grid (default 1200, as the
+            official code: the grid must resolve how the network varies between its
+            training timesteps, see :mod:`.smoothing`).
         t_start, t_end: Time range (default: the schedule's ``default_range``).
         seed: Seed of the noise and the probes.
         batch_size: Samples per JVP batch (memory only: results do not depend on it), or
@@ -249,6 +300,12 @@ def compute_ems(
             N = 1200); default ``round(5 N / 1200)``, the same width in λ.
         l_window: Half-width of a moving average of :math:`l` itself (0: none, as the paper).
             At high noise :math:`f` is :math:`e^{-\lambda}`-sensitive to errors in ``l``.
+            ``window`` and ``l_window`` apply only without smoothing (``bandwidth=0``).
+        bandwidth: Smooth every moment in λ by a local quadratic regression of this
+            bandwidth (:func:`finalize`, :mod:`.smoothing`); default :data:`BANDWIDTH` (0.2),
+            0 for the paper's per-point estimator. Smoothing lets a fine grid with few
+            samples per point replace many samples per point: the recommended recipe
+            (:data:`RECIPE`) is N = 1200 with K = 24, a tenth of the official K·N.
         jvp: How the JVPs are taken: ``"auto"`` (the first of the paths below that works
             on the first batch), ``"forward"`` (``torch.func.jvp``),
             ``"forward_math_attention"`` (the same with ``scaled_dot_product_attention`` on
@@ -298,6 +355,7 @@ def compute_ems(
         "world": world,
         "rank": rank,
         "shape": list(data.shape[1:]),
+        "data_order": "rotating",  # sample k at point j noises data[(k + j K) mod M]
     }
     report = _reporter(progress and rank == 0)
     run = _Run(
@@ -310,6 +368,7 @@ def compute_ems(
         seed,
         batch_size if isinstance(batch_size, int) else 1,
         device,
+        stride=k_total,
     )
     run.batch_size = _batch_size(run, batch_size, memory_budget, report)
     sums = run.all_points(_Checkpoint(checkpoint, inputs, rank), progress and rank == 0)
@@ -318,8 +377,11 @@ def compute_ems(
 
         for key in MOMENTS:
             dist.all_reduce(sums[key])
-    l, s, b = finalize(sums, k_total, run.grid, window, l_window)
-    description = f"DPM-Solver-v3 EMS estimated by diffsolve (K={k_total}, N={grid_size})"
+    bandwidth = BANDWIDTH if bandwidth is None else bandwidth
+    bandwidth = effective_bandwidth(bandwidth, run.grid.lambdas)
+    l, s, b = finalize(sums, k_total, run.grid, window, l_window, bandwidth)
+    description = f"DPM-Solver-v3 EMS estimated by diffsolve (K={k_total}, N={grid_size}"
+    description += f", smoothed in λ, bandwidth {bandwidth:g})" if bandwidth else ")"
     if conditioning:
         description += f", conditioned on the data's {', '.join(sorted(conditioning))}"
     meta = make_metadata(
@@ -333,6 +395,7 @@ def compute_ems(
         grid_size=grid_size,
         seed=seed,
         window=window,
+        bandwidth=bandwidth,
         model_name=model_name,
         derivative=run.jvp.path,
     )
@@ -457,13 +520,16 @@ class _Run:
     seed: int
     batch_size: int
     device: str
+    stride: int = 0
 
     def point(self, j: int) -> dict[str, Tensor]:
-        """Moment sums over this rank's samples at grid point ``j``."""
+        """Moment sums over this rank's samples at grid point ``j``: sample ``k`` noises data
+        point ``(k + j·stride) mod M``, so with ``stride = K`` consecutive grid points take
+        consecutive data points and all of ``data`` is used however small K is."""
         totals: dict[str, Tensor] = {}
         for start in range(0, len(self.mine), self.batch_size):
             chunk = self.mine[start : start + self.batch_size]
-            rows = torch.tensor([k % self.data.shape[0] for k in chunk])
+            rows = torch.tensor([(k + j * self.stride) % self.data.shape[0] for k in chunk])
             if self.conditioning:  # the network sees each data point's own conditioning
                 kwargs = {
                     key: value[rows].to(self.device) for key, value in self.conditioning.items()
