@@ -19,9 +19,9 @@ one batched call. :func:`ems_for_pipeline` then estimates the EMS
         "stable-diffusion-v1-5/stable-diffusion-v1-5", torch_dtype=torch.float16
     ).to("cuda")
     embeds, negative = pipe.encode_prompt("a photo", "cuda", 1, True, "")
-    latents = ...  # (K, 4, 64, 64): model samples, e.g. 1024 latents from DPM-Solver++ 200 steps
-    ems = ems_for_pipeline(pipe, latents, prompt_embeds=negative, samples=1024,
-                           grid_size=250, batch_size="auto", device="cuda", progress=True)
+    latents = ...  # (M, 4, 64, 64): model samples, e.g. 1024 latents from DPM-Solver++ 200 steps
+    ems = ems_for_pipeline(pipe, latents, prompt_embeds=negative,  # K = 24, N = 1200: RECIPE
+                           batch_size="auto", device="cuda", progress=True)
     ems.save("sd15-ems.safetensors")
     pipe.scheduler = DPMSolverV3Scheduler.from_config(
         pipe.scheduler.config, ems_path="sd15-ems.safetensors"

@@ -135,9 +135,14 @@ class FiniteDifference:
     t_levels: int = 10
 
     def epsilon(self, x: Tensor) -> float:
-        """Machine epsilon of the network's dtype (never finer than ``x``'s)."""
+        """Machine epsilon of the network's dtype (never finer than ``x``'s). A float32
+        network on CUDA with TF32 allowed (cuDNN's default for convolutions) computes with
+        10 mantissa bits: :math:`2^{-10}` (measured on an H100: finite differences at
+        float32's epsilon disagree with forward mode by 3% there, by 3e-4 without TF32)."""
         dtype = self.precision(x) if callable(self.precision) else self.precision
         eps = torch.finfo(dtype or x.dtype).eps
+        if (dtype or x.dtype) == torch.float32 and x.device.type == "cuda" and _tf32_allowed():
+            eps = max(eps, TF32_EPSILON)
         return max(eps, torch.finfo(x.dtype).eps)
 
     def __call__(
@@ -182,6 +187,19 @@ class FiniteDifference:
             return (3 * base - 4 * at(t0 - step) + at(t0 - 2 * step)) / (2 * step)
 
         return _ridders(difference, h, self.t_levels)[0].to(out.dtype)
+
+
+#: Machine epsilon of TF32 (10 explicit mantissa bits).
+TF32_EPSILON = 2.0**-10
+
+
+def _tf32_allowed() -> bool:
+    """Whether float32 convolutions or matrix products may run in TF32 on CUDA."""
+    return bool(
+        torch.backends.cudnn.allow_tf32
+        or torch.backends.cuda.matmul.allow_tf32
+        or torch.get_float32_matmul_precision() != "highest"
+    )
 
 
 def _ridders(
