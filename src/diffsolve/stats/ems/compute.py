@@ -189,6 +189,7 @@ MIN_SPACINGS = 2.0
 #: of the official recipe's K·N (256 × 1201) for the same DPM-Solver-v3 accuracy.
 RECIPE = {"grid_size": 1200, "samples": 24, "bandwidth": BANDWIDTH}
 
+
 def effective_bandwidth(bandwidth: float, lambdas: Tensor) -> float:
     """``bandwidth`` if the grid ``lambdas`` resolves it (at least :data:`MIN_SPACINGS`
     spacings), else 0: the per-point estimator."""
@@ -371,19 +372,12 @@ def compute_ems(
         stride=k_total,
     )
     run.batch_size = _batch_size(run, batch_size, memory_budget, report)
-    sums = run.all_points(_Checkpoint(checkpoint, inputs, rank), progress and rank == 0)
-    if world > 1:
-        import torch.distributed as dist
-
-        for key in MOMENTS:
-            dist.all_reduce(sums[key])
+    sums = _all_reduce(
+        run.all_points(_Checkpoint(checkpoint, inputs, rank), progress and rank == 0)
+    )
     bandwidth = BANDWIDTH if bandwidth is None else bandwidth
     bandwidth = effective_bandwidth(bandwidth, run.grid.lambdas)
     l, s, b = finalize(sums, k_total, run.grid, window, l_window, bandwidth)
-    description = f"DPM-Solver-v3 EMS estimated by diffsolve (K={k_total}, N={grid_size}"
-    description += f", smoothed in λ, bandwidth {bandwidth:g})" if bandwidth else ")"
-    if conditioning:
-        description += f", conditioned on the data's {', '.join(sorted(conditioning))}"
     meta = make_metadata(
         schedule,
         t_start,
@@ -391,15 +385,33 @@ def compute_ems(
         tuple(data.shape[1:]),
         k_total,
         fingerprint,
-        description=description,
+        description=_description(k_total, grid_size, bandwidth, conditioning),
         grid_size=grid_size,
         seed=seed,
         window=window,
         bandwidth=bandwidth,
         model_name=model_name,
-        derivative=run.jvp.path,
+        derivative=run.jvp.path or "unknown: every point came from the checkpoint",
     )
     return EMS(run.grid.lambdas, l, s, b, meta)
+
+
+def _all_reduce(sums: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The moment sums of every rank (in place; a single process keeps its own)."""
+    if _dist_info()[1] > 1:
+        import torch.distributed as dist
+
+        for key in MOMENTS:
+            dist.all_reduce(sums[key])
+    return sums
+
+
+def _description(k: int, n: int, bandwidth: float, conditioning: Mapping[str, Tensor]) -> str:
+    text = f"DPM-Solver-v3 EMS estimated by diffsolve (K={k}, N={n}"
+    text += f", smoothed in λ, bandwidth {bandwidth:g})" if bandwidth else ")"
+    if conditioning:
+        text += f", conditioned on the data's {', '.join(sorted(conditioning))}"
+    return text
 
 
 def _make_jvp(
