@@ -41,6 +41,7 @@ from diffsolve.wrappers import (
     AdaptiveProjectedGuidance,
     ClassifierFreeGuidance,
     ClassifierGuidance,
+    DualFast,
     DynamicThresholding,
     Teleported,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "DPMSolverAdaptive",
     "DPMSolverPP",
     "DPMSolverV3",
+    "DualFast",
     "DynamicThresholding",
     "Euler",
     "GaussianModel",

@@ -1,6 +1,8 @@
-"""Wrappers compose with any model or solver: guidance and thresholding wrap the model
-(:mod:`.guidance`, :mod:`.thresholding`), teleportation wraps a solver (:mod:`.teleport`)."""
+"""Wrappers compose with any model or solver: guidance, thresholding and DualFast wrap the
+model (:mod:`.guidance`, :mod:`.thresholding`, :mod:`.dualfast`), teleportation wraps a solver
+(:mod:`.teleport`)."""
 
+from diffsolve.wrappers.dualfast import DualFast
 from diffsolve.wrappers.guidance import (
     AdaptiveProjectedGuidance,
     ClassifierFreeGuidance,
@@ -13,6 +15,7 @@ __all__ = [
     "AdaptiveProjectedGuidance",
     "ClassifierFreeGuidance",
     "ClassifierGuidance",
+    "DualFast",
     "DynamicThresholding",
     "Teleported",
     "teleport",
