@@ -9,6 +9,7 @@ time range (default: the schedule's :attr:`~diffsolve.ode.schedule.NoiseSchedule
 * :func:`karras` — Karras et al.'s :math:`\rho`-spacing of the EDM noise level
   :math:`\sigma/\alpha`;
 * :func:`custom` — a user's list, validated.
+* :func:`align_your_steps` — the published Align Your Steps schedules (SD 1.5, SDXL, SVD).
 
 A grid may end at ``t = 0`` (clean data); :func:`append_zero` adds that final point, which turns
 the last step into "return the model's :math:`\hat x_0`" (diffusers' ``final_sigmas_type="zero"``).
@@ -18,6 +19,7 @@ Every grid is checked once by :func:`validate_grid`.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -116,6 +118,93 @@ def custom(schedule: NoiseSchedule, ts: Sequence[float] | Tensor) -> Tensor:
 def append_zero(schedule: NoiseSchedule, grid: Tensor) -> Tensor:
     """Append the clean-data point ``t = 0``: the last step then returns :math:`\\hat x_0`."""
     return validate_grid(schedule, torch.cat([grid.to(_F64), torch.zeros(1, dtype=_F64)]))
+
+
+#: Align Your Steps' published 10-step schedules (Sabour, Fidler & Kreis, ICML 2024, arXiv
+#: 2404.14507, Table 3; also research.nvidia.com/labs/toronto-ai/AlignYourSteps/howto.html):
+#: the EDM / k-diffusion noise levels :math:`\sigma(t_{10}) > \dots > \sigma(t_0)`, with
+#: :math:`\sigma = \sigma_t/\alpha_t` for VP models. SD 1.5 and SDXL (both the scaled-linear
+#: betas 0.00085–0.012, whose :math:`\sigma` range is [0.0292, 14.6146]) and Stable Video
+#: Diffusion (EDM, :math:`\sigma \in [0.002, 700]`).
+AYS_SIGMAS: dict[str, tuple[float, ...]] = {
+    "sd15": (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029),
+    "sdxl": (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029),
+    "svd": (700.00, 54.5, 15.886, 7.977, 4.248, 1.789, 0.981, 0.403, 0.173, 0.034, 0.002),
+}
+#: The published values have three decimals: an end of a list within half a unit of the
+#: schedule's :math:`\sigma` range is that range's end, rounded.
+_AYS_ROUNDING = 5e-4
+
+
+def _loglinear(values: Sequence[float], points: int) -> Tensor:
+    """``points`` values log-linearly interpolated over a decreasing list placed uniformly on
+    [0, 1] (AYS' rule for other step counts); the list itself at ``points = len(values)``."""
+    logs = torch.log(torch.tensor(values, dtype=_F64))
+    if points == 1:
+        return logs[:1].exp()
+    pos = torch.linspace(0, len(values) - 1, points, dtype=_F64)
+    k = pos.floor().clamp(max=len(values) - 2).long()
+    frac = pos - k
+    out = torch.lerp(logs[k], logs[k + 1], frac).exp()
+    exact = frac == 0  # grid points on a published value keep it bit for bit
+    out[exact] = logs[k[exact]].exp()
+    return out
+
+
+def align_your_steps(
+    schedule: NoiseSchedule,
+    steps: int,
+    model_kind: Literal["sd15", "sdxl", "svd"] = "sd15",
+    end: Literal["zero", "replace", "sigma_min"] = "zero",
+) -> Tensor:
+    r"""Align Your Steps (Sabour, Fidler & Kreis 2024, arXiv 2404.14507): the published
+    10-step noise levels :data:`AYS_SIGMAS` of ``model_kind`` as solver times of ``schedule``.
+
+    Other step counts interpolate :math:`\log\sigma` linearly over the list placed uniformly
+    on [0, 1] (the authors' how-to page and ComfyUI's ``AlignYourStepsScheduler``). The EDM
+    level :math:`\sigma` maps to time through :math:`\lambda = -\log\sigma`
+    (:meth:`~diffsolve.ode.schedule.NoiseSchedule.t_of_edm_sigma`; VP:
+    :math:`\sigma_t = \sigma/\sqrt{1+\sigma^2}`). A list end within rounding
+    (:data:`_AYS_ROUNDING`) of the schedule's range is put on that end; a list reaching
+    above the schedule's largest :math:`\sigma` is refused (it belongs to another model).
+    The lists are fitted per model: on another model they are only a heuristic.
+
+    Args:
+        schedule: The model's schedule.
+        steps: Number of steps; the grid has ``steps + 1`` points.
+        model_kind: ``"sd15"``, ``"sdxl"`` or ``"svd"``.
+        end: How the :math:`\sigma = 0` end is handled. ``"zero"`` — as the registry's
+            grids (:func:`diffsolve.solvers.registry.nfe_grid`): ``steps - 1`` steps over the
+            published range (the list interpolated to ``steps`` levels, the last one
+            evaluated) and a final step to ``t = 0``; ``steps = 11`` evaluates at exactly the
+            published levels. ``"replace"`` — ComfyUI's and diffusers' documented use: the list
+            interpolated to ``steps + 1`` levels and the last replaced by ``t = 0``.
+            ``"sigma_min"`` — no zero: ``steps`` steps ending at the list's smallest level
+            (the paper's table as a grid; ``steps = 10`` reproduces it).
+    """
+    _check_steps(steps)
+    if model_kind not in AYS_SIGMAS:
+        raise ValueError(f"model_kind must be one of {sorted(AYS_SIGMAS)}, got {model_kind!r}")
+    if end not in ("zero", "replace", "sigma_min"):
+        raise ValueError(f"end must be 'zero', 'replace' or 'sigma_min', got {end!r}")
+    points = steps if end == "zero" else steps + 1
+    sigmas = _loglinear(AYS_SIGMAS[model_kind], points)
+    hi, lo = (float(schedule.edm_sigma(t)) for t in (schedule.t_max, schedule.default_range[1]))
+    if float(sigmas[0]) > hi + _AYS_ROUNDING:
+        raise ValueError(
+            f"align_your_steps: the {model_kind!r} list starts at sigma = {float(sigmas[0]):g}, "
+            f"above this schedule's largest sigma {hi:g}: it was fitted for another model"
+        )
+    ts = schedule.t_of_edm_sigma(sigmas)
+    if float(sigmas[0]) >= hi - _AYS_ROUNDING:  # the published ends round the model's range
+        ts[0] = schedule.t_max
+    if abs(float(sigmas[-1]) - lo) <= _AYS_ROUNDING:
+        ts[-1] = schedule.default_range[1]
+    if end == "replace":
+        ts[-1] = 0.0
+    if end == "zero":
+        ts = torch.cat([ts, torch.zeros(1, dtype=_F64)])
+    return validate_grid(schedule, ts)
 
 
 GRIDS: dict[str, Callable[..., Tensor]] = {
