@@ -81,3 +81,40 @@ def test_nfe_grids_never_evaluate_below_the_first_training_step(kind):
         grid = nfe_grid(schedule, steps, kind)
         assert grid.numel() == steps + 1 and float(grid[-1]) == 0.0
         assert float(grid[:-1].min()) >= 1e-3 * (1 - 1e-12), (kind, steps)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0, 0.5])
+def test_time_shifted_is_flow_matchs_spacing(shift):
+    """On rectified flow (t = σ) the shifted grid is diffusers' FlowMatchEulerDiscrete sigmas
+    (its `shift`), given the same two ends; shift 1 is the time-uniform grid."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from diffsolve.ode.schedule import RectifiedFlow
+
+    schedule = RectifiedFlow(t_max=1.0)
+    peer = FlowMatchEulerDiscreteScheduler(shift=shift)
+    peer.set_timesteps(10)
+    sigmas = peer.sigmas[:-1].double()
+    ours = grids.time_shifted(schedule, 9, float(sigmas[0]), float(sigmas[-1]), shift=shift)
+    torch.testing.assert_close(ours, sigmas, rtol=1e-6, atol=1e-7)
+    if shift == 1.0:
+        uniform = grids.time_uniform(schedule, 9, *sigmas[[0, -1]].tolist())
+        torch.testing.assert_close(ours, uniform)
+    edm = grids.time_shifted(EDM(), 5, shift=shift)  # warped in t / t_max
+    assert (edm[1:] < edm[:-1]).all() and tuple(edm[[0, -1]].tolist()) == EDM().default_range
+
+
+def test_flow_models_default_to_the_flow_shifted_grid():
+    """Every registry solver on a rectified-flow model gets :func:`grids.flow_shifted` (the
+    preset's own grid elsewhere), ending at t = 0."""
+    from diffsolve.ode.schedule import RectifiedFlow
+    from diffsolve.solvers.registry import nfe_grid, setup_solver
+
+    flow = RectifiedFlow(t_max=0.999)
+    for name in ("dpm-solver++-2m", "unipc-bh2-3", "ddim"):
+        _, grid = setup_solver(name, flow, 8)
+        expected = grids.flow_shifted(flow, grid.numel() - 1, None, 0.0)
+        torch.testing.assert_close(grid, expected, rtol=0, atol=0)
+    vp = VPDiscrete.from_diffusers()
+    _, vp_grid = setup_solver("dpm-solver++-2m", vp, 8)
+    torch.testing.assert_close(vp_grid, nfe_grid(vp, vp_grid.numel() - 1, "time_quadratic"))

@@ -22,7 +22,7 @@ import torch
 from diffsolve import DPMSolverAdaptive, DPMSolverPP, invert, sample
 from diffsolve.app.loader import load_model
 from diffsolve.app.seeds import noise_for_seeds
-from diffsolve.solvers.registry import SOLVERS, setup_solver
+from diffsolve.solvers.registry import SOLVERS, preset, setup_solver
 
 PINNED = Path(__file__).parent / "data" / "pinned_outputs.npz"
 F64 = torch.float64
@@ -44,7 +44,9 @@ def _noise(loaded, t: float | None = None) -> torch.Tensor:
 def _registry_case(model: str, name: str, nfe: int) -> torch.Tensor:
     loaded = _model(model)
     context = loaded.solver_context(SOLVERS[name].needs)
-    solver, grid = setup_solver(name, loaded.schedule, nfe, context=context)
+    # the preset's own grid (as pinned), also on flow models, whose default is now flow_shifted
+    kind = preset(name).grid_kind(nfe)
+    solver, grid = setup_solver(name, loaded.schedule, nfe, kind, context=context)
     return sample(loaded.denoiser, _noise(loaded, float(grid[0])), solver, grid).x
 
 

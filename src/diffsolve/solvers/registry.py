@@ -38,7 +38,7 @@ from torch import Tensor
 
 from diffsolve.ode import grids
 from diffsolve.ode.plan import Solver
-from diffsolve.ode.schedule import NoiseSchedule
+from diffsolve.ode.schedule import NoiseSchedule, RectifiedFlow
 from diffsolve.stats.ems import EMS, load_ems
 from diffsolve.stats.gaussian import GaussianModel, load_gaussian_stats
 
@@ -288,8 +288,14 @@ def setup_solver(
     if not isinstance(nfe, int) or nfe < 2:
         raise ValueError(f"nfe must be an integer >= 2, got {nfe!r}")
     solver = spec.build(nfe, context)
-    kind = grid or spec.grid_kind(nfe)
+    kind = grid or default_grid_kind(spec, schedule, nfe)
     return solver, nfe_grid(schedule, spec.steps(nfe), kind, t_start, t_end)
+
+
+def default_grid_kind(spec: Preset, schedule: NoiseSchedule, nfe: int) -> str:
+    """The preset's grid, except on rectified-flow models: :func:`~diffsolve.ode.grids.
+    flow_shifted` for every solver (measured on ``digits-flow``, BENCHMARKS.md §12)."""
+    return "flow_shifted" if isinstance(schedule, RectifiedFlow) else spec.grid_kind(nfe)
 
 
 def nfe_grid(
@@ -306,7 +312,7 @@ def nfe_grid(
     time-uniform or time-quadratic grid to ``t = 0`` would place its last evaluation there
     (from about 36 steps on a 1000-step model), the grid is rebuilt as ``steps - 1`` steps to
     that end plus the free step to ``t = 0``."""
-    if kind in ("time_uniform", "time_quadratic") and not t_end:
+    if kind in ("time_uniform", "time_quadratic", "time_shifted", "flow_shifted") and not t_end:
         grid = grids.make_grid(schedule, steps, kind, t_start, 0.0)
         if steps < 2 or float(grid[-2]) >= schedule.default_range[1]:
             return grid
