@@ -18,11 +18,10 @@ import argparse
 import time
 
 import torch
+from v3_study import bench_problem
 
-from diffsolve.app.bench.runner import reference_solve, rmse
+from diffsolve.app.bench.runner import rmse
 from diffsolve.app.data import load_digit_labels, load_digits
-from diffsolve.app.loader import load_model
-from diffsolve.app.seeds import noise_for_seeds
 from diffsolve.ode.sampling import sample
 from diffsolve.solvers.dpm_solver_v3 import DPMSolverV3
 from diffsolve.solvers.registry import nfe_grid
@@ -95,13 +94,7 @@ def main() -> None:
     parser.add_argument("--timing-points", type=int, default=40)
     args = parser.parse_args()
 
-    loaded = load_model(args.model)
-    denoiser = loaded.denoiser
-    if loaded.num_classes:
-        denoiser = loaded.conditional(torch.arange(args.samples) % loaded.num_classes)
-    x = noise_for_seeds(range(args.samples), loaded.data_shape)
-    with torch.inference_mode():
-        reference, _, _ = reference_solve(denoiser, x, 500)
+    loaded, denoiser, x, reference = bench_problem(args.model, args.samples)
 
     def row(label: str, errors: list[float]) -> None:
         print(f"{label:<24}" + "".join(f"{e:>9.4f}" for e in errors), flush=True)

@@ -71,6 +71,20 @@ def best_peer(bench_json: str) -> dict[int, float]:
     return best
 
 
+def bench_problem(model_name: str, samples: int):
+    """The bench's problem for a model: the loaded model, its denoiser (a conditional model
+    labels sample k with class k mod C), the bench's noise for seeds 0..samples-1 and the
+    500-step reference solution."""
+    loaded = load_model(model_name)
+    denoiser = loaded.denoiser
+    if loaded.num_classes:
+        denoiser = loaded.conditional(torch.arange(samples) % loaded.num_classes)
+    x = noise_for_seeds(range(samples), loaded.data_shape)
+    with torch.inference_mode():
+        reference, _, _ = reference_solve(denoiser, x, 500)
+    return loaded, denoiser, x, reference
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="digits")
@@ -80,13 +94,7 @@ def main() -> None:
     parser.add_argument("--moments", nargs="*", default=[], metavar="LABEL=CKPT:K:EVERY")
     args = parser.parse_args()
 
-    loaded = load_model(args.model)
-    denoiser = loaded.denoiser
-    if loaded.num_classes:
-        denoiser = loaded.conditional(torch.arange(args.samples) % loaded.num_classes)
-    x = noise_for_seeds(range(args.samples), loaded.data_shape)
-    with torch.inference_mode():
-        reference, _, _ = reference_solve(denoiser, x, 500)
+    loaded, denoiser, x, reference = bench_problem(args.model, args.samples)
     best = best_peer(args.bench)
     print(
         f"{args.model}: RMSE to the reference ({args.samples} samples) / ratio to the best "
