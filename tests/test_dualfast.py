@@ -104,3 +104,32 @@ def test_linear_ramp_and_a_new_trajectory_restarts_the_cache():
 def test_invalid_options_are_refused(kwargs):
     with pytest.raises(ValueError):
         DualFast(_Stub(), **kwargs)
+
+
+def test_sample_command_dualfast(tmp_path):
+    """``diffsolve sample --dualfast C``: C = 0 is the plain run bit for bit, C > 0 changes the
+    samples and is recorded in the run's settings, so a resume with another C is refused."""
+    import json
+
+    import numpy as np
+    from click.testing import CliRunner
+
+    from diffsolve.app.cli import main
+
+    def run(out, *extra):
+        args = ["sample", "--model", "digits", "--solver", "ddim", "--nfe", "6", "--seeds", "0-7"]
+        return CliRunner().invoke(main, [*args, "--out", str(tmp_path / out), *extra])
+
+    def samples(out):
+        return np.load(tmp_path / out / "samples.npz")["samples"]
+
+    assert run("plain").exit_code == 0
+    assert run("zero", "--dualfast", "0").exit_code == 0
+    assert run("on", "--dualfast", "0.5").exit_code == 0
+    assert np.array_equal(samples("plain"), samples("zero"))
+    assert not np.allclose(samples("plain"), samples("on"))
+    manifest = json.loads((tmp_path / "on" / "sample.json").read_text())
+    settings = json.loads(manifest["conditioning"])
+    assert settings["guidance"]["dualfast"] == 0.5
+    refused = run("on", "--dualfast", "0.7")
+    assert refused.exit_code != 0 and "dualfast" in refused.output

@@ -215,6 +215,13 @@ def list_solvers() -> None:
     help="Dynamic thresholding of x0 at this quantile ratio (e.g. 0.995).",
 )
 @click.option(
+    "--dualfast",
+    default=0.0,
+    type=click.FloatRange(0, None),
+    help="DualFast's c (0: off): eps~ = (1+c) eps - c eps_previous, no extra evaluations. "
+    "Helps DDIM (c 0.4-1), not UniPC (BENCHMARKS.md §12).",
+)
+@click.option(
     "--label",
     "class_label",
     default=None,
@@ -239,6 +246,7 @@ def sample_command(
     guidance: str,
     guidance_scale: float,
     threshold: float | None,
+    dualfast: float,
     out_dir: str,
     grid_kind: str | None,
     **options: Any,
@@ -256,7 +264,7 @@ def sample_command(
     from diffsolve.app.scale import RunConfig, SamplingError, distributed, run_sampling
 
     with usage_errors():
-        spec = GuidanceSpec(guidance, guidance_scale, threshold)
+        spec = GuidanceSpec(guidance, guidance_scale, threshold, dualfast)
         config = RunConfig(
             model=model_name, grid=grid_kind, out_dir=out_dir, guidance=spec, **options
         )

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from diffsolve.app.loader import LoadedModel
 from diffsolve.ode.model import Denoiser
+from diffsolve.wrappers.dualfast import DualFast
 from diffsolve.wrappers.guidance import (
     AdaptiveProjectedGuidance,
     ClassifierFreeGuidance,
@@ -79,11 +80,14 @@ class GuidanceSpec:
         method: A key of :data:`GUIDANCE`.
         scale: Guidance weight (CFG/APG :math:`w`, classifier :math:`s`).
         threshold: Dynamic-thresholding ratio (e.g. 0.995), or ``None`` for none.
+        dualfast: DualFast's coefficient :math:`c` (:class:`~diffsolve.wrappers.DualFast`,
+            applied to the guided prediction, τ = the previous evaluation); 0: none.
     """
 
     method: str = "none"
     scale: float = 1.0
     threshold: float | None = None
+    dualfast: float = 0.0
 
     def __post_init__(self) -> None:
         if self.method not in GUIDANCE:
@@ -91,10 +95,14 @@ class GuidanceSpec:
         check_scale(self.scale)
         if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
             raise ValueError(f"threshold must lie in (0, 1], got {self.threshold!r}")
+        if not 0.0 <= self.dualfast < float("inf"):
+            raise ValueError(f"dualfast must be a finite c >= 0, got {self.dualfast!r}")
 
     def build(self, loaded: LoadedModel, labels: Tensor | None) -> Denoiser:
         """The denoiser for a loaded model and per-sample labels."""
         model = GUIDANCE[self.method](loaded, labels, self.scale)
+        if self.dualfast:
+            model = DualFast(model, self.dualfast)
         if self.threshold is not None:
             model = DynamicThresholding(model, self.threshold)
         return model
