@@ -241,6 +241,14 @@ def list_solvers() -> None:
     metavar="FILE",
     help="Gaussian statistics for --teleport (default: the model's gaussian_stats.safetensors).",
 )
+@click.option(
+    "--schedule",
+    default=None,
+    type=click.Path(dir_okay=False, exists=True),
+    metavar="FILE",
+    help="A step schedule fitted by `diffsolve tune`: its solver, NFE and grid (refused for "
+    "another model; --grid, and a --solver or --nfe other than its own, are refused).",
+)
 def sample_command(
     model_name: str,
     guidance: str,
@@ -264,6 +272,8 @@ def sample_command(
     from diffsolve.app.scale import RunConfig, SamplingError, distributed, run_sampling
 
     with usage_errors():
+        if options["schedule"] is not None:
+            options["nfe"] = _schedule_nfe(options["schedule"], options["nfe"])
         spec = GuidanceSpec(guidance, guidance_scale, threshold, dualfast)
         config = RunConfig(
             model=model_name, grid=grid_kind, out_dir=out_dir, guidance=spec, **options
@@ -282,7 +292,116 @@ def sample_command(
     if dist.world_size > 1:
         done += " on rank 0"
     target = report.grid_png or report.merged or Path(out_dir)
-    click.echo(f"{m.num_seeds} samples, {m.nfe} NFE each, {m.solver} ({done}) → {target}")
+    fitted = f", fitted schedule {options['schedule']}" if options["schedule"] else ""
+    click.echo(f"{m.num_seeds} samples, {m.nfe} NFE each, {m.solver}{fitted} ({done}) → {target}")
+
+
+def _schedule_nfe(path: str, nfe: int) -> int:
+    """The NFE of ``sample --schedule``: the file's, unless --nfe was given (then both
+    must agree, which the run checks)."""
+    from click.core import ParameterSource
+
+    from diffsolve.ode.step_schedule import StepSchedule
+
+    given = click.get_current_context().get_parameter_source("nfe") is ParameterSource.COMMANDLINE
+    return nfe if given else StepSchedule.load(path).nfe
+
+
+@main.command("tune")
+@model_option("Demo model or folder to fit the schedule to.")
+@click.option(
+    "--solver",
+    default="auto",
+    type=SolverChoice(),
+    metavar="NAME",
+    help="Solver the schedule is fitted for (auto: as `diffsolve sample`).",
+)
+@click.option("--nfe", default=5, type=click.IntRange(2, 100), help="Model evaluations.")
+@click.option(
+    "--method",
+    default="dp",
+    type=click.Choice(["dp", "search"]),
+    help="dp: dynamic programming over candidate times; search: dp, then an evolutionary "
+    "search over times and solver options on held-out seeds.",
+)
+@click.option(
+    "--cost",
+    default="student",
+    type=click.Choice(["student", "euler"]),
+    help="dp's jump cost: the solver's own steps (OSS rollout) or DDIM jumps (GITS).",
+)
+@int_option("--trajectories", 64, 1, "Teacher trajectories (fit seeds); also each held-out set.")
+@int_option("--candidates", 60, 2, "Candidate intervals of the dp (candidates + 1 times).")
+@int_option("--teacher-steps", 300, 2, "DPM-Solver++(3M) steps of the teacher (at least).")
+@click.option(
+    "--budget",
+    default=None,
+    type=click.IntRange(1, None),
+    help="search: model evaluations (per sample, summed) [default: 60 schedules' worth].",
+)
+@seed_option("First fit seed; the held-out seeds follow.")
+@device_option()
+@click.option(
+    "--out",
+    "out_path",
+    default="schedule.json",
+    type=click.Path(dir_okay=False),
+    help="Output file (JSON).",
+)
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def tune_command(
+    model_name: str,
+    solver: str,
+    nfe: int,
+    method: str,
+    out_path: str,
+    force: bool,
+    device: str,
+    **options: Any,
+) -> None:
+    """Fit a step schedule for --solver at --nfe to the model (training-free).
+
+    Teacher trajectories of the model itself (DPM-Solver++(3M), many steps) on fit seeds; the
+    best path over candidate times by dynamic programming (--cost student: the solver's own
+    steps; euler: GITS' DDIM jumps); with --method search, an evolutionary search from it on
+    held-out seeds. Prints the times and the RMSE to the teacher on check seeds, tuned and
+    the solver's default grid. Use it with `diffsolve sample --schedule FILE`.
+    """
+    from diffsolve.app.loader import load_model
+    from diffsolve.app.scale import check_device
+    from diffsolve.app.tune import TuneConfig, tune_schedule
+    from diffsolve.solvers.registry import default_solver
+
+    with usage_errors():
+        out = _out_path(out_path, "schedule.json", force)
+        model = load_model(model_name, device=check_device(device))
+        if solver == "auto":
+            solver = default_solver(model.available())
+        config = TuneConfig(
+            cost=options["cost"],
+            candidates=options["candidates"],
+            teacher_steps=options["teacher_steps"],
+            trajectories=options["trajectories"],
+            holdout=options["trajectories"],
+            seed=options["seed"],
+            budget=options["budget"],
+        )
+        say = lambda line: click.echo(line, err=True)  # noqa: E731
+        fitted = tune_schedule(model, solver, nfe, method, config, progress=say)  # type: ignore[arg-type]
+        fitted.save(out)
+    fit = fitted.fit
+    times = ", ".join(f"{t:.4g}" for t in fitted.times)
+    options_text = f", options {fitted.options}" if fitted.options else ""
+    click.echo(f"{solver} at {nfe} NFE ({fitted.method}{options_text}): t = {times}")
+    click.echo(
+        f"held-out RMSE to the teacher ({fit['check_seeds']}): {fit['check_rmse']:.4g} tuned, "
+        f"{fit['check_rmse_default']:.4g} default grid "
+        f"({fit['check_rmse'] / fit['check_rmse_default']:.2f}x)"
+    )
+    click.echo(
+        f"cost: {fitted.cost['model_evaluations']:,} model evaluations, "
+        f"{fitted.cost['seconds']:.1f} s → {out}"
+    )
 
 
 @main.command("merge")

@@ -399,6 +399,8 @@ class RunConfig:
         teleport: Share of the solver's usual grid skipped by analytic Gaussian
             teleportation (0: none), with the statistics in ``gaussian_stats`` (default: the
             model folder's ``gaussian_stats.safetensors``).
+        schedule: A fitted step schedule file (``diffsolve tune``): its solver, options and
+            grid, checked against the model; ``grid`` must be ``None`` and ``nfe`` its NFE.
     """
 
     model: str = "digits"
@@ -415,6 +417,7 @@ class RunConfig:
     class_label: int | None = None
     teleport: float = 0.0
     gaussian_stats: str | None = None
+    schedule: str | None = None
 
 
 @dataclass
@@ -636,6 +639,8 @@ def run_inputs(config: RunConfig, model: LoadedModel) -> dict[str, str]:
         files["weights"] = model.folder / "model.safetensors"
     if "ems" in registry.preset(config.solver).needs:
         files["ems"] = model.ems_path
+    if config.schedule is not None:
+        files["schedule"] = Path(config.schedule)
     if config.teleport:
         stats = config.gaussian_stats
         files["gaussian_stats"] = Path(stats) if stats else model.gaussian_stats_path
@@ -769,6 +774,8 @@ def resolve_method(config: RunConfig, model: LoadedModel) -> tuple[RunConfig, So
     from diffsolve.solvers import registry
     from diffsolve.wrappers.teleport import teleported_setup
 
+    if config.schedule is not None:
+        return _scheduled(config, model)
     if config.solver == "auto":
         config = replace(config, solver=registry.default_solver(model.available()))
     needs = set(registry.preset(config.solver).needs)
@@ -784,6 +791,33 @@ def resolve_method(config: RunConfig, model: LoadedModel) -> tuple[RunConfig, So
             config.solver, model.schedule, config.nfe, config.grid, context=context
         )
     return config, method, grid
+
+
+def _scheduled(config: RunConfig, model: LoadedModel) -> tuple[RunConfig, Solver, Tensor]:
+    """``--schedule FILE``: the fitted schedule's solver, options and grid (refused for
+    another model, and with a ``--grid``, ``--solver``, ``--nfe`` or ``--teleport`` that
+    contradicts it). The manifest records ``grid = "schedule:<method>"``, the times, and the
+    file's hash among the run's inputs."""
+    from diffsolve.app.tune import schedule_solver
+    from diffsolve.ode.step_schedule import StepSchedule
+    from diffsolve.solvers.registry import preset
+
+    fitted = StepSchedule.load(str(config.schedule))
+    clash = (
+        "--grid" if config.grid is not None
+        else "--teleport" if config.teleport
+        else "--solver" if config.solver not in ("auto", fitted.solver)
+        else "--nfe" if config.nfe != fitted.nfe
+        else None
+    )  # fmt: skip
+    if clash:
+        raise ValueError(
+            f"{clash} contradicts --schedule {config.schedule} (fitted for {fitted.solver} at "
+            f"{fitted.nfe} NFE, its own grid); drop {clash}"
+        )
+    context = model.solver_context(preset(fitted.solver).needs)
+    method, grid = schedule_solver(fitted, model, context)
+    return replace(config, solver=fitted.solver, grid=f"schedule:{fitted.method}"), method, grid
 
 
 def run_manifest(

@@ -163,6 +163,15 @@ def append_zero(schedule: NoiseSchedule, grid: Tensor) -> Tensor:
     return validate_grid(schedule, torch.cat([grid.to(_F64), torch.zeros(1, dtype=_F64)]))
 
 
+def from_file(path: str, schedule: NoiseSchedule, fingerprint: str | None = None) -> Tensor:
+    """The grid of a fitted step schedule file (``diffsolve tune``; see
+    :class:`~diffsolve.ode.step_schedule.StepSchedule`), refused with a one-line error when
+    it was fitted under another noise schedule or, ``fingerprint`` given, to another model."""
+    from diffsolve.ode.step_schedule import StepSchedule
+
+    return StepSchedule.load(path).grid(schedule, fingerprint)
+
+
 #: Align Your Steps' published 10-step schedules (Sabour, Fidler & Kreis, ICML 2024, arXiv
 #: 2404.14507, Table 3; also research.nvidia.com/labs/toronto-ai/AlignYourSteps/howto.html):
 #: the EDM / k-diffusion noise levels :math:`\sigma(t_{10}) > \dots > \sigma(t_0)`, with

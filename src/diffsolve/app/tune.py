@@ -1,0 +1,515 @@
+r"""Step schedules fitted to the model, training-free (``diffsolve tune``).
+
+A solver's default grid (time-quadratic, logSNR, …) is one guess for every model. Below ten
+model evaluations where the steps sit matters as much as the solver, and the best placement
+depends on the model. :func:`tune_schedule` fits it from the model's own teacher trajectories:
+
+1. **Teacher.** Noise for ``trajectories`` fit seeds is solved by DPM-Solver++(3M) on a fine
+   grid: ``candidates + 1`` candidate times (uniform in :math:`\lambda` by default, from the
+   schedule's start to its end), each interval refined to ``teacher_steps`` steps in all, plus
+   the final step to clean data. Its states at the candidate times and its final
+   :math:`x_0` are the targets.
+2. **``dp``** — dynamic programming over the candidate times, the path starting at the first
+   candidate, visiting ``N`` evaluation points and ending with the step to ``t = 0``. Two
+   costs of a jump:
+
+   * ``"student"`` (default; the rollout of OSS, Pei, Hu & Gu 2025, arXiv 2503.21774, run
+     with the student solver itself): round ``k`` evaluates the model once at every state
+     reached in round ``k − 1`` and takes the *student's own* step (its multistep history,
+     warm-up and final orders and corrector included) from there to every later candidate
+     ``j``; per ``j`` the path arriving closest to the teacher's state is kept. The last
+     round takes the student's final step and keeps the path closest to the teacher's
+     :math:`x_0`. Cost: at most ``candidates`` evaluations per round.
+   * ``"euler"`` (GITS, Chen et al., ICML 2024, arXiv 2405.11326): the cost of a jump
+     ``i → j`` is the RMSE of one DDIM step from the teacher's state at ``i`` to the
+     teacher's state at ``j``, the step to ``t = 0`` that of the teacher's :math:`\hat x_0`
+     at ``i``; the GITS recursion :math:`V_k(j) = \min_{i>j} C(j,i) + c\,V_{k-1}(i)`,
+     :math:`c` = ``coeff`` (1.15), gives the path. Cost: ``candidates`` evaluations.
+
+   The path found is compared with the solver's default grid on the fit seeds and the better
+   one is kept (the file's ``method`` says ``"default"`` when the default won).
+3. **``search``** (USF / S³-like, Liu et al., arXiv 2312.07243): a (1+1) evolution strategy
+   from the ``dp`` result (or the default grid): a proposal moves the free times by Gaussian
+   steps in :math:`\lambda` (scaled by the mean step, adapted by the one-fifth rule) or flips
+   one solver option that keeps the NFE (booleans and ``Literal`` options: order, corrector,
+   prediction space, …), scored by the RMSE to the teacher on *search* seeds disjoint from the
+   fit seeds, within ``budget`` model evaluations.
+
+The errors of the result and of the default grid are finally measured on ``check`` seeds
+disjoint from both (``StepSchedule.fit``). Everything is deterministic for a seed. The result
+is a :class:`~diffsolve.ode.step_schedule.StepSchedule` with the model's fingerprint and noise
+schedule; ``diffsolve sample --schedule FILE`` and :func:`diffsolve.ode.grids.from_file` use
+it. Measured defaults and results: BENCHMARKS.md ("Fitted step schedules") and
+``scripts/tune_study.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from diffsolve.app.seeds import noise_for_seeds
+from diffsolve.ode import grids
+from diffsolve.ode.model import Denoiser, Prediction
+from diffsolve.ode.plan import Solver, State
+from diffsolve.ode.sampling import sample
+from diffsolve.ode.schedule import NoiseSchedule
+from diffsolve.ode.step_schedule import StepSchedule
+from diffsolve.solvers.dpm_solver_pp import DPMSolverPP
+from diffsolve.solvers.registry import SolverContext, preset, setup_solver
+from diffsolve.stats.ems import model_fingerprint
+
+Method = Literal["dp", "search"]
+Cost = Literal["student", "euler"]
+_F64 = torch.float64
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Settings of :func:`tune_schedule` (defaults measured on ``digits``, BENCHMARKS.md).
+
+    Attributes:
+        cost: Jump cost of ``dp``: ``"student"`` (the student's own steps, rolled out) or
+            ``"euler"`` (GITS' DDIM jumps from teacher states).
+        candidates: Candidate intervals: ``candidates + 1`` candidate times.
+        candidate_grid: Their spacing, a grid kind of :data:`diffsolve.ode.grids.GRIDS`.
+        teacher_steps: DPM-Solver++(3M) steps of the teacher (at least; rounded up to a
+            multiple of ``candidates``).
+        trajectories: Fit seeds (teacher trajectories).
+        holdout: Seeds of each held-out set (search seeds and check seeds).
+        seed: First fit seed; the search seeds follow the fit seeds, the check seeds follow
+            the search seeds.
+        coeff: GITS' weight of the remaining cost (``cost="euler"``).
+        max_jump: ``cost="student"``: a step spans at most ``max_jump`` times the mean
+            step (``candidates / (N - 1)`` candidate intervals), to bound the rollout's work.
+        budget: Model evaluations (per-sample evaluations, summed) the search may spend;
+            ``None``: 60 candidate schedules.
+        batch_size: Samples per model call.
+    """
+
+    cost: Cost = "student"
+    candidates: int = 60
+    candidate_grid: str = "logsnr"
+    teacher_steps: int = 300
+    trajectories: int = 64
+    holdout: int = 64
+    seed: int = 0
+    coeff: float = 1.15
+    max_jump: float = 3.0
+    budget: int | None = None
+    batch_size: int = 512
+
+    def __post_init__(self) -> None:
+        if self.cost not in typing.get_args(Cost):
+            raise ValueError(f"cost must be 'student' or 'euler', got {self.cost!r}")
+        if self.candidate_grid not in grids.GRIDS:
+            raise ValueError(f"candidate_grid must be one of {sorted(grids.GRIDS)}")
+        for name in ("candidates", "teacher_steps", "trajectories", "holdout", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer")
+        if self.seed < 0:
+            raise ValueError("seed must be >= 0")
+
+    def seeds(self, which: Literal["fit", "search", "check"]) -> list[int]:
+        """The seeds of one of the three disjoint sets."""
+        first = self.seed + {"fit": 0, "search": 1, "check": 2}[which] * self.trajectories
+        if which == "check":
+            first = self.seed + self.trajectories + self.holdout
+        size = self.trajectories if which == "fit" else self.holdout
+        return list(range(first, first + size))
+
+
+class _Meter:
+    """A denoiser that counts per-sample model evaluations."""
+
+    def __init__(self, model: Denoiser) -> None:
+        self.model, self.schedule = model, model.schedule
+        self.evaluations = 0
+
+    def __call__(self, x: Tensor, t: float) -> Prediction:
+        self.evaluations += int(x.shape[0])
+        return self.model(x, t)
+
+
+class _Replay:
+    """Returns a known evaluation at ``(x, t)``, evaluates anything else."""
+
+    def __init__(self, model: _Meter, x: Tensor, t: float, prediction: Prediction) -> None:
+        self.model, self.schedule = model, model.schedule
+        self.x, self.t, self.prediction = x, t, prediction
+
+    def __call__(self, x: Tensor, t: float) -> Prediction:
+        if x is self.x and t == self.t:
+            return self.prediction
+        return self.model(x, t)
+
+
+@dataclass
+class Teacher:
+    """Teacher trajectories: states at the candidate times and the final :math:`x_0`."""
+
+    x: Tensor
+    times: Tensor
+    states: list[Tensor]
+    target: Tensor
+
+
+def _rms(a: Tensor, b: Tensor) -> float:
+    return float((a.double() - b.double()).pow(2).mean().sqrt())
+
+
+def _candidates(schedule: NoiseSchedule, config: TuneConfig, t_start: float) -> Tensor:
+    """Positive candidate times from ``t_start`` to the schedule's end."""
+    return grids.make_grid(schedule, config.candidates, config.candidate_grid, t_start)
+
+
+def run_teacher(model: _Meter, x: Tensor, times: Tensor, steps: int) -> Teacher:
+    """DPM-Solver++(3M) from ``x`` at ``times[0]`` through every candidate time (each
+    interval split uniformly in λ) to clean data."""
+    schedule = model.schedule
+    refine = max(1, math.ceil(steps / (times.numel() - 1)))
+    lam = schedule.lambda_(times)
+    parts = [times[:1]]
+    for i in range(times.numel() - 1):
+        sub = torch.linspace(float(lam[i]), float(lam[i + 1]), refine + 1, dtype=_F64)[1:]
+        inner = schedule.t_of_lambda(sub[:-1])
+        parts += [inner, times[i + 1 : i + 2]]
+    grid = torch.cat([*parts, torch.zeros(1, dtype=_F64)])
+    states = [x]
+
+    def keep(info: Any) -> None:
+        if info.step % refine == 0 and info.step // refine < times.numel():
+            states.append(info.x)
+
+    out = sample(model, x, DPMSolverPP(3, lower_order_final=False), grid, callback=keep)
+    return Teacher(x, times, states, out.x)
+
+
+# ---------------------------------------------------------------------------------------
+# dp: the student rollout (OSS) and the GITS recursion with DDIM jumps
+def _path_grid(times: Tensor, path: Sequence[int], positives: int) -> Tensor:
+    """The grid through ``path``, filled with the next candidates up to ``positives``
+    positive times, then ``t = 0`` (the filler only shapes later steps' orders)."""
+    last = path[-1]
+    idx = [*path, *range(last + 1, last + 1 + positives - len(path))]
+    return torch.cat([times[idx], torch.zeros(1, dtype=_F64)])
+
+
+def dp_student(
+    model: _Meter, solver: Solver, teacher: Teacher, steps: int, max_jump: float = math.inf
+) -> list[int]:
+    """The OSS rollout with the student's own steps: candidate indices of the best path
+    (``steps`` positive times, the first the first candidate)."""
+    times, last = teacher.times, teacher.times.numel() - 1
+    span = max(1, math.ceil(max_jump * last / max(1, steps - 1)))
+    schedule = model.schedule
+    start = solver.plan(schedule, _path_grid(times, [0], steps)).init(teacher.x)
+    frontier: dict[int, tuple[list[int], State]] = {0: ([0], start)}
+    for k in range(1, steps):
+        best: dict[int, tuple[float, list[int], State]] = {}
+        for i, (path, state) in frontier.items():
+            t = float(times[i])
+            replay = _Replay(model, state.x, t, model(state.x, t))
+            for j in range(i + 1, min(i + span, last - (steps - 1 - k)) + 1):
+                plan = solver.plan(schedule, _path_grid(times, [*path, j], steps))
+                moved = plan.step(replay, replace(state, owns_x_prev=False))
+                err = _rms(moved.x, teacher.states[j])
+                if j not in best or err < best[j][0]:
+                    best[j] = (err, [*path, j], moved)
+        frontier = {j: (path, state) for j, (_, path, state) in best.items()}
+    final: tuple[float, list[int]] | None = None
+    for path, state in frontier.values():
+        plan = solver.plan(schedule, _path_grid(times, path, steps))
+        while not state.done:
+            state = plan.step(model, replace(state, owns_x_prev=False))
+        err = _rms(state.x, teacher.target)
+        if final is None or err < final[0]:
+            final = (err, path)
+    assert final is not None
+    return final[1]
+
+
+def dp_euler(model: _Meter, teacher: Teacher, steps: int, coeff: float) -> list[int]:
+    """GITS: DDIM-jump costs between teacher states and the weighted recursion."""
+    schedule, times = model.schedule, teacher.times
+    m = times.numel()
+    alpha, sigma, lam = schedule.alpha(times), schedule.sigma(times), schedule.lambda_(times)
+    x0 = [model(x, float(t)).x0 for x, t in zip(teacher.states, times, strict=True)]
+    cost = torch.full((m, m), math.inf, dtype=_F64)
+    for i in range(m):
+        for j in range(i + 1, m):
+            a = float(sigma[j] / sigma[i])
+            b = -float(alpha[j]) * math.expm1(-float(lam[j] - lam[i]))
+            cost[i, j] = _rms(a * teacher.states[i] + b * x0[i], teacher.states[j])
+    end = torch.tensor([_rms(x, teacher.target) for x in x0], dtype=_F64)
+    value, choice = [end], [torch.full((m,), -1, dtype=torch.long)]
+    for _ in range(1, steps):  # value[k][j]: best cost from j with k + 1 evaluations left
+        total = cost + coeff * value[-1][None, :]
+        best, arg = total.min(dim=1)
+        value.append(best)
+        choice.append(arg)
+    path = [0]
+    for k in range(steps - 1, 0, -1):
+        path.append(int(choice[k][path[-1]]))
+    return path
+
+
+# ---------------------------------------------------------------------------------------
+# search: a (1+1) evolution strategy over times and solver options
+def option_space(solver: Solver) -> dict[str, tuple[Any, ...]]:
+    """The solver's options a search may flip: booleans, ``Literal`` choices and ``order``
+    (1–3)."""
+    hints = typing.get_type_hints(type(solver))
+    space: dict[str, tuple[Any, ...]] = {}
+    for f in dataclasses.fields(solver):  # type: ignore[arg-type]
+        hint = hints.get(f.name)
+        if hint is bool:
+            space[f.name] = (False, True)
+        elif typing.get_origin(hint) is Literal:
+            space[f.name] = typing.get_args(hint)
+        elif f.name == "order":
+            space[f.name] = (1, 2, 3)
+    return space
+
+
+@dataclass
+class _Candidate:
+    times: Tensor
+    solver: Solver
+    score: float = math.inf
+
+
+@dataclass
+class _Search:
+    model: _Meter
+    x: Tensor
+    target: Tensor
+    nfe: int
+    generator: torch.Generator
+    space: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+
+    def score(self, c: _Candidate) -> float:
+        try:
+            plan = c.solver.plan(self.model.schedule, c.times)
+        except ValueError:
+            return math.inf
+        if plan.nfe != self.nfe:
+            return math.inf
+        out = sample(self.model, self.x, c.solver, plan=plan, check_finite=False).x
+        err = _rms(out, self.target)
+        return err if math.isfinite(err) else math.inf
+
+    def propose(self, c: _Candidate, scale: float) -> _Candidate | None:
+        g = self.generator
+        if self.space and float(torch.rand((), generator=g)) < 0.25:
+            names = sorted(self.space)
+            name = names[int(torch.randint(len(names), (), generator=g))]
+            values = self.space[name]
+            value = values[int(torch.randint(len(values), (), generator=g))]
+            if value == getattr(c.solver, name):
+                return None
+            try:
+                return _Candidate(c.times, replace(c.solver, **{name: value}))  # type: ignore[type-var]
+            except (ValueError, TypeError):
+                return None
+        schedule = self.model.schedule
+        positive = c.times[:-1]
+        lam = schedule.lambda_(positive)
+        lo, hi = float(lam[0]), float(schedule.lambda_(schedule.default_range[1]))
+        free = lam[1:] + scale * (hi - lo) / max(1, lam.numel()) * torch.randn(
+            lam.numel() - 1, generator=g, dtype=_F64
+        )
+        free = free.clamp(lo, hi).sort().values
+        lam = torch.cat([lam[:1], free])
+        if bool(((lam[1:] - lam[:-1]) <= 1e-6).any()):
+            return None
+        times = torch.cat([positive[:1], schedule.t_of_lambda(free), c.times[-1:]])
+        return _Candidate(times, c.solver)
+
+
+def search(state: _Search, start: _Candidate, budget: int) -> _Candidate:
+    """(1+1)-ES with the one-fifth rule on the step size, until ``budget`` evaluations."""
+    best = replace(start, score=state.score(start))
+    cost, scale, spent = state.nfe * state.x.shape[0], 0.3, 0
+    while spent + cost <= budget:
+        proposal = state.propose(best, scale)
+        if proposal is None:
+            continue
+        proposal.score = state.score(proposal)
+        spent += cost
+        if proposal.score < best.score:
+            best, scale = proposal, min(scale * 1.5, 2.0)
+        else:
+            scale = max(scale * 0.9, 0.01)
+    return best
+
+
+# ---------------------------------------------------------------------------------------
+# The entry point
+def _denoiser(model: Any, seeds: Sequence[int]) -> Denoiser:
+    """The model's denoiser for these seeds (class-conditional: label = seed % classes,
+    as the bench)."""
+    if hasattr(model, "denoiser"):
+        if getattr(model, "num_classes", None):
+            return model.conditional(torch.tensor(list(seeds)) % model.num_classes)
+        return model.denoiser
+    return model
+
+
+def _fingerprint(model: Any) -> str | None:
+    target = model.denoiser if hasattr(model, "denoiser") else model
+    try:
+        return model_fingerprint(target)
+    except (AttributeError, TypeError, RuntimeError):
+        return None
+
+
+def _solver(
+    model: Any, solver: str, nfe: int, context: SolverContext | None
+) -> tuple[Solver, Tensor]:
+    if context is None and hasattr(model, "solver_context"):
+        context = model.solver_context(preset(solver).needs)
+    return setup_solver(solver, model.schedule, nfe, context=context)
+
+
+def _noise(model: Any, seeds: Sequence[int], t_start: float) -> Tensor:
+    schedule: NoiseSchedule = model.schedule
+    shape = model.data_shape if hasattr(model, "data_shape") else None
+    if shape is None:
+        raise ValueError("tune_schedule: pass a LoadedModel, or a denoiser with data_shape")
+    device = getattr(model, "device", "cpu")
+    return noise_for_seeds(seeds, shape, schedule.init_noise_sigma(t_start), device=device)
+
+
+def tune_schedule(
+    model: Any,
+    solver: str,
+    nfe: int,
+    method: Method = "dp",
+    config: TuneConfig | None = None,
+    *,
+    context: SolverContext | None = None,
+    start: Tensor | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> StepSchedule:
+    """Fit a step schedule for ``solver`` at ``nfe`` model evaluations to ``model``.
+
+    Args:
+        model: A :class:`~diffsolve.app.loader.LoadedModel` (a class-conditional one is
+            tuned under labels ``seed % classes``), or a denoiser with a ``data_shape``.
+        solver: Registry name (``diffsolve solvers``).
+        nfe: Model evaluations per sample.
+        method: ``"dp"`` (dynamic programming over candidate times) or ``"search"`` (``dp``,
+            then the evolutionary search from it).
+        config: Settings (:class:`TuneConfig`).
+        context: What the solver needs from the model (default: the loaded model's).
+        start: ``search`` only: start from this grid instead of the ``dp`` result.
+        progress: Called with one line per stage.
+
+    Returns:
+        The :class:`~diffsolve.ode.step_schedule.StepSchedule` (save it with ``.save``).
+    """
+    if method not in ("dp", "search"):
+        raise ValueError(f"method must be 'dp' or 'search', got {method!r}")
+    config = config or TuneConfig()
+    say = progress or (lambda line: None)
+    began = time.perf_counter()
+    base, default = _solver(model, solver, nfe, context)
+    steps = default.numel() - 1
+    if float(default[-1]) != 0.0 or steps != nfe:
+        raise ValueError(f"tune: {solver} is not a one-evaluation-per-step solver")
+    schedule: NoiseSchedule = model.schedule
+    t_start = float(default[0])
+    times = _candidates(schedule, config, t_start)
+    meters: list[_Meter] = []
+
+    def teacher(which: Literal["fit", "search", "check"]) -> tuple[_Meter, Teacher]:
+        seeds = config.seeds(which)
+        meter = _Meter(_denoiser(model, seeds))
+        meters.append(meter)
+        say(f"tune: teacher on {len(seeds)} {which} seeds, {config.teacher_steps} steps")
+        with torch.inference_mode():
+            result = run_teacher(meter, _noise(model, seeds, t_start), times, config.teacher_steps)
+        return meter, result
+
+    fit_model, fit = teacher("fit")
+    say(f"tune: dp ({config.cost} cost) over {config.candidates + 1} candidate times")
+    with torch.inference_mode():
+        path = (
+            dp_student(fit_model, base, fit, steps, config.max_jump)
+            if config.cost == "student"
+            else dp_euler(fit_model, fit, steps, config.coeff)
+        )
+        found = torch.cat([times[path], torch.zeros(1, dtype=_F64)])
+        tuned = _Candidate(found, base)
+        default_fit = _Candidate(default, base)
+        fitter = _Search(fit_model, fit.x, fit.target, nfe, torch.Generator())
+        tuned.score, default_fit.score = fitter.score(tuned), fitter.score(default_fit)
+    chosen = "dp" if tuned.score <= default_fit.score else "default"
+    best = tuned if chosen == "dp" else default_fit
+    say(f"tune: dp fit RMSE {tuned.score:.4g} (default grid {default_fit.score:.4g})")
+    if method == "search":
+        search_model, held = teacher("search")
+        budget = config.budget or 60 * nfe * config.holdout
+        origin = _Candidate(start if start is not None else best.times, base)
+        state = _Search(
+            search_model,
+            held.x,
+            held.target,
+            nfe,
+            torch.Generator().manual_seed(config.seed),
+            option_space(base),
+        )
+        say(f"tune: search, budget {budget} model evaluations")
+        with torch.inference_mode():
+            best = search(state, origin, budget)
+        chosen = "search"
+    check_model, check = teacher("check")
+    checker = _Search(check_model, check.x, check.target, nfe, torch.Generator())
+    with torch.inference_mode():
+        check_tuned = checker.score(replace(best, score=math.inf))
+        check_default = checker.score(_Candidate(default, base))
+    evaluations = sum(meter.evaluations for meter in meters)
+    options = {
+        f.name: getattr(best.solver, f.name)
+        for f in dataclasses.fields(best.solver)  # type: ignore[arg-type]
+        if f.name in option_space(base) and getattr(best.solver, f.name) != getattr(base, f.name)
+    }
+    name = getattr(model, "name", "") or ""
+    return StepSchedule(
+        times=tuple(float(t) for t in best.times),
+        solver=solver,
+        nfe=nfe,
+        method=chosen,
+        noise_schedule=schedule.to_config(),
+        fingerprint=_fingerprint(model),
+        options=options,
+        model=str(name),
+        cost={"model_evaluations": evaluations, "seconds": round(time.perf_counter() - began, 2)},
+        config={**dataclasses.asdict(config), "method": method},
+        fit={
+            "fit_rmse": tuned.score,
+            "fit_rmse_default": default_fit.score,
+            "check_rmse": check_tuned,
+            "check_rmse_default": check_default,
+            "check_seeds": f"{config.seeds('check')[0]}-{config.seeds('check')[-1]}",
+        },
+    )
+
+
+def schedule_solver(
+    schedule_file: StepSchedule, model: Any, context: SolverContext | None = None
+) -> tuple[Solver, Tensor]:
+    """The solver (with the schedule's options) and grid of a fitted schedule, checked
+    against ``model`` (its noise schedule and fingerprint)."""
+    grid = schedule_file.grid(model.schedule, _fingerprint(model))
+    solver, _ = _solver(model, schedule_file.solver, schedule_file.nfe, context)
+    return replace(solver, **schedule_file.options), grid  # type: ignore[type-var]
