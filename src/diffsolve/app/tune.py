@@ -389,6 +389,42 @@ def _noise(model: Any, seeds: Sequence[int], t_start: float) -> Tensor:
     return noise_for_seeds(seeds, shape, schedule.init_noise_sigma(t_start), device=device)
 
 
+def _fit_dp(
+    model: _Meter, fit: Teacher, base: Solver, default: Tensor, config: TuneConfig
+) -> tuple[_Candidate, _Candidate]:
+    """The dp path and the default grid, each scored on the fit seeds."""
+    steps = default.numel() - 1
+    with torch.inference_mode():
+        path = (
+            dp_student(model, base, fit, steps, config.max_jump)
+            if config.cost == "student"
+            else dp_euler(model, fit, steps, config.coeff)
+        )
+        found = torch.cat([fit.times[path], torch.zeros(1, dtype=_F64)])
+        tuned, default_fit = _Candidate(found, base), _Candidate(default, base)
+        fitter = _Search(model, fit.x, fit.target, steps, torch.Generator())
+        tuned.score, default_fit.score = fitter.score(tuned), fitter.score(default_fit)
+    return tuned, default_fit
+
+
+def _scores(model: _Meter, teacher: Teacher, *candidates: _Candidate) -> list[float]:
+    """RMSE of each candidate to the teacher's :math:`x_0` on the teacher's seeds."""
+    nfe = candidates[0].times.numel() - 1
+    scorer = _Search(model, teacher.x, teacher.target, nfe, torch.Generator())
+    with torch.inference_mode():
+        return [scorer.score(c) for c in candidates]
+
+
+def _changed_options(solver: Solver, base: Solver) -> dict[str, Any]:
+    """The searchable options in which ``solver`` differs from ``base``."""
+    space = option_space(base)
+    return {
+        name: getattr(solver, name)
+        for name in space
+        if getattr(solver, name) != getattr(base, name)
+    }
+
+
 def tune_schedule(
     model: Any,
     solver: str,
@@ -442,17 +478,7 @@ def tune_schedule(
 
     fit_model, fit = teacher("fit")
     say(f"tune: dp ({config.cost} cost) over {config.candidates + 1} candidate times")
-    with torch.inference_mode():
-        path = (
-            dp_student(fit_model, base, fit, steps, config.max_jump)
-            if config.cost == "student"
-            else dp_euler(fit_model, fit, steps, config.coeff)
-        )
-        found = torch.cat([times[path], torch.zeros(1, dtype=_F64)])
-        tuned = _Candidate(found, base)
-        default_fit = _Candidate(default, base)
-        fitter = _Search(fit_model, fit.x, fit.target, nfe, torch.Generator())
-        tuned.score, default_fit.score = fitter.score(tuned), fitter.score(default_fit)
+    tuned, default_fit = _fit_dp(fit_model, fit, base, default, config)
     chosen = "dp" if tuned.score <= default_fit.score else "default"
     best = tuned if chosen == "dp" else default_fit
     say(f"tune: dp fit RMSE {tuned.score:.4g} (default grid {default_fit.score:.4g})")
@@ -460,29 +486,15 @@ def tune_schedule(
         search_model, held = teacher("search")
         budget = config.budget or 60 * nfe * config.holdout
         origin = _Candidate(start if start is not None else best.times, base)
-        state = _Search(
-            search_model,
-            held.x,
-            held.target,
-            nfe,
-            torch.Generator().manual_seed(config.seed),
-            option_space(base),
-        )
+        generator = torch.Generator().manual_seed(config.seed)
+        state = _Search(search_model, held.x, held.target, nfe, generator, option_space(base))
         say(f"tune: search, budget {budget} model evaluations")
         with torch.inference_mode():
             best = search(state, origin, budget)
         chosen = "search"
-    check_model, check = teacher("check")
-    checker = _Search(check_model, check.x, check.target, nfe, torch.Generator())
-    with torch.inference_mode():
-        check_tuned = checker.score(replace(best, score=math.inf))
-        check_default = checker.score(_Candidate(default, base))
+    check_tuned, check_default = _scores(*teacher("check"), best, _Candidate(default, base))
     evaluations = sum(meter.evaluations for meter in meters)
-    options = {
-        f.name: getattr(best.solver, f.name)
-        for f in dataclasses.fields(best.solver)  # type: ignore[arg-type]
-        if f.name in option_space(base) and getattr(best.solver, f.name) != getattr(base, f.name)
-    }
+    options = _changed_options(best.solver, base)
     name = getattr(model, "name", "") or ""
     return StepSchedule(
         times=tuple(float(t) for t in best.times),
