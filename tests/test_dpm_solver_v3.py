@@ -273,3 +273,17 @@ def test_smoothing_in_lambda_cuts_the_estimators_error():
     smoothed, per_point = errors(0.2), errors(0.0)
     assert all(a < b / 3 for a, b in zip(smoothed, per_point, strict=True)), (smoothed, per_point)
     assert smoothed[0] < 3e-3 and smoothed[1] < 0.15 and smoothed[2] < 0.15
+
+
+def test_a_bandwidth_the_grid_cannot_resolve_is_refused_not_dropped():
+    """The default smoothing steps aside on coarse grids (recorded as bandwidth 0); an explicit
+    bandwidth the grid cannot resolve is refused before any model evaluation."""
+    g = GaussianModel.random((4,), seed=1)
+    denoiser = g.denoiser(VPDiscrete.from_diffusers())
+    data = g.sample(64, torch.Generator().manual_seed(0))
+    coarse = compute_ems(denoiser, data, samples=8, grid_size=8)
+    assert coarse.metadata["bandwidth"] == 0.0
+    with pytest.raises(ValueError, match=r"needs a grid of at least .* or pass bandwidth=0"):
+        compute_ems(denoiser, data, samples=8, grid_size=8, bandwidth=0.2)
+    with pytest.raises(ValueError, match="bandwidth must be >= 0"):
+        compute_ems(denoiser, data, samples=8, grid_size=8, bandwidth=-1.0)

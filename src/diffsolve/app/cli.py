@@ -666,11 +666,11 @@ CONFIRM_ABOVE_S = 3600.0
 )
 @click.option(
     "--bandwidth",
-    default=RECIPE["bandwidth"],
+    default=None,
     type=click.FloatRange(0, None),
-    show_default=True,
-    help="Smoothing of the statistics in λ (local regression); 0: the paper's per-point "
-    "estimator, which needs ~10x the samples (BENCHMARKS.md, EMS recipe).",
+    help=f"Smoothing of the statistics in λ (local regression; default {RECIPE['bandwidth']} "
+    "where --grid resolves it); 0: the paper's per-point estimator, which needs ~10x the "
+    "samples (BENCHMARKS.md §11).",
 )
 @out_file_option("ems.safetensors")
 @data_option("x0 points: the digits training split, or a .pt/.npy/.npz array (M, ...).")

@@ -303,8 +303,10 @@ def compute_ems(
             At high noise :math:`f` is :math:`e^{-\lambda}`-sensitive to errors in ``l``.
             ``window`` and ``l_window`` apply only without smoothing (``bandwidth=0``).
         bandwidth: Smooth every moment in λ by a local quadratic regression of this
-            bandwidth (:func:`finalize`, :mod:`.smoothing`); default :data:`BANDWIDTH` (0.2),
-            0 for the paper's per-point estimator. Smoothing lets a fine grid with few
+            bandwidth (:func:`finalize`, :mod:`.smoothing`); default :data:`BANDWIDTH` (0.2)
+            where the grid resolves it (per-point on coarser grids; a bandwidth given
+            explicitly that the grid cannot resolve is a ``ValueError``), 0 for the paper's
+            per-point estimator. Smoothing lets a fine grid with few
             samples per point replace many samples per point: the recommended recipe
             (:data:`RECIPE`) is N = 1200 with K = 24, a tenth of the official K·N.
         jvp: How the JVPs are taken: ``"auto"`` (the first of the paths below that works
@@ -371,12 +373,11 @@ def compute_ems(
         device,
         stride=k_total,
     )
+    bandwidth = _bandwidth(bandwidth, run.grid.lambdas)  # checked before any evaluation
     run.batch_size = _batch_size(run, batch_size, memory_budget, report)
     sums = _all_reduce(
         run.all_points(_Checkpoint(checkpoint, inputs, rank), progress and rank == 0)
     )
-    bandwidth = BANDWIDTH if bandwidth is None else bandwidth
-    bandwidth = effective_bandwidth(bandwidth, run.grid.lambdas)
     l, s, b = finalize(sums, k_total, run.grid, window, l_window, bandwidth)
     meta = make_metadata(
         schedule,
@@ -394,6 +395,24 @@ def compute_ems(
         derivative=run.jvp.path or "unknown: every point came from the checkpoint",
     )
     return EMS(run.grid.lambdas, l, s, b, meta)
+
+
+def _bandwidth(requested: float | None, lambdas: Tensor) -> float:
+    """The smoothing bandwidth used: the default where the grid resolves it (else none); a
+    requested one that the grid cannot resolve is an error, never silently dropped."""
+    if requested is None:
+        return effective_bandwidth(BANDWIDTH, lambdas)
+    if requested < 0:
+        raise ValueError(f"bandwidth must be >= 0, got {requested!r}")
+    if requested > 0 and not effective_bandwidth(requested, lambdas):
+        span = abs(float(lambdas[-1] - lambdas[0]))
+        needed = math.ceil(MIN_SPACINGS * span / requested)
+        raise ValueError(
+            f"bandwidth {requested:g} in λ needs a grid of at least {needed} intervals over "
+            f"this range ({span:.3g} in λ), got {lambdas.numel() - 1}: raise grid_size or "
+            "pass bandwidth=0 (the per-point estimator)"
+        )
+    return float(requested)
 
 
 def _all_reduce(sums: dict[str, Tensor]) -> dict[str, Tensor]:
