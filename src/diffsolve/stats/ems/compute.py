@@ -119,11 +119,10 @@ def _noise(seed: int, j: int, indices: list[int], shape: tuple[int, ...]) -> tup
     return torch.stack(z), torch.stack(v)
 
 
-_JVP = JVP  # the derivative paths live in .derivatives
 
 
 def _accumulate(
-    jvp: _JVP,
+    jvp: JVP,
     grid: _Grid,
     j: int,
     x0: Tensor,
@@ -180,8 +179,8 @@ def smoothed_derivative(values: Tensor, lambdas: Tensor, window: int = 5) -> Ten
     return moving_average(grad, window)
 
 
-#: Default smoothing bandwidth in λ (:func:`finalize`), chosen on ``digits`` (BENCHMARKS.md,
-#: "EMS recipe"). A grid coarser than ``bandwidth / MIN_SPACINGS`` cannot resolve it and is
+#: Default smoothing bandwidth in λ (:func:`finalize`), chosen on ``digits`` (BENCHMARKS.md
+#: §11). A grid coarser than ``bandwidth / MIN_SPACINGS`` cannot resolve it and is
 #: not smoothed (:func:`effective_bandwidth`).
 BANDWIDTH = 0.2
 MIN_SPACINGS = 2.0
@@ -543,7 +542,7 @@ class _Run:
     """One estimation on this process: the model, the grid, this rank's samples."""
 
     model: Any
-    jvp: _JVP
+    jvp: JVP
     grid: _Grid
     data: Tensor
     conditioning: dict[str, Tensor]
@@ -551,7 +550,7 @@ class _Run:
     seed: int
     batch_size: int
     device: str
-    stride: int = 0
+    stride: int
 
     def point(self, j: int) -> dict[str, Tensor]:
         """Moment sums over this rank's samples at grid point ``j``: sample ``k`` noises data

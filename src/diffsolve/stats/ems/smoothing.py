@@ -20,7 +20,7 @@ discrete timesteps, :math:`\partial_t\epsilon_\theta` oscillates in λ on the sc
 timestep spacing, and only integrals of the statistics enter the solver. A coarse λ grid with
 many samples per point aliases that oscillation into a bias no sample count removes; a fine
 grid with few samples per point, smoothed at a bandwidth of a few grid spacings, averages it
-(measured in BENCHMARKS.md, "EMS recipe"). Everything here is a fixed linear map per grid
+(measured in BENCHMARKS.md §11). Everything here is a fixed linear map per grid
 (an ``(n, n)`` matrix), applied to all dimensions at once.
 """
 
