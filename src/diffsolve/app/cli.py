@@ -249,6 +249,13 @@ def list_solvers() -> None:
     help="A step schedule fitted by `diffsolve tune`: its solver, NFE and grid (refused for "
     "another model; --grid, and a --solver or --nfe other than its own, are refused).",
 )
+@click.option(
+    "--tuned-schedule/--no-tuned-schedule",
+    default=True,
+    help="Use the step schedule tuned for this model, solver and NFE where its folder keeps "
+    "one (schedules/<solver>-nfe<N>.json; the demos ship theirs). --grid and --schedule win; "
+    "not with --teleport, guidance, --threshold or --dualfast (a note says so).",
+)
 def sample_command(
     model_name: str,
     guidance: str,
@@ -267,6 +274,10 @@ def sample_command(
     command resumes: valid shards are kept, missing, corrupt or foreign ones recomputed; a
     folder made with other settings (model weights, statistics, solver, batch size, ...) is
     refused, more seeds extend the run; one run writes into a folder at a time.
+
+    Where the model keeps a step schedule tuned for the solver and NFE
+    (schedules/<solver>-nfe<N>.json in its folder) and nothing else sets the grid, the run
+    uses it as --schedule would, and says so.
     """
     from diffsolve.app.conditioning import GuidanceSpec
     from diffsolve.app.scale import RunConfig, SamplingError, distributed, run_sampling
@@ -280,7 +291,8 @@ def sample_command(
         )
     try:
         with distributed() as dist, usage_errors():
-            report = run_sampling(config, dist, progress=True)
+            say = lambda line: click.echo(line, err=True)  # noqa: E731
+            report = run_sampling(config, dist, progress=True, say=say)
     except SamplingError as err:
         raise click.ClickException(str(err)) from None
     for path, reason in report.recomputed.items():
@@ -292,7 +304,11 @@ def sample_command(
     if dist.world_size > 1:
         done += " on rank 0"
     target = report.grid_png or report.merged or Path(out_dir)
-    fitted = f", fitted schedule {options['schedule']}" if options["schedule"] else ""
+    fitted = (
+        f", fitted schedule {options['schedule']}" if options["schedule"]
+        else f", tuned schedule {m.schedule.removeprefix('tuned:')}" if m.schedule
+        else ""
+    )  # fmt: skip
     click.echo(f"{m.num_seeds} samples, {m.nfe} NFE each, {m.solver}{fitted} ({done}) → {target}")
 
 

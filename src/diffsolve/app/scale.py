@@ -15,15 +15,17 @@ A run samples a list of seeds (``--seeds 0-49999``) into an output folder:
   ``r::R``; a gloo process group only provides barriers. Without torchrun nothing is set up.
 * **Manifest and resume.** ``sample.json`` records everything that defines the samples: the
   model and the SHA-256 of its config and weights, of the statistics the run uses (EMS,
-  Gaussian statistics) and of a guidance classifier, the resolved solver with its options, the
-  NFE, grid kind and times, guidance, labels, teleportation, dtype, batch size, shard size and
-  seeds; its :meth:`~RunManifest.fingerprint` (everything but the seeds) is stored in every
-  shard too. Rerunning a command in the same folder checks the manifest — other settings are
-  refused with the list of differences; more seeds (a superset) extend the run — and skips
-  every shard that validates (loadable, exactly the expected seeds, right shape and dtype,
-  finite, the run's fingerprint; the zip CRC catches flipped bytes); a missing, partial,
-  corrupt or foreign shard is recomputed, never trusted. The manifest is written only once
-  every input of the run has been checked, so a refused start leaves nothing behind.
+  Gaussian statistics), of a step schedule file (``--schedule``, or the tuned one kept with
+  the model, :mod:`diffsolve.app.schedules`) and of a guidance classifier, the resolved solver
+  with its options, the NFE, grid kind and times, guidance, labels, teleportation, dtype,
+  batch size, shard size and seeds; its :meth:`~RunManifest.fingerprint` (everything but the
+  seeds) is stored in every shard too. Rerunning a command in the same folder checks the
+  manifest — other settings are refused with the list of differences; more seeds (a superset)
+  extend the run — and skips every shard that validates (loadable, exactly the expected seeds,
+  right shape and dtype, finite, the run's fingerprint; the zip CRC catches flipped bytes); a
+  missing, partial, corrupt or foreign shard is recomputed, never trusted. The manifest is
+  written only once every input of the run has been checked, so a refused start leaves nothing
+  behind.
 * **One writer.** A run holds an exclusive lock on ``.diffsolve-sample.lock`` in the folder
   for its whole life (released however the process ends); a second run into the same folder
   is refused with a message. Temporary files are named ``.<file>.diffsolve-<random>.tmp``, and
@@ -190,6 +192,10 @@ class RunManifest:
         dtype: The network's dtype.
         data_shape: Shape of one sample.
         conditioning: Guidance, labels and teleportation settings (JSON).
+        schedule: The step schedule file of the grid: the ``--schedule`` path, or
+            ``tuned:schedules/<solver>-nfe<N>.json`` for a tuned schedule picked up from the
+            model folder; ``""``: none (informative, not compared: the file's hash in
+            ``inputs``, ``grid`` and ``grid_t`` are what the fingerprint covers).
         version: diffsolve version that wrote it (informative, not compared).
     """
 
@@ -209,10 +215,11 @@ class RunManifest:
     dtype: str
     data_shape: tuple[int, ...]
     conditioning: str = ""
+    schedule: str = ""
     version: str = ""
     format: str = MANIFEST_FORMAT
 
-    _INFORMATIVE = ("version",)
+    _INFORMATIVE = ("schedule", "version")
     _SEEDS = ("seeds", "num_seeds")
 
     def to_json(self) -> str:
@@ -263,6 +270,27 @@ def _changed_inputs(before: dict[str, str], now: dict[str, str]) -> list[str]:
     return sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
 
 
+def _tuned_hint(existing: RunManifest, manifest: RunManifest) -> str:
+    """Why the grid may differ when a tuned step schedule was picked up on one side."""
+    before, now = existing.schedule, manifest.schedule
+    if now.startswith("tuned:") and before == now:
+        hashes = {json.loads(m.inputs).get("schedule") for m in (existing, manifest)}
+        changed = len(hashes) > 1
+        where = now.removeprefix("tuned:")
+        return f" (the tuned step schedule {where} changed since)" if changed else ""
+    if now.startswith("tuned:"):
+        return (
+            f" (this run picks up the tuned step schedule {now.removeprefix('tuned:')}, the "
+            f"folder's run used {before or 'none'}: --no-tuned-schedule turns it off)"
+        )
+    if before.startswith("tuned:"):
+        return (
+            f" (the folder's run used the tuned step schedule {before.removeprefix('tuned:')}, "
+            f"this one {now or 'none'})"
+        )
+    return ""
+
+
 def read_manifest(out_dir: str | Path) -> RunManifest | None:
     """The manifest in ``out_dir``, or ``None`` if there is none."""
     path = Path(out_dir) / MANIFEST_NAME
@@ -288,7 +316,8 @@ def check_resume(out_dir: Path, manifest: RunManifest) -> RunManifest | None:
         raise ValueError(
             f"--out {out_dir} holds a run made with different settings ("
             + "; ".join(diff)
-            + "); pass another --out, or delete the folder to start over"
+            + f"){_tuned_hint(existing, manifest)}; pass another --out, or delete the folder "
+            "to start over"
         )
     if existing.seeds != manifest.seeds:
         dropped = set(parse_seeds(existing.seeds)) - set(parse_seeds(manifest.seeds))
@@ -401,6 +430,11 @@ class RunConfig:
             model folder's ``gaussian_stats.safetensors``).
         schedule: A fitted step schedule file (``diffsolve tune``): its solver, options and
             grid, checked against the model; ``grid`` must be ``None`` and ``nfe`` its NFE.
+        tuned_schedule: Pick up the tuned step schedule kept with the model for the solver
+            and NFE (:mod:`diffsolve.app.schedules`) when no ``grid``, ``schedule`` or
+            ``teleport`` fixes the grid and no guidance, thresholding or DualFast is asked
+            for. After :func:`resolve_method`: whether one was picked up (its path then in
+            ``schedule``).
     """
 
     model: str = "digits"
@@ -418,6 +452,7 @@ class RunConfig:
     teleport: float = 0.0
     gaussian_stats: str | None = None
     schedule: str | None = None
+    tuned_schedule: bool = True
 
 
 @dataclass
@@ -660,6 +695,7 @@ def run_sampling(
     *,
     on_shard: Callable[[Path], None] | None = None,
     progress: bool = False,
+    say: Callable[[str], None] | None = None,
 ) -> RunReport:
     """Sample ``config.seeds`` into ``config.out_dir`` as this process's share of the run.
 
@@ -668,10 +704,14 @@ def run_sampling(
     writes the manifest and removes temporary files left by a killed run; every process
     computes its shards ``rank::world_size``; after a barrier rank 0 merges
     (``config.merge``) and draws ``grid.png``. Raises :class:`SamplingError` when the run
-    cannot go on.
+    cannot go on. ``say`` (rank 0) gets one-line notes on the run's choices, e.g. the tuned
+    step schedule it uses.
     """
     dist = dist or Distributed()
-    config, model, method, plan, seeds = _checked_run(config, dist)
+    quiet: Callable[[str], None] = lambda line: None  # noqa: E731
+    config, model, method, plan, seeds = _checked_run(
+        config, dist, say if dist.rank == 0 else quiet
+    )
     shards = seed_shards(seeds, config.shard_size)
     manifest = run_manifest(config, model, plan, seeds, method)
     sampler = SeedSampler(
@@ -702,7 +742,7 @@ def run_sampling(
 
 
 def _checked_run(
-    config: RunConfig, dist: Distributed
+    config: RunConfig, dist: Distributed, say: Callable[[str], None] | None = None
 ) -> tuple[RunConfig, LoadedModel, Solver, Plan[Any], list[int]]:
     """Every input of a run, checked before anything is written."""
     from diffsolve.app.loader import load_model
@@ -716,7 +756,7 @@ def _checked_run(
         raise ValueError(f"--out {out_dir} exists and is not a folder")
     device = check_device(dist.device(config.device))
     model = load_model(config.model, device=device)
-    config, method, grid = resolve_method(config, model)
+    config, method, grid = resolve_method(config, model, say)
     check_options(config, model, method)
     return config, model, method, method.plan(model.schedule, grid), seeds
 
@@ -768,16 +808,25 @@ def check_options(config: RunConfig, model: LoadedModel, method: Solver) -> None
         )
 
 
-def resolve_method(config: RunConfig, model: LoadedModel) -> tuple[RunConfig, Solver, Tensor]:
+def resolve_method(
+    config: RunConfig, model: LoadedModel, say: Callable[[str], None] | None = None
+) -> tuple[RunConfig, Solver, Tensor]:
     """The solver and grid of a run: ``solver="auto"`` resolved (the manifest records the
-    name), what it needs from the model loaded once, teleportation wrapped around it."""
+    name), a fitted schedule (``--schedule``, or the tuned one kept with the model) applied,
+    what it needs from the model loaded once, teleportation wrapped around it. ``say`` gets
+    one-line notes (the tuned schedule used, or not used and why; default: warnings only,
+    through :func:`warnings.warn`)."""
     from diffsolve.solvers import registry
     from diffsolve.wrappers.teleport import teleported_setup
 
     if config.schedule is not None:
-        return _scheduled(config, model)
+        return _scheduled(replace(config, tuned_schedule=False), model)
     if config.solver == "auto":
         config = replace(config, solver=registry.default_solver(model.available()))
+    tuned = _tuned(config, model, say)
+    if tuned is not None:
+        return tuned
+    config = replace(config, tuned_schedule=False)
     needs = set(registry.preset(config.solver).needs)
     if config.teleport:
         needs.add("gaussian")
@@ -791,6 +840,61 @@ def resolve_method(config: RunConfig, model: LoadedModel) -> tuple[RunConfig, So
             config.solver, model.schedule, config.nfe, config.grid, context=context
         )
     return config, method, grid
+
+
+def _tuned_clash(config: RunConfig) -> tuple[str, str] | None:
+    """The option, and why, that keeps a tuned step schedule from a run (``None``: none)."""
+    spec = config.guidance
+    if config.teleport:
+        return f"--teleport {config.teleport:g}", "teleportation sets the grid"
+    if spec.method != "none":
+        return f"--guidance {spec.method}", "it was fitted to the unguided model"
+    if spec.threshold is not None:
+        return f"--threshold {spec.threshold:g}", "it was fitted without thresholding"
+    if spec.dualfast:
+        return f"--dualfast {spec.dualfast:g}", "it was fitted without DualFast"
+    return None
+
+
+def _tuned(
+    config: RunConfig, model: LoadedModel, say: Callable[[str], None] | None
+) -> tuple[RunConfig, Solver, Tensor] | None:
+    """The tuned step schedule kept with the model for the run's solver and NFE, applied as
+    ``--schedule`` would be; ``None`` when the run does not pick one up (off, an explicit
+    ``--grid``: silently; a file that does not fit the model, or options it was not fitted
+    for: with a note)."""
+    from diffsolve.app.schedules import find_tuned_schedule
+    from diffsolve.solvers.registry import preset
+
+    if not config.tuned_schedule or config.grid is not None:
+        return None
+    found = find_tuned_schedule(model, config.solver, config.nfe, say)
+    if found is None:
+        return None
+    clash = _tuned_clash(config)
+    if clash is not None:
+        option, why = clash
+        anyway = "" if config.teleport else f"; --schedule {found.path} applies it anyway"
+        line = f"not using the tuned step schedule {found.where} with {option} ({why}{anyway})"
+        _note(say, line)
+        return None
+    try:
+        result = _scheduled(replace(config, schedule=str(found.path)), model)
+    except (TypeError, ValueError) as err:
+        _note(say, found.skipped(str(err)), warning=True)
+        return None
+    _note(say, found.describe(preset(config.solver).grid_kind(config.nfe)))
+    return result
+
+
+def _note(say: Callable[[str], None] | None, line: str, warning: bool = False) -> None:
+    """One line to ``say``; without it, a warning through :mod:`warnings` (notes dropped)."""
+    if say is not None:
+        say(line)
+    elif warning:
+        import warnings
+
+        warnings.warn(line, stacklevel=3)
 
 
 def _scheduled(config: RunConfig, model: LoadedModel) -> tuple[RunConfig, Solver, Tensor]:
@@ -859,8 +963,21 @@ def run_manifest(
         dtype=dtype.removeprefix("torch."),
         data_shape=tuple(model.data_shape),
         conditioning=json.dumps(conditioning, sort_keys=True),
+        schedule=_schedule_source(config, model),
         version=__version__,
     )
+
+
+def _schedule_source(config: RunConfig, model: LoadedModel) -> str:
+    """The manifest's ``schedule``: the ``--schedule`` file (absolute), or
+    ``tuned:<path in the model folder>`` for a tuned schedule picked up; ``""``: none."""
+    if config.schedule is None:
+        return ""
+    path = Path(config.schedule).resolve()
+    if not config.tuned_schedule:
+        return str(path)
+    folder = Path(model.folder or path.parent).resolve()
+    return f"tuned:{path.relative_to(folder).as_posix() if path.is_relative_to(folder) else path}"
 
 
 def _solver_repr(method: Solver | None) -> str:
