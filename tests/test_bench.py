@@ -1,15 +1,28 @@
-"""The bench on the analytic Gaussian model: schema, failures reported, twins match peers."""
+"""The bench on the analytic Gaussian model: schema, failures reported, twins match peers,
+DPM-Solver-v3's same-grid section."""
 
 import json
+import math
 
 import pytest
 import torch
 
+from diffsolve import DPMSolverPP, sample
 from diffsolve.app.bench import BenchConfig, run_bench
 from diffsolve.app.bench.report import format_table, plot, write_json
 from diffsolve.app.bench.runner import contestants
+from diffsolve.app.bench.same_grid import (
+    DEGENERATE,
+    RIVALS,
+    degenerate_ems,
+    same_grid_contestants,
+    section_runs,
+    v3_grid,
+)
+from diffsolve.app.bench.timing import TimedModel
 from diffsolve.app.loader import load_model
-from diffsolve.solvers.registry import SOLVERS, setup_solver
+from diffsolve.solvers.dpm_solver_v3 import DPMSolverV3
+from diffsolve.solvers.registry import SOLVERS, SolverContext, setup_solver
 
 pytest.importorskip("diffusers")
 
@@ -135,3 +148,100 @@ def test_inversion_sweep_from_the_cli(tmp_path):
     assert rows[("ddim", 20)] < rows[("ddim", 5)]
     assert rows[("dpm-solver++-2m", 20)] < rows[("ddim", 20)]
     assert rows[("bdia", 5)] < 1e-5  # exact inversion: rounding error only
+
+
+@pytest.fixture(scope="module")
+def v3_result():
+    config = BenchConfig(
+        model="gaussian",  # ships its exact EMS
+        nfes=(5, 8),
+        samples=32,
+        reference_steps=60,
+        overhead=False,
+        solvers=["dpm-solver-v3", "dpm-solver-v3@logsnr", "diffusers:unipc-bh2"],
+    )
+    return run_bench(config)
+
+
+def test_same_grid_section_for_each_selected_v3(v3_result):
+    sections = {s.contestant: s for s in v3_result.same_grid}
+    assert list(sections) == ["dpm-solver-v3", "dpm-solver-v3@logsnr"]
+    main = {(r.solver, r.nfe_budget): r.rmse for r in v3_result.results}
+    for name, section in sections.items():
+        assert [r.solver for r in section.runs] == [DEGENERATE, *RIVALS] * 2
+        assert all(not r.failed and r.nfe == r.nfe_budget for r in section.runs)
+        for ratio in section.ratios:
+            runs = {r.solver: r.rmse for r in section.runs if r.nfe_budget == ratio.nfe}
+            assert ratio.v3 == main[(name, ratio.nfe)]  # the main table's row, not re-run
+            best = min(runs[rival] for rival in RIVALS)
+            assert ratio.same_grid_ratio == pytest.approx(ratio.v3 / best)
+            assert ratio.degenerate_ratio == pytest.approx(ratio.v3 / runs[DEGENERATE])
+            peer = main[("diffusers:unipc-bh2", ratio.nfe)]
+            assert ratio.diffusers_ratio == pytest.approx(ratio.v3 / peer)
+            for value in (ratio.same_grid_ratio, ratio.degenerate_ratio, ratio.diffusers_ratio):
+                assert math.isfinite(value) and value > 0
+            # same-order methods on one grid: v3 without its statistics is not far off
+            # DPM-Solver++(2M) (equal in Taylor form without the corrector: next test)
+            assert 0.1 < runs[DEGENERATE] / runs["dpm-solver++-2m"] < 10
+    assert {r.grid for r in sections["dpm-solver-v3"].ratios} == {"time_quadratic"}
+    assert {r.grid for r in sections["dpm-solver-v3@logsnr"].ratios} == {"logsnr"}
+    text = format_table(v3_result)
+    assert "same grid: dpm-solver-v3@logsnr against our solvers on its own grid (logsnr)" in text
+    assert text.count("same-grid ratio: v3 / best of ours") == 2
+
+
+def test_same_grid_runs_on_v3s_grid_with_degenerate_statistics():
+    """The section's grid is the one the bench's v3 samples on; its rivals run on it; its
+    degenerate EMS make v3 (without the corrector) DPM-Solver++(2M) in Taylor form there."""
+    loaded = load_model("gaussian")
+    context = loaded.solver_context(loaded.available())
+    model = TimedModel(loaded.denoiser)
+    x = torch.randn(8, *loaded.data_shape, generator=torch.Generator().manual_seed(0))
+    for name, nfe in (("dpm-solver-v3", 6), ("dpm-solver-v3@time_uniform", 8)):
+        kind, grid = v3_grid(name, model, nfe, context)
+        base, _, override = name.partition("@")
+        assert kind == (override or "time_quadratic")
+        assert torch.equal(
+            grid, setup_solver(base, model.schedule, nfe, override or None, context=context)[1]
+        )
+        runs = {c.name: c for c in section_runs(name, model.schedule, context)}
+        out, _, _ = runs["dpm-solver++-2m"].run(model, x, nfe)
+        assert torch.equal(out, sample(model, x, DPMSolverPP(2), grid).x)
+        flat = degenerate_ems(context.ems, model.schedule)
+        assert flat.lambda_range == pytest.approx(context.ems.lambda_range, abs=1e-9)
+        v3 = sample(model, x, DPMSolverV3(flat, 2, corrector=False), grid).x
+        pp = sample(model, x, DPMSolverPP(2, solver_type="taylor"), grid).x
+        assert float((v3 - pp).abs().max()) < 1e-9 * float(pp.abs().max())
+
+
+def test_same_grid_section_only_where_v3_runs_with_ems(result):
+    assert result.same_grid == [] and "same grid" not in format_table(result)
+    context = load_model("gaussian").solver_context(("ems",))
+    lineup = ["dpm-solver-v3", "dpm-solver-v3@logsnr", "dpm-solver++-2m"]
+    assert same_grid_contestants(None, lineup, context) == ["dpm-solver-v3"]
+    assert same_grid_contestants(["dpm-solver-v3@logsnr"], lineup, context) == [
+        "dpm-solver-v3@logsnr"
+    ]
+    assert same_grid_contestants(None, lineup, SolverContext()) == []
+
+
+def test_same_grid_json_from_the_cli_on_digits_flow(tmp_path):
+    from click.testing import CliRunner
+
+    from diffsolve.app.cli import main
+
+    out = tmp_path / "bench.json"
+    args = ["bench", "--model", "digits-flow", "--nfe", "5", "--samples", "8"]
+    args += ["--reference-steps", "50", "--no-overhead", "--json", str(out)]
+    args += ["--solvers", "dpm-solver-v3,diffusers:unipc-bh2"]
+    run = CliRunner().invoke(main, args)
+    assert run.exit_code == 0, run.output
+    assert "same-grid ratio" in run.output
+    (section,) = json.loads(out.read_text())["same_grid"]
+    assert section["contestant"] == "dpm-solver-v3"
+    assert {r["solver"] for r in section["runs"]} == {DEGENERATE, *RIVALS}
+    (ratio,) = section["ratios"]
+    assert ratio["grid"] == "flow_shifted" and ratio["times"][-1] == 0
+    for key in ("same_grid_ratio", "degenerate_ratio", "diffusers_ratio"):
+        assert math.isfinite(ratio[key]) and ratio[key] > 0
+    assert ratio["best_rival"] in RIVALS and ratio["best_diffusers"] == "diffusers:unipc-bh2"

@@ -6,15 +6,18 @@ import json
 import os
 import tempfile
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from diffsolve.app.bench.runner import BenchResult, Row
+from diffsolve.app.bench.same_grid import SameGrid
 from diffsolve.app.files import write_bytes_atomic
 
 
 def format_table(result: BenchResult) -> str:
-    """Two tables (RMSE and FD by solver × NFE) plus speed, agreement and overhead lines."""
+    """Two tables (RMSE and FD by solver × NFE), the same-grid section of each v3 contestant
+    that has one (:func:`format_same_grid`), speed, agreement and overhead lines."""
     nfes = sorted({r.nfe_budget for r in result.results})
     by_solver: dict[str, dict[int, Row]] = defaultdict(dict)
     requested: dict[str, list[Row]] = defaultdict(list)
@@ -34,6 +37,9 @@ def format_table(result: BenchResult) -> str:
         lines.append("")
         lines.append(_table(metric, fmt, nfes, by_solver, requested))
     lines.append("(* spent one evaluation less than the budget: Heun at even NFE)")
+    for section in result.same_grid:
+        lines.append("")
+        lines.append(format_same_grid(section, result.results))
     lines.append("")
     lines.append("speed at the largest NFE: seconds per sample, solver overhead µs per step")
     for name, rows in by_solver.items():
@@ -48,6 +54,45 @@ def format_table(result: BenchResult) -> str:
             f"{o['diffusers_us']:.1f} µs (ratio {o['ratio']:.2f})"
         )
     return "\n".join(lines)
+
+
+def format_same_grid(section: SameGrid, main: list[Row]) -> str:
+    """The same-grid section of one v3 contestant: RMSE of v3 (the main table's row) with
+    the model's and with degenerate statistics and of our other solvers, all on v3's grid,
+    then the ratios of v3's RMSE to the best of the others, to v3 with degenerate statistics
+    and to the best diffusers scheduler (on its own grid)."""
+    nfes = [r.nfe for r in section.ratios]
+    v3 = [
+        replace(r, solver=f"{r.solver} (model EMS)")
+        for r in main
+        if r.solver == section.contestant
+    ]
+    by_solver: dict[str, dict[int, Row]] = defaultdict(dict)
+    requested: dict[str, list[Row]] = defaultdict(list)
+    for row in [*v3, *section.runs]:
+        requested[row.solver].append(row)
+        if not row.failed:
+            by_solver[row.solver][row.nfe_budget] = row
+    kinds = ", ".join(dict.fromkeys(r.grid for r in section.ratios))
+    lines = [
+        f"same grid: {section.contestant} against our solvers on its own grid ({kinds})",
+        _table("rmse", "{:.2e}", nfes, by_solver, requested),
+    ]
+    for label, key in (
+        ("same-grid ratio: v3 / best of ours", "same_grid_ratio"),
+        ("v3 / v3 with degenerate EMS", "degenerate_ratio"),
+        ("v3 / best diffusers (its grid)", "diffusers_ratio"),
+    ):
+        cells = [getattr(r, key) for r in section.ratios]
+        lines.append(f"{label:<34} " + " ".join(_ratio_cell(c) for c in cells))
+    for what, key in (("of ours on v3's grid", "best_rival"), ("diffusers", "best_diffusers")):
+        best = [f"{r.nfe} {getattr(r, key) or '—'}" for r in section.ratios]
+        lines.append(f"best {what} at each NFE: " + ", ".join(best))
+    return "\n".join(lines)
+
+
+def _ratio_cell(value: float | None) -> str:
+    return f"{value:>9.2f}" if value is not None else f"{'—':>9}"
 
 
 def _table(

@@ -6,7 +6,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -21,6 +21,9 @@ from diffsolve.ode.plan import Solver
 from diffsolve.ode.sampling import sample
 from diffsolve.solvers import DPMSolverPP, UniPC
 from diffsolve.solvers.registry import SOLVERS, SolverContext, lineup, setup_solver
+
+if TYPE_CHECKING:
+    from diffsolve.app.bench.same_grid import SameGrid
 
 DEFAULT_NFES = (5, 6, 8, 10, 12, 15, 20)
 
@@ -58,7 +61,9 @@ class BenchConfig:
 
 @dataclass
 class BenchResult:
-    """Everything the bench measured (serialised to JSON as is)."""
+    """Everything the bench measured (serialised to JSON as is). ``same_grid``: DPM-Solver-v3
+    against our other solvers on its own grid (:mod:`diffsolve.app.bench.same_grid`), one
+    entry per v3 contestant that has one."""
 
     model: str
     samples: int
@@ -68,6 +73,7 @@ class BenchResult:
     fd_reference: float
     fd_train: float
     results: list[Row] = field(default_factory=list)
+    same_grid: list[SameGrid] = field(default_factory=list)
     overhead: list[dict[str, float]] = field(default_factory=list)
     seconds_total: float = 0.0
 
@@ -90,7 +96,7 @@ class Contestant:
 def _ours(name: str, context: SolverContext, grid_kind: str | None = None) -> Contestant:
     def run(model: TimedModel, x: Tensor, nfe: int) -> tuple[Tensor, int, float]:
         solver, grid = setup_solver(name, model.schedule, nfe, grid_kind, context=context)
-        return _run_solver(solver, grid, model, x)
+        return run_solver(solver, grid, model, x)
 
     label = name if grid_kind is None else f"{name}@{grid_kind}"
     return Contestant(label, "diffsolve", run)
@@ -101,14 +107,15 @@ def _twin(peer: Peer, context: SolverContext) -> Contestant:
     twin = SOLVERS[peer.twin or ""]
 
     def run(model: TimedModel, x: Tensor, nfe: int) -> tuple[Tensor, int, float]:
-        return _run_solver(twin.build(nfe, context), peer.grid(model.schedule, nfe), model, x)
+        return run_solver(twin.build(nfe, context), peer.grid(model.schedule, nfe), model, x)
 
     return Contestant(f"{twin.name}@diffusers-grid", "diffsolve", run)
 
 
-def _run_solver(
+def run_solver(
     solver: Solver, grid: Tensor, model: TimedModel, x: Tensor
 ) -> tuple[Tensor, int, float]:
+    """Sample with ``solver`` on ``grid``; return ``(x, steps, loop seconds)``."""
     plan = solver.plan(model.schedule, grid)
     start = time.perf_counter()
     out = sample(model, x, solver, plan=plan)
@@ -174,9 +181,11 @@ def rmse(a: Tensor, b: Tensor) -> float:
 
 
 def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None) -> BenchResult:
-    """Run the whole bench for one model."""
+    """Run the whole bench for one model: every contestant at every NFE, then the same-grid
+    section of each v3 contestant (:mod:`diffsolve.app.bench.same_grid`)."""
     from tqdm.auto import tqdm
 
+    from diffsolve.app.bench.same_grid import RUNS_PER_NFE, run_same_grid, same_grid_contestants
     from diffsolve.app.data import load_digits
     from diffsolve.app.loader import load_model
 
@@ -203,12 +212,22 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
         fd_reference=frechet_distance(reference.cpu(), test),
         fd_train=frechet_distance(load_digits("train"), test),
     )
-    runs = contestants(config.solvers, loaded)
-    bar = tqdm(total=len(runs) * len(config.nfes), desc=f"bench {config.model}", unit="run")
+    context = loaded.solver_context(loaded.available())
+    runs = contestants(config.solvers, loaded, context)
+    v3s = same_grid_contestants(config.solvers, [c.name for c in runs], context)
+    total = (len(runs) + len(v3s) * RUNS_PER_NFE) * len(config.nfes)
+    bar = tqdm(total=total, desc=f"bench {config.model}", unit="run")
+
+    def measure_at(contestant: Contestant, nfe: int) -> Row:
+        row = measure(contestant, model, x_start, nfe, reference, test)
+        bar.update(1)
+        return row
+
     for contestant in runs:
-        for nfe in config.nfes:
-            result.results.append(_measure(contestant, model, x_start, nfe, reference, test))
-            bar.update(1)
+        result.results += [measure_at(contestant, nfe) for nfe in config.nfes]
+    for name in v3s:
+        section = run_same_grid(name, context, result.results, measure_at, config.nfes, model)
+        result.same_grid.append(section)
     bar.close()
     if config.overhead:
         say(f"bench {config.model}: overhead per step (null model) ...")
@@ -217,7 +236,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
     return result
 
 
-def _measure(
+def measure(
     contestant: Contestant,
     model: TimedModel,
     x: Tensor,
@@ -225,6 +244,8 @@ def _measure(
     reference: Tensor,
     test: Tensor,
 ) -> Row:
+    """One contestant at one NFE from ``x``: RMSE to ``reference``, FD to ``test``, speed. A
+    contestant that raises or returns non-finite values gives a failed row, not an error."""
     row = Row(contestant.name, contestant.source, nfe, nfe_budget=nfe)
     model.reset()
     try:
