@@ -35,6 +35,8 @@ def main() -> None:
     parser.add_argument("--reference-steps", type=int, default=500)
     parser.add_argument("--candidates", type=int, default=TuneConfig.candidates)
     parser.add_argument("--trajectories", type=int, default=TuneConfig.trajectories)
+    parser.add_argument("--trim", default="0", help="comma list of TuneConfig.trim values")
+    parser.add_argument("--teleport", default="0", help="comma list of 0/1")
     args = parser.parse_args()
 
     loaded = load_model(args.model)
@@ -58,12 +60,20 @@ def main() -> None:
             solver, grid = setup_solver(name, loaded.schedule, nfe, context=context)
             with torch.inference_mode():
                 base = rmse(sample(denoiser, x, solver, grid).x, reference)
-            for cost in args.costs.split(","):
+            variants = [
+                (cost, float(trim), bool(int(jump)))
+                for cost in args.costs.split(",")
+                for trim in args.trim.split(",")
+                for jump in args.teleport.split(",")
+            ]
+            for cost, trim, jump in variants:
                 config = TuneConfig(
                     cost=cost,  # type: ignore[arg-type]
                     candidates=args.candidates,
                     trajectories=args.trajectories,
                     holdout=args.trajectories,
+                    trim=trim,
+                    teleport=jump,
                 )
                 began = time.perf_counter()
                 fitted = tune_schedule(loaded, name, nfe, args.method, config, context=context)
@@ -73,7 +83,8 @@ def main() -> None:
                     tuned = rmse(sample(denoiser, x, tuned_solver, tuned_grid).x, reference)
                 times = ",".join(f"{t:.3g}" for t in fitted.times)
                 print(
-                    f"| {name} | {nfe} | {cost} | {base:.4f} | {tuned:.4f} | "
+                    f"| {name} | {nfe} | {cost}, trim {trim:g}{', teleport' if jump else ''} | "
+                    f"{base:.4f} | {tuned:.4f} | "
                     f"{tuned / base:.2f} | {fitted.method} | "
                     f"{fitted.cost['model_evaluations']} | {seconds:.0f} | {times} |",
                     flush=True,

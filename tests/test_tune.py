@@ -13,6 +13,7 @@ from diffsolve.ode import grids
 from diffsolve.ode.sampling import sample
 from diffsolve.ode.step_schedule import StepSchedule
 from diffsolve.solvers.registry import setup_solver
+from diffsolve.wrappers.teleport import Teleported
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -127,3 +128,35 @@ def test_samples_follow_the_tuned_grid(gaussian_model):
     x = noise_for_seeds(range(4), gaussian_model.data_shape)
     out = sample(gaussian_model.denoiser, x, solver, grid, return_intermediates=True)
     assert out.nfe == 3 and out.times == pytest.approx(list(fitted.times), rel=1e-6)
+
+
+def test_dp_with_teleport_starts_where_the_gaussian_takes_over(gaussian_model, tmp_path):
+    """On the Gaussian model teleportation is the exact flow: dp skips as far as it may,
+    the file records the jump, and the schedule spends its NFE after it."""
+    config = TuneConfig(
+        candidates=30, teacher_steps=120, trajectories=32, holdout=32, teleport=True
+    )
+    fitted = tune_schedule(gaussian_model, "dpm-solver++-2m", 4, "dp", config)
+    assert fitted.teleport and fitted.method == "dp" and len(fitted.times) == 4 + 2
+    solver, grid = schedule_solver(fitted, gaussian_model)
+    assert isinstance(solver, Teleported)
+    assert solver.plan(gaussian_model.schedule, grid).nfe == 4
+    tuned = _exact_error(gaussian_model, solver, grid)
+    plain = tune_schedule(gaussian_model, "dpm-solver++-2m", 4, "dp", SMALL)
+    assert tuned < 0.5 * _exact_error(gaussian_model, *schedule_solver(plain, gaussian_model))
+    assert StepSchedule.load(fitted.save(tmp_path / "s.json")).teleport
+    run = tmp_path / "run"
+    args = ["sample", "--model", "gaussian", "--schedule", str(tmp_path / "s.json")]
+    result = CliRunner().invoke(main, [*args, "--seeds", "0-3", "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((run / "sample.json").read_text())
+    assert "gaussian_stats" in manifest["inputs"] and manifest["nfe"] == 4
+
+
+def test_trim_leaves_the_worst_trajectories_out():
+    config = TuneConfig(trim=0.25)
+    assert config.trim == 0.25
+    with pytest.raises(ValueError, match="trim"):
+        TuneConfig(trim=0.5)
+    with pytest.raises(ValueError, match="max_skip"):
+        TuneConfig(max_skip=1.0)

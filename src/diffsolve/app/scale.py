@@ -676,7 +676,7 @@ def run_inputs(config: RunConfig, model: LoadedModel) -> dict[str, str]:
         files["ems"] = model.ems_path
     if config.schedule is not None:
         files["schedule"] = Path(config.schedule)
-    if config.teleport:
+    if config.teleport or (config.schedule is not None and _teleports(config.schedule)):
         stats = config.gaussian_stats
         files["gaussian_stats"] = Path(stats) if stats else model.gaussian_stats_path
     if config.guidance.method == "classifier":
@@ -687,6 +687,17 @@ def run_inputs(config: RunConfig, model: LoadedModel) -> dict[str, str]:
     if model.analytic is not None:
         out["analytic"] = model.analytic.fingerprint()
     return out
+
+
+def _teleports(path: str) -> bool:
+    """Whether a step schedule file starts with a teleport (its Gaussian statistics are
+    then an input of the run)."""
+    from diffsolve.ode.step_schedule import StepSchedule
+
+    try:
+        return StepSchedule.load(path).teleport
+    except (OSError, ValueError):
+        return False
 
 
 def run_sampling(

@@ -66,6 +66,8 @@ from diffsolve.ode.step_schedule import StepSchedule
 from diffsolve.solvers.dpm_solver_pp import DPMSolverPP
 from diffsolve.solvers.registry import SolverContext, preset, setup_solver
 from diffsolve.stats.ems import model_fingerprint
+from diffsolve.stats.gaussian import GaussianModel
+from diffsolve.wrappers.teleport import Teleported, teleport
 
 Method = Literal["dp", "search"]
 Cost = Literal["student", "euler"]
@@ -93,6 +95,16 @@ class TuneConfig:
         budget: Model evaluations (per-sample evaluations, summed) the search may spend;
             ``None``: 60 candidate schedules.
         batch_size: Samples per model call.
+        trim: Share of the worst trajectories left out of every score (``dp`` costs, the
+            fit comparison, ``search``): per-trajectory errors are heavy-tailed (a few
+            samples near a boundary between two modes decide the RMSE), and a score that
+            follows them fits the fit seeds' outliers instead of the model.
+        teleport: Let the schedule start with analytic Gaussian teleportation
+            (:mod:`diffsolve.wrappers.teleport`, 0 NFE) from the schedule's start to any
+            candidate within ``max_skip`` of the candidate intervals: ``dp`` starts its
+            paths there too and keeps what measures best against the teacher. Needs the
+            model's Gaussian statistics.
+        max_skip: Largest share of the candidate intervals a teleport may skip.
     """
 
     cost: Cost = "student"
@@ -106,6 +118,9 @@ class TuneConfig:
     max_jump: float = 3.0
     budget: int | None = None
     batch_size: int = 512
+    trim: float = 0.0
+    teleport: bool = False
+    max_skip: float = 0.5
 
     def __post_init__(self) -> None:
         if self.cost not in typing.get_args(Cost):
@@ -117,6 +132,10 @@ class TuneConfig:
                 raise ValueError(f"{name} must be a positive integer")
         if self.seed < 0:
             raise ValueError("seed must be >= 0")
+        if not 0.0 <= self.trim < 0.5:
+            raise ValueError(f"trim must lie in [0, 0.5), got {self.trim}")
+        if not 0.0 <= self.max_skip < 1.0:
+            raise ValueError(f"max_skip must lie in [0, 1), got {self.max_skip}")
 
     def seeds(self, which: Literal["fit", "search", "check"]) -> list[int]:
         """The seeds of one of the three disjoint sets."""
@@ -162,8 +181,12 @@ class Teacher:
     target: Tensor
 
 
-def _rms(a: Tensor, b: Tensor) -> float:
-    return float((a.double() - b.double()).pow(2).mean().sqrt())
+def _rms(a: Tensor, b: Tensor, trim: float = 0.0) -> float:
+    """RMSE of ``a`` to ``b``; ``trim``: without that share of the worst samples."""
+    per = (a.double() - b.double()).pow(2).flatten(1).mean(1)
+    if trim > 0.0:
+        per = per.sort().values[: max(1, per.numel() - math.floor(trim * per.numel()))]
+    return float(per.mean().sqrt())
 
 
 def _candidates(schedule: NoiseSchedule, config: TuneConfig, t_start: float) -> Tensor:
@@ -204,15 +227,29 @@ def _path_grid(times: Tensor, path: Sequence[int], positives: int) -> Tensor:
 
 
 def dp_student(
-    model: _Meter, solver: Solver, teacher: Teacher, steps: int, max_jump: float = math.inf
+    model: _Meter,
+    solver: Solver,
+    teacher: Teacher,
+    steps: int,
+    max_jump: float = math.inf,
+    *,
+    starts: dict[int, Tensor] | None = None,
+    trim: float = 0.0,
 ) -> list[int]:
     """The OSS rollout with the student's own steps: candidate indices of the best path
-    (``steps`` positive times, the first the first candidate)."""
+    (``steps`` positive times).
+
+    ``starts`` maps the candidates a path may start at to the samples there (default: the
+    first candidate and the teacher's noise; teleportation adds later candidates and the
+    teleported noise). Errors are :func:`_rms` with ``trim``."""
     times, last = teacher.times, teacher.times.numel() - 1
     span = max(1, math.ceil(max_jump * last / max(1, steps - 1)))
     schedule = model.schedule
-    start = solver.plan(schedule, _path_grid(times, [0], steps)).init(teacher.x)
-    frontier: dict[int, tuple[list[int], State]] = {0: ([0], start)}
+    starts = starts if starts is not None else {0: teacher.x}
+    frontier: dict[int, tuple[list[int], State]] = {
+        s: ([s], solver.plan(schedule, _path_grid(times, [s], steps)).init(x))
+        for s, x in starts.items()
+    }
     for k in range(1, steps):
         best: dict[int, tuple[float, list[int], State]] = {}
         for i, (path, state) in frontier.items():
@@ -221,7 +258,7 @@ def dp_student(
             for j in range(i + 1, min(i + span, last - (steps - 1 - k)) + 1):
                 plan = solver.plan(schedule, _path_grid(times, [*path, j], steps))
                 moved = plan.step(replay, replace(state, owns_x_prev=False))
-                err = _rms(moved.x, teacher.states[j])
+                err = _rms(moved.x, teacher.states[j], trim)
                 if j not in best or err < best[j][0]:
                     best[j] = (err, [*path, j], moved)
         frontier = {j: (path, state) for j, (_, path, state) in best.items()}
@@ -230,7 +267,7 @@ def dp_student(
         plan = solver.plan(schedule, _path_grid(times, path, steps))
         while not state.done:
             state = plan.step(model, replace(state, owns_x_prev=False))
-        err = _rms(state.x, teacher.target)
+        err = _rms(state.x, teacher.target, trim)
         if final is None or err < final[0]:
             final = (err, path)
     assert final is not None
@@ -282,8 +319,11 @@ def option_space(solver: Solver) -> dict[str, tuple[Any, ...]]:
 
 @dataclass
 class _Candidate:
+    """A grid and solver; ``teleport``: the grid's first interval is a Gaussian jump."""
+
     times: Tensor
     solver: Solver
+    teleport: bool = False
     score: float = math.inf
 
 
@@ -295,16 +335,26 @@ class _Search:
     nfe: int
     generator: torch.Generator
     space: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    gaussian: GaussianModel | None = None
+    trim: float = 0.0
+
+    def method(self, c: _Candidate) -> Solver:
+        """The candidate's solver, with teleportation when it starts with a jump."""
+        if not c.teleport:
+            return c.solver
+        assert self.gaussian is not None
+        return Teleported(c.solver, self.gaussian)
 
     def score(self, c: _Candidate) -> float:
+        method = self.method(c)
         try:
-            plan = c.solver.plan(self.model.schedule, c.times)
+            plan = method.plan(self.model.schedule, c.times)
         except ValueError:
             return math.inf
         if plan.nfe != self.nfe:
             return math.inf
-        out = sample(self.model, self.x, c.solver, plan=plan, check_finite=False).x
-        err = _rms(out, self.target)
+        out = sample(self.model, self.x, method, plan=plan, check_finite=False).x
+        err = _rms(out, self.target, self.trim)
         return err if math.isfinite(err) else math.inf
 
     def propose(self, c: _Candidate, scale: float) -> _Candidate | None:
@@ -317,7 +367,8 @@ class _Search:
             if value == getattr(c.solver, name):
                 return None
             try:
-                return _Candidate(c.times, replace(c.solver, **{name: value}))  # type: ignore[type-var]
+                solver = replace(c.solver, **{name: value})  # type: ignore[type-var]
+                return _Candidate(c.times, solver, c.teleport)
             except (ValueError, TypeError):
                 return None
         schedule = self.model.schedule
@@ -332,7 +383,7 @@ class _Search:
         if bool(((lam[1:] - lam[:-1]) <= 1e-6).any()):
             return None
         times = torch.cat([positive[:1], schedule.t_of_lambda(free), c.times[-1:]])
-        return _Candidate(times, c.solver)
+        return _Candidate(times, c.solver, c.teleport)
 
 
 def search(state: _Search, start: _Candidate, budget: int) -> _Candidate:
@@ -364,6 +415,15 @@ def _denoiser(model: Any, seeds: Sequence[int]) -> Denoiser:
     return model
 
 
+def _gaussian(model: Any) -> GaussianModel:
+    """The model's Gaussian statistics (teleportation), or a one-line error."""
+    if not hasattr(model, "load_gaussian"):
+        raise ValueError(
+            "teleport: pass a LoadedModel whose folder has gaussian_stats.safetensors"
+        )
+    return model.load_gaussian()
+
+
 def _fingerprint(model: Any) -> str | None:
     target = model.denoiser if hasattr(model, "denoiser") else model
     try:
@@ -389,30 +449,88 @@ def _noise(model: Any, seeds: Sequence[int], t_start: float) -> Tensor:
     return noise_for_seeds(seeds, shape, schedule.init_noise_sigma(t_start), device=device)
 
 
+def _teleport_starts(
+    fit: Teacher, gaussian: GaussianModel, schedule: NoiseSchedule, config: TuneConfig
+) -> dict[int, Tensor]:
+    """Where a teleported path may start: candidate 0 with the noise itself, and every
+    candidate within ``max_skip`` of the intervals with the noise teleported there."""
+    t0, skips = float(fit.times[0]), math.floor(config.max_skip * (fit.times.numel() - 1))
+    starts = {0: fit.x}
+    for s in range(1, skips + 1):
+        starts[s] = teleport(gaussian, fit.x, t0, float(fit.times[s]), schedule).to(fit.x.dtype)
+    return starts
+
+
 def _fit_dp(
-    model: _Meter, fit: Teacher, base: Solver, default: Tensor, config: TuneConfig
+    model: _Meter,
+    fit: Teacher,
+    base: Solver,
+    default: Tensor,
+    config: TuneConfig,
+    gaussian: GaussianModel | None = None,
 ) -> tuple[_Candidate, _Candidate]:
-    """The dp path and the default grid, each scored on the fit seeds."""
+    """The dp path and the default grid, each scored on the fit seeds (``gaussian``: paths
+    may start with a teleport)."""
     steps = default.numel() - 1
     with torch.inference_mode():
+        starts = (
+            None if gaussian is None else _teleport_starts(fit, gaussian, model.schedule, config)
+        )
         path = (
-            dp_student(model, base, fit, steps, config.max_jump)
+            dp_student(model, base, fit, steps, config.max_jump, starts=starts, trim=config.trim)
             if config.cost == "student"
             else dp_euler(model, fit, steps, config.coeff)
         )
-        found = torch.cat([fit.times[path], torch.zeros(1, dtype=_F64)])
-        tuned, default_fit = _Candidate(found, base), _Candidate(default, base)
-        fitter = _Search(model, fit.x, fit.target, steps, torch.Generator())
+        jump = path[0] > 0
+        head = fit.times[: 1 if jump else 0]  # the start time before a teleport
+        found = torch.cat([head, fit.times[path], torch.zeros(1, dtype=_F64)])
+        tuned, default_fit = _Candidate(found, base, jump), _Candidate(default, base)
+        fitter = _Search(
+            model, fit.x, fit.target, steps, torch.Generator(), gaussian=gaussian, trim=config.trim
+        )
         tuned.score, default_fit.score = fitter.score(tuned), fitter.score(default_fit)
     return tuned, default_fit
 
 
-def _scores(model: _Meter, teacher: Teacher, *candidates: _Candidate) -> list[float]:
+def _scores(
+    model: _Meter,
+    teacher: Teacher,
+    nfe: int,
+    gaussian: GaussianModel | None,
+    *candidates: _Candidate,
+) -> list[float]:
     """RMSE of each candidate to the teacher's :math:`x_0` on the teacher's seeds."""
-    nfe = candidates[0].times.numel() - 1
-    scorer = _Search(model, teacher.x, teacher.target, nfe, torch.Generator())
+    scorer = _Search(model, teacher.x, teacher.target, nfe, torch.Generator(), gaussian=gaussian)
     with torch.inference_mode():
         return [scorer.score(c) for c in candidates]
+
+
+class _Teachers:
+    """Teacher trajectories of the fit, search and check seeds (counting evaluations)."""
+
+    def __init__(
+        self, model: Any, config: TuneConfig, t_start: float, say: Callable[[str], None]
+    ) -> None:
+        self.model, self.config, self.t_start, self.say = model, config, t_start, say
+        self.times = _candidates(model.schedule, config, t_start)
+        self.meters: list[_Meter] = []
+
+    def __call__(self, which: Literal["fit", "search", "check"]) -> tuple[_Meter, Teacher]:
+        seeds, steps = self.config.seeds(which), self.config.teacher_steps
+        meter = _Meter(_denoiser(self.model, seeds))
+        self.meters.append(meter)
+        self.say(f"tune: teacher on {len(seeds)} {which} seeds, {steps} steps")
+        with torch.inference_mode():
+            x = _noise(self.model, seeds, self.t_start)
+            return meter, run_teacher(meter, x, self.times, steps)
+
+
+def _select(state: _Search, tuned: _Candidate, default: _Candidate) -> tuple[_Candidate, str]:
+    """The dp path or the default grid, whichever scores better on the search seeds
+    (not the fit seeds the path was fitted to: on those it always looks better)."""
+    with torch.inference_mode():
+        scored = [replace(c, score=state.score(c)) for c in (tuned, default)]
+    return (scored[0], "dp") if scored[0].score <= scored[1].score else (scored[1], "default")
 
 
 def _changed_options(solver: Solver, base: Solver) -> dict[str, Any]:
@@ -463,37 +581,28 @@ def tune_schedule(
     if float(default[-1]) != 0.0 or steps != nfe:
         raise ValueError(f"tune: {solver} is not a one-evaluation-per-step solver")
     schedule: NoiseSchedule = model.schedule
-    t_start = float(default[0])
-    times = _candidates(schedule, config, t_start)
-    meters: list[_Meter] = []
-
-    def teacher(which: Literal["fit", "search", "check"]) -> tuple[_Meter, Teacher]:
-        seeds = config.seeds(which)
-        meter = _Meter(_denoiser(model, seeds))
-        meters.append(meter)
-        say(f"tune: teacher on {len(seeds)} {which} seeds, {config.teacher_steps} steps")
-        with torch.inference_mode():
-            result = run_teacher(meter, _noise(model, seeds, t_start), times, config.teacher_steps)
-        return meter, result
-
+    teacher = _Teachers(model, config, float(default[0]), say)
+    gaussian = _gaussian(model) if config.teleport else None
     fit_model, fit = teacher("fit")
     say(f"tune: dp ({config.cost} cost) over {config.candidates + 1} candidate times")
-    tuned, default_fit = _fit_dp(fit_model, fit, base, default, config)
-    chosen = "dp" if tuned.score <= default_fit.score else "default"
-    best = tuned if chosen == "dp" else default_fit
+    tuned, default_fit = _fit_dp(fit_model, fit, base, default, config, gaussian)
     say(f"tune: dp fit RMSE {tuned.score:.4g} (default grid {default_fit.score:.4g})")
+    held_model, held = teacher("search")
+    state = _Search(
+        held_model, held.x, held.target, nfe, torch.Generator().manual_seed(config.seed),
+        option_space(base), gaussian, config.trim,
+    )  # fmt: skip
+    best, chosen = _select(state, tuned, _Candidate(default, base))
     if method == "search":
-        search_model, held = teacher("search")
         budget = config.budget or 60 * nfe * config.holdout
-        origin = _Candidate(start if start is not None else best.times, base)
-        generator = torch.Generator().manual_seed(config.seed)
-        state = _Search(search_model, held.x, held.target, nfe, generator, option_space(base))
         say(f"tune: search, budget {budget} model evaluations")
         with torch.inference_mode():
-            best = search(state, origin, budget)
+            best = search(state, best if start is None else _Candidate(start, base), budget)
         chosen = "search"
-    check_tuned, check_default = _scores(*teacher("check"), best, _Candidate(default, base))
-    evaluations = sum(meter.evaluations for meter in meters)
+    check_tuned, check_default = _scores(
+        *teacher("check"), nfe, gaussian, best, _Candidate(default, base)
+    )
+    evaluations = sum(meter.evaluations for meter in teacher.meters)
     options = _changed_options(best.solver, base)
     name = getattr(model, "name", "") or ""
     return StepSchedule(
@@ -501,6 +610,7 @@ def tune_schedule(
         solver=solver,
         nfe=nfe,
         method=chosen,
+        teleport=best.teleport,
         noise_schedule=schedule.to_config(),
         fingerprint=_fingerprint(model),
         options=options,
@@ -524,4 +634,8 @@ def schedule_solver(
     against ``model`` (its noise schedule and fingerprint)."""
     grid = schedule_file.grid(model.schedule, _fingerprint(model))
     solver, _ = _solver(model, schedule_file.solver, schedule_file.nfe, context)
-    return replace(solver, **schedule_file.options), grid  # type: ignore[type-var]
+    solver = replace(solver, **schedule_file.options)  # type: ignore[type-var]
+    if not schedule_file.teleport:
+        return solver, grid
+    gaussian = context.gaussian if context is not None else None
+    return Teleported(solver, gaussian or _gaussian(model)), grid

@@ -31,7 +31,8 @@ class StepSchedule:
     """A step schedule fitted to one model.
 
     Attributes:
-        times: Solver times :math:`t_0 > \\dots > t_N = 0` (``N`` grid steps).
+        times: Solver times :math:`t_0 > \\dots > t_N = 0` (``N`` grid steps; with
+            ``teleport``, the first interval is the jump and ``N - 1`` steps evaluate).
         solver: Registry name of the solver it was fitted for.
         nfe: Model evaluations per sample on this grid.
         method: How it was found: ``"dp"``, ``"search"`` (or ``"default"`` when the tuning
@@ -40,6 +41,9 @@ class StepSchedule:
         fingerprint: The model's :func:`~diffsolve.stats.ems.model_fingerprint` (``None``:
             unknown, not checked).
         options: Solver options that differ from the registry preset's at this NFE.
+        teleport: The first interval ``times[0] → times[1]`` is taken by analytic Gaussian
+            teleportation (0 NFE; :class:`~diffsolve.wrappers.teleport.Teleported`, with
+            the model's Gaussian statistics), the solver runs on ``times[1:]``.
         model: The model's name or folder (informative).
         cost: ``{"model_evaluations": …, "seconds": …}`` of the tuning.
         config: The tuning settings (candidates, teacher steps, trajectories, seeds, …).
@@ -54,6 +58,7 @@ class StepSchedule:
     noise_schedule: dict[str, Any]
     fingerprint: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    teleport: bool = False
     model: str = ""
     cost: dict[str, float] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
