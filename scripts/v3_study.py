@@ -71,15 +71,18 @@ def best_peer(bench_json: str) -> dict[int, float]:
     return best
 
 
-def bench_problem(model_name: str, samples: int):
+def bench_problem(model_name: str, samples: int, first_seed: int = 0, device: str = "cpu"):
     """The bench's problem for a model: the loaded model, its denoiser (a conditional model
-    labels sample k with class k mod C), the bench's noise for seeds 0..samples-1 and the
+    labels sample k with class k mod C), the bench's noise for seeds first_seed.. and the
     500-step reference solution."""
-    loaded = load_model(model_name)
+    loaded = load_model(model_name, device=device)
+    seeds = range(first_seed, first_seed + samples)
     denoiser = loaded.denoiser
     if loaded.num_classes:
-        denoiser = loaded.conditional(torch.arange(samples) % loaded.num_classes)
-    x = noise_for_seeds(range(samples), loaded.data_shape)
+        denoiser = loaded.conditional(
+            torch.tensor(list(seeds), device=device) % loaded.num_classes
+        )
+    x = noise_for_seeds(seeds, loaded.data_shape, device=device)
     with torch.inference_mode():
         reference, _, _ = reference_solve(denoiser, x, 500)
     return loaded, denoiser, x, reference

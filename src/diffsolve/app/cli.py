@@ -346,7 +346,13 @@ def _schedule_nfe(path: str, nfe: int) -> int:
     type=click.Choice(["student", "euler"]),
     help="dp's jump cost: the solver's own steps (OSS rollout) or DDIM jumps (GITS).",
 )
-@int_option("--trajectories", 64, 1, "Teacher trajectories (fit seeds); also each held-out set.")
+@click.option(
+    "--teleport/--no-teleport",
+    default=None,
+    help="Let the schedule start with analytic Gaussian teleportation (0 NFE) where that "
+    "measures better [default: on when the model has gaussian_stats.safetensors].",
+)
+@int_option("--trajectories", 128, 1, "Teacher trajectories (fit seeds); also each held-out set.")
 @int_option("--candidates", 60, 2, "Candidate intervals of the dp (candidates + 1 times).")
 @int_option("--teacher-steps", 300, 2, "DPM-Solver++(3M) steps of the teacher (at least).")
 @click.option(
@@ -401,6 +407,11 @@ def tune_command(
             holdout=options["trajectories"],
             seed=options["seed"],
             budget=options["budget"],
+            teleport=(
+                "gaussian" in model.available()
+                if options["teleport"] is None
+                else options["teleport"]
+            ),
         )
         say = lambda line: click.echo(line, err=True)  # noqa: E731
         fitted = tune_schedule(model, solver, nfe, method, config, progress=say)  # type: ignore[arg-type]

@@ -111,8 +111,8 @@ class TuneConfig:
     candidates: int = 60
     candidate_grid: str = "logsnr"
     teacher_steps: int = 300
-    trajectories: int = 64
-    holdout: int = 64
+    trajectories: int = 128
+    holdout: int = 128
     seed: int = 0
     coeff: float = 1.15
     max_jump: float = 3.0

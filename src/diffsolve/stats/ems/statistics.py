@@ -29,6 +29,7 @@ from torch import Tensor
 
 from diffsolve.ode.model import network_fingerprint
 from diffsolve.ode.schedule import NoiseSchedule, schedule_from_config
+from diffsolve.stats.ems.smoothing import local_polynomial, smooth
 
 FORMAT = "diffsolve-ems"
 #: The statistics are held and stored in float32, the λ grid in float64: at 4×128×128 with
@@ -135,6 +136,33 @@ class EMS:
             torch.zeros(shape, dtype=_F64),
             torch.zeros(shape, dtype=_F64),
             meta,
+        )
+
+    def smoothed(self, bandwidth: float) -> EMS:
+        r"""The statistics smoothed in λ: :math:`l, s` and :math:`e^{\lambda} b` by a local
+        quadratic regression with a Gaussian kernel of standard deviation ``bandwidth``
+        (:func:`~diffsolve.stats.ems.smoothing.local_polynomial`).
+
+        Why: v3's update integrates :math:`s` and :math:`b` exactly as piecewise-linear
+        functions, so the estimator's per-point noise becomes a rough (random-walk-like)
+        component of the transformed model output :math:`g` that no polynomial step can
+        follow: the error stops falling with the steps (on ``digits``, 2.4e-3 at 160 NFE
+        with the paper's estimator, 8e-4 for DPM-Solver++). The statistics themselves are
+        smooth in λ, so smoothing removes noise at a bias of order ``bandwidth²``
+        (BENCHMARKS.md §12). ``bandwidth = 0`` returns the statistics unchanged."""
+        if bandwidth == 0:
+            return self
+        lam = self.lambdas
+        value, _ = local_polynomial(lam, lam, bandwidth)
+        unit = torch.exp(lam - lam.max()).reshape(-1, *([1] * len(self.data_shape)))
+        device = self.one_minus_l.device
+        ones, s, b = (
+            smooth(v.cpu(), value)
+            for v in (self.one_minus_l, self.s, self.b.double().cpu() * unit)
+        )
+        meta = {**self.metadata, "smoothing_bandwidth": float(bandwidth)}
+        return EMS(
+            lam, None, s.to(device), (b / unit).to(device), meta, one_minus_l=ones.to(device)
         )
 
     def to(self, device: str | torch.device) -> EMS:
