@@ -4,26 +4,31 @@
 #         (scripts/v3_same_grid.py), and the bench at NFE 3-10 on the tune study's held-out
 #         seeds 10000-10511 (the untuned and diffusers baselines of the tune table);
 #   CPUs: the tune study (scripts/tune_study.py), one process per model, solver and NFE.
-# Results land in $OUT (tune.jsonl, schedules/, samegrid-*.txt, bench10000-*.json).
+# The device returns only a few files from $OUT, so everything is written under $WORK and
+# packed into $OUT/results.tgz at the end; the tune phase stops at $BUDGET seconds so that the
+# packing happens before the call's limit (run it with timeout_s >= BUDGET + 60).
 set -u
+BUDGET=${BUDGET:-480}
+WORK=/tmp/issue15
+mkdir -p "$WORK"
 export PYTHONPATH=$PWD/.gpu_site:$PWD/src:$PWD/scripts PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 export OMP_NUM_THREADS=1
 MODELS="digits digits-cond digits-flow"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/gpu.txt"
-nproc >> "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$WORK/gpu.txt"
+OMP_NUM_THREADS= nproc >> "$WORK/gpu.txt"  # nproc honours OMP_NUM_THREADS
 cd scripts
 for m in $MODELS; do  # the tune table's references, on the GPU
   python tune_study.py --model "$m" --reference "/tmp/ref-$m.pt" --reference-only \
-    > "$OUT/ref-$m.log" 2>&1
+    > "$WORK/ref-$m.log" 2>&1
 done
 (
   for m in $MODELS; do
     python v3_same_grid.py --model "$m" --device cuda --samples 4096 --first-seed 20000 \
-      --variants default,degenerate,smooth0.1,smooth0.2,half_low > "$OUT/samegrid-$m.txt" 2>&1
+      --variants default,degenerate,smooth0.1,smooth0.2,half_low > "$WORK/samegrid-$m.txt" 2>&1
   done
   for m in $MODELS; do
     python -m diffsolve bench --model "$m" --seed 10000 --nfe 3,4,5,6,8,10 --device cuda \
-      --no-overhead --json "$OUT/bench10000-$m.json" > "$OUT/bench10000-$m.txt" 2>&1
+      --no-overhead --json "$WORK/bench10000-$m.json" > "$WORK/bench10000-$m.txt" 2>&1
   done
 ) &
 jobs_file=/tmp/tune-jobs.txt
@@ -41,7 +46,7 @@ for n in 10 8 6 5 4 3; do
     done
   done
 done
-mkdir -p "$OUT/logs"
+mkdir -p "$WORK/logs"
 i=0
 while read -r job; do
   i=$((i + 1))
@@ -50,7 +55,8 @@ while read -r job; do
   teleport=0,1
   [ "$n" -ge 8 ] && teleport=1
   echo "python tune_study.py $job --teleport $teleport --reference /tmp/ref-$m.pt \
---schedules $OUT/schedules --json $OUT/tune.jsonl > $OUT/logs/job$i.txt 2>&1"
-done < "$jobs_file" | xargs -P 14 -I{} bash -c "{}"
+--schedules $WORK/schedules --json $WORK/tune.jsonl > $WORK/logs/job$i.txt 2>&1"
+done < "$jobs_file" | timeout "$BUDGET" xargs -P 14 -I{} bash -c "{}"
 wait
-echo done >> "$OUT/gpu.txt"
+echo done >> "$WORK/gpu.txt"
+tar czf "$OUT/results.tgz" -C "$WORK" .
