@@ -77,6 +77,7 @@ def main() -> None:
     parser.add_argument("--teleport", default="0", help="comma list of 0/1")
     parser.add_argument("--schedules", default=None, help="folder for the fitted files")
     parser.add_argument("--json", default=None, help="append one JSON line per row")
+    parser.add_argument("--budget", type=int, default=None, help="search: schedules' worth")
     parser.add_argument("--smooth-ems", type=float, default=0.0, help="EMS.smoothed bandwidth")
     args = parser.parse_args()
 
@@ -118,6 +119,7 @@ def main() -> None:
                     holdout=args.trajectories,
                     trim=trim,
                     teleport=jump,
+                    budget=args.budget and args.budget * nfe * args.trajectories,
                 )
                 began = time.perf_counter()
                 fitted = tune_schedule(loaded, name, nfe, method, config, context=context)  # type: ignore[arg-type]
@@ -128,6 +130,7 @@ def main() -> None:
                 variant = f"{method}, {cost}, trim {trim:g}{', teleport' if jump else ''}"
                 tag = f"{method}-{cost}-trim{trim:g}{'-teleport' if jump else ''}"
                 tag += f"-smooth{args.smooth_ems:g}" if args.smooth_ems else ""
+                tag += f"-budget{args.budget}" if args.budget else ""
                 if args.schedules:
                     folder = Path(args.schedules) / args.model
                     folder.mkdir(parents=True, exist_ok=True)
