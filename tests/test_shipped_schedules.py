@@ -13,7 +13,7 @@ from diffsolve.app import loader
 from diffsolve.app.cli import main
 from diffsolve.app.loader import load_model
 from diffsolve.app.schedules import find_tuned_schedule, schedule_filename
-from diffsolve.app.tune import _fingerprint
+from diffsolve.app.tune import schedule_fingerprint
 from diffsolve.ode.step_schedule import StepSchedule
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -35,7 +35,7 @@ def _schedule(model, solver="dpm-solver-v3", nfe=5, times=TIMES, fingerprint=Non
         nfe=nfe,
         method="dp",
         noise_schedule=model.schedule.to_config(),
-        fingerprint=fingerprint or _fingerprint(model),
+        fingerprint=fingerprint or schedule_fingerprint(model),
         model=model.name,
         fit={"check_rmse": 0.081, "check_rmse_default": 0.114},
     )
@@ -113,7 +113,7 @@ def test_opting_out_and_an_explicit_grid_leave_it_alone(demos, digits, tmp_path)
 
 def test_a_file_for_another_model_or_solver_is_skipped_with_a_warning(demos, digits, tmp_path):
     gaussian = load_model("gaussian")  # the digits noise schedule, another model
-    assert _fingerprint(gaussian) != _fingerprint(digits)
+    assert schedule_fingerprint(gaussian) != schedule_fingerprint(digits)
     folder = demos / "digits" / "schedules"
     _schedule(gaussian).save(folder / NAME)
     output = _sample(tmp_path / "other")

@@ -120,7 +120,7 @@ def find_tuned_schedule(
         nfe: Model evaluations per sample.
         warn: Called with a one-line warning for a file that is skipped.
     """
-    from diffsolve.app.tune import _fingerprint
+    from diffsolve.app.tune import schedule_fingerprint
 
     path = tuned_schedule_path(model, solver, nfe)
     if path is None or not path.is_file():
@@ -133,7 +133,7 @@ def find_tuned_schedule(
                 f"it holds a schedule for {fitted.solver} at {fitted.nfe} NFE, not {solver} "
                 f"at {nfe} (the file name must say what it holds)"
             )
-        fitted.grid(model.schedule, _fingerprint(model))
+        fitted.grid(model.schedule, schedule_fingerprint(model))
     except (OSError, ValueError) as err:
         reason = str(err).removeprefix(f"{path}: ")
         _warn(warn, _skipped(path, model.name, shipped, reason))

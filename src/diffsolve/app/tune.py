@@ -431,7 +431,10 @@ def _gaussian(model: Any) -> GaussianModel:
     return model.load_gaussian()
 
 
-def _fingerprint(model: Any) -> str | None:
+def schedule_fingerprint(model: Any) -> str | None:
+    """The fingerprint a step schedule records and is checked against: the model's
+    (a :class:`~diffsolve.app.loader.LoadedModel`'s denoiser, or a denoiser itself;
+    ``None`` where it has none)."""
     target = model.denoiser if hasattr(model, "denoiser") else model
     try:
         return model_fingerprint(target)
@@ -622,7 +625,7 @@ def tune_schedule(
         method=chosen,
         teleport=best.teleport,
         noise_schedule=schedule.to_config(),
-        fingerprint=_fingerprint(model),
+        fingerprint=schedule_fingerprint(model),
         options=options,
         model=str(name),
         cost={"model_evaluations": evaluations, "seconds": round(time.perf_counter() - began, 2)},
@@ -642,7 +645,7 @@ def schedule_solver(
 ) -> tuple[Solver, Tensor]:
     """The solver (with the schedule's options) and grid of a fitted schedule, checked
     against ``model`` (its noise schedule and fingerprint)."""
-    grid = schedule_file.grid(model.schedule, _fingerprint(model))
+    grid = schedule_file.grid(model.schedule, schedule_fingerprint(model))
     solver, _ = _solver(model, schedule_file.solver, schedule_file.nfe, context)
     solver = replace(solver, **schedule_file.options)  # type: ignore[type-var]
     if not schedule_file.teleport:
