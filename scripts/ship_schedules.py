@@ -11,6 +11,12 @@ model, solver and NFE (``dp`` and ``search``, say) the passing one with the lowe
 RMSE is shipped; picking the best of two on the held-out seeds flatters it slightly.
 
     python scripts/ship_schedules.py --rows tune.jsonl --schedules DIR [--dry-run]
+    python scripts/ship_schedules.py --recheck digits --reference REF.pt [--solver S]
+
+``--recheck MODEL`` measures the files shipped with a model again (after its EMS changed, say)
+on the same held-out seeds against the reference in ``--reference`` (``tune_study.py
+--reference-only`` writes it), rewrites their held-out numbers and removes those that no
+longer pass.
 """
 
 from __future__ import annotations
@@ -26,11 +32,19 @@ from diffsolve.ode.step_schedule import StepSchedule
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rows", required=True, help="tune_study.py --json output")
-    parser.add_argument("--schedules", required=True, help="tune_study.py --schedules folder")
+    parser.add_argument("--rows", help="tune_study.py --json output")
+    parser.add_argument("--schedules", help="tune_study.py --schedules folder")
+    parser.add_argument("--recheck", default=None, help="model whose shipped files to recheck")
+    parser.add_argument("--reference", default=None, help="--recheck: the reference (.pt)")
+    parser.add_argument("--solver", default=None, help="--recheck: only this solver's files")
     parser.add_argument("--margin", type=float, default=0.03, help="least relative RMSE gain")
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args()
+    if args.recheck:
+        recheck(args)
+        return
+    if not (args.rows and args.schedules):
+        parser.error("--rows and --schedules (or --recheck MODEL --reference FILE)")
     rows = [json.loads(line) for line in Path(args.rows).read_text().splitlines() if line]
     groups: dict[tuple[str, str, int], list[dict]] = {}
     for row in rows:
@@ -61,6 +75,65 @@ def main() -> None:
         if not args.dry_run:
             target.parent.mkdir(exist_ok=True)
             replace(fitted, fit=fit).save(target)
+
+
+def recheck(args: argparse.Namespace) -> None:
+    """Measure the shipped files of ``args.recheck`` again; keep those that still pass."""
+    import torch
+
+    from diffsolve.app.loader import load_model
+    from diffsolve.app.seeds import noise_for_seeds
+    from diffsolve.app.tune import schedule_solver
+    from diffsolve.ode.sampling import sample
+    from diffsolve.solvers.registry import preset, setup_solver
+
+    loaded = load_model(args.recheck)
+    seeds = list(range(10_000, 10_512))
+    x = noise_for_seeds(seeds, loaded.data_shape)
+    denoiser = loaded.denoiser
+    if loaded.num_classes:
+        denoiser = loaded.conditional(torch.tensor(seeds) % loaded.num_classes)
+    reference = torch.load(args.reference)
+
+    def errors(out: torch.Tensor) -> tuple[float, float]:
+        per = (out.double() - reference.double()).pow(2).flatten(1).mean(1)
+        return float(per.mean().sqrt()), float(per.sqrt().median())
+
+    for path in sorted((demo_path(args.recheck) / "schedules").glob("*.json")):
+        fitted = StepSchedule.load(path)
+        if args.solver and fitted.solver != args.solver:
+            continue
+        needs = set(preset(fitted.solver).needs) | ({"gaussian"} if fitted.teleport else set())
+        context = loaded.solver_context(needs)
+        base = setup_solver(fitted.solver, loaded.schedule, fitted.nfe, context=context)
+        with torch.inference_mode():
+            tuned, tuned_median = errors(
+                sample(denoiser, x, *schedule_solver(fitted, loaded, context)).x
+            )
+            default, default_median = errors(sample(denoiser, x, *base).x)
+        row = {
+            "method": fitted.method, "tuned": tuned, "default": default,
+            "tuned_median": tuned_median, "default_median": default_median,
+        }  # fmt: skip
+        reason = why(row, args.margin)
+        key = f"{args.recheck} {fitted.solver} NFE {fitted.nfe}"
+        print(
+            f"{'drop' if reason else 'keep'} {key}: RMSE {tuned:.4f} vs {default:.4f}, "
+            f"median {tuned_median:.4f} vs {default_median:.4f}{f' ({reason})' if reason else ''}"
+        )
+        if args.dry_run:
+            continue
+        if reason:
+            path.unlink()
+            continue
+        fit = {
+            **fitted.fit,
+            "heldout_rmse": tuned,
+            "heldout_rmse_default": default,
+            "heldout_median": tuned_median,
+            "heldout_median_default": default_median,
+        }
+        replace(fitted, fit=fit).save(path)
 
 
 def why(row: dict, margin: float) -> str | None:
