@@ -419,6 +419,8 @@ def tune_command(
     fit = fitted.fit
     times = ", ".join(f"{t:.4g}" for t in fitted.times)
     options_text = f", options {fitted.options}" if fitted.options else ""
+    if fitted.teleport:
+        options_text += f", Gaussian teleport {fitted.times[0]:.4g} → {fitted.times[1]:.4g}"
     click.echo(f"{solver} at {nfe} NFE ({fitted.method}{options_text}): t = {times}")
     click.echo(
         f"held-out RMSE to the teacher ({fit['check_seeds']}): {fit['check_rmse']:.4g} tuned, "
