@@ -178,7 +178,15 @@ def test_same_grid_section_for_each_selected_v3(v3_result):
             assert ratio.degenerate_ratio == pytest.approx(ratio.v3 / runs[DEGENERATE])
             peer = main[("diffusers:unipc-bh2", ratio.nfe)]
             assert ratio.diffusers_ratio == pytest.approx(ratio.v3 / peer)
-            for value in (ratio.same_grid_ratio, ratio.degenerate_ratio, ratio.diffusers_ratio):
+            medians = {r.solver: r.median for r in section.runs if r.nfe_budget == ratio.nfe}
+            at = (name, ratio.nfe)
+            v3_median = next(r.median for r in v3_result.results if (r.solver, r.nfe_budget) == at)
+            best_median = min(medians[rival] for rival in RIVALS)
+            assert ratio.median_ratio == pytest.approx(v3_median / best_median)
+            for value in (
+                ratio.same_grid_ratio, ratio.degenerate_ratio, ratio.diffusers_ratio,
+                ratio.median_ratio,
+            ):  # fmt: skip
                 assert math.isfinite(value) and value > 0
             # same-order methods on one grid: v3 without its statistics is not far off
             # DPM-Solver++(2M) (equal in Taylor form without the corrector: next test)
@@ -242,6 +250,6 @@ def test_same_grid_json_from_the_cli_on_digits_flow(tmp_path):
     assert {r["solver"] for r in section["runs"]} == {DEGENERATE, *RIVALS}
     (ratio,) = section["ratios"]
     assert ratio["grid"] == "flow_shifted" and ratio["times"][-1] == 0
-    for key in ("same_grid_ratio", "degenerate_ratio", "diffusers_ratio"):
+    for key in ("same_grid_ratio", "degenerate_ratio", "diffusers_ratio", "median_ratio"):
         assert math.isfinite(ratio[key]) and ratio[key] > 0
     assert ratio["best_rival"] in RIVALS and ratio["best_diffusers"] == "diffusers:unipc-bh2"

@@ -80,6 +80,7 @@ def format_same_grid(section: SameGrid, main: list[Row]) -> str:
     ]
     for label, key in (
         ("same-grid ratio: v3 / best of ours", "same_grid_ratio"),
+        ("same, of the median errors", "median_ratio"),
         ("v3 / v3 with degenerate EMS", "degenerate_ratio"),
         ("v3 / best diffusers (its grid)", "diffusers_ratio"),
     ):

@@ -38,6 +38,7 @@ class Row:
     nfe: int
     nfe_budget: int = 0
     rmse: float | None = None
+    median: float | None = None
     fd: float | None = None
     seconds: float | None = None
     overhead_us: float | None = None
@@ -180,6 +181,12 @@ def rmse(a: Tensor, b: Tensor) -> float:
     return float((a.double() - b.double()).pow(2).mean().sqrt())
 
 
+def median_error(a: Tensor, b: Tensor) -> float:
+    """The median over samples of the per-sample RMS difference: unlike the RMSE, not
+    decided by the few trajectories near a boundary between two modes (BENCHMARKS.md §12)."""
+    return float((a.double() - b.double()).pow(2).flatten(1).mean(1).sqrt().median())
+
+
 def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None) -> BenchResult:
     """Run the whole bench for one model: every contestant at every NFE, then the same-grid
     section of each v3 contestant (:mod:`diffsolve.app.bench.same_grid`)."""
@@ -259,6 +266,7 @@ def measure(
         row.failed, row.error = True, "non-finite output (NaN or inf)"
         return row
     row.rmse = rmse(out, reference)
+    row.median = median_error(out, reference)
     row.fd = frechet_distance(out.float().cpu(), test)
     row.seconds = seconds / x.shape[0]
     row.overhead_us = 1e6 * max(seconds - model.seconds, 0.0) / max(steps, 1)

@@ -62,6 +62,8 @@ class SameGridRatio:
         degenerate_ratio: ``v3 / degenerate``.
         best_diffusers: The most accurate diffusers scheduler (own grid), and its RMSE.
         diffusers_ratio: ``v3 / best_diffusers_rmse``.
+        median_ratio: v3's median per-sample error / the lowest median among
+            :data:`RIVALS` (the RMSE at high NFE is decided by a few boundary samples).
     """
 
     nfe: int
@@ -76,6 +78,7 @@ class SameGridRatio:
     best_diffusers: str | None
     best_diffusers_rmse: float | None
     diffusers_ratio: float | None
+    median_ratio: float | None = None
 
 
 @dataclass
@@ -173,6 +176,8 @@ def _ratio(
 
     v3, degenerate = rmse(main, name), rmse(runs, DEGENERATE)
     rival = _best([r for r in _ok(runs, nfe) if r.solver in RIVALS])
+    v3_median = next((r.median for r in _ok(main, nfe) if r.solver == name), None)
+    medians = [r.median for r in _ok(runs, nfe) if r.solver in RIVALS and r.median is not None]
     peer = _best([r for r in _ok(main, nfe) if r.source == "diffusers"])
     return SameGridRatio(
         nfe=nfe,
@@ -187,6 +192,7 @@ def _ratio(
         best_diffusers=peer.solver if peer else None,
         best_diffusers_rmse=peer.rmse if peer else None,
         diffusers_ratio=_div(v3, peer.rmse if peer else None),
+        median_ratio=_div(v3_median, min(medians, default=None)),
     )
 
 
