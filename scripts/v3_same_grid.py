@@ -20,6 +20,7 @@ from diffsolve.app.bench.same_grid import degenerate_ems
 from diffsolve.ode.sampling import sample
 from diffsolve.solvers.dpm_solver_v3 import DPMSolverV3
 from diffsolve.solvers.registry import setup_solver
+from diffsolve.stats.ems import load_ems
 
 OTHERS = ("dpm-solver++-2m", "unipc-bh2-2", "unipc-bh2-3")
 
@@ -40,7 +41,7 @@ def main() -> None:
         "--variants",
         default="default,degenerate,half_low,order3,no_corrector",
         help="v3 variants: default, degenerate, half_low, order3, no_corrector, "
-        "no_pseudo, lof_off, smooth<bandwidth>, smooth<bandwidth>_half_low",
+        "no_pseudo, lof_off, smooth<bandwidth>, smooth<bandwidth>_half_low, ems:<file>",
     )
     args = parser.parse_args()
     loaded, denoiser, x, reference = bench_problem(
@@ -56,6 +57,11 @@ def main() -> None:
         assert isinstance(v3, DPMSolverV3)
         contestants = {}
         for variant in args.variants.split(","):
+            if variant.startswith("ems:"):  # ems:<file>: v3 with another EMS file
+                contestants[f"v3 {variant}"] = replace(
+                    v3, ems=load_ems(variant[4:]).to(args.device)
+                )
+                continue
             if variant.startswith("smooth"):  # smooth<bandwidth>[_half_low]
                 bandwidth, _, half = variant[len("smooth") :].partition("_")
                 ems = v3.ems.smoothed(float(bandwidth))
