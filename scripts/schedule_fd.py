@@ -19,9 +19,9 @@ from diffsolve.app.loader import demo_path, load_model
 from diffsolve.app.metrics import frechet_distance
 from diffsolve.app.schedules import find_tuned_schedule
 from diffsolve.app.seeds import noise_for_seeds
-from diffsolve.app.tune import schedule_solver
+from diffsolve.app.tune import schedule_needs, schedule_solver
 from diffsolve.ode.sampling import sample
-from diffsolve.solvers.registry import preset, setup_solver
+from diffsolve.solvers.registry import setup_solver
 
 SEEDS = range(10_000, 10_512)
 
@@ -40,10 +40,7 @@ def main(models: list[str]) -> None:
             solver_name, _, nfe = path.stem.rpartition("-nfe")
             found = find_tuned_schedule(loaded, solver_name, int(nfe))
             assert found is not None, path
-            needs = set(preset(solver_name).needs) | (
-                {"gaussian"} if found.schedule.teleport else set()
-            )
-            context = loaded.solver_context(needs)
+            context = loaded.solver_context(schedule_needs(found.schedule))
             with torch.inference_mode():
                 tuned = sample(denoiser, x, *schedule_solver(found.schedule, loaded, context)).x
                 base = sample(

@@ -81,11 +81,12 @@ def recheck(args: argparse.Namespace) -> None:
     """Measure the shipped files of ``args.recheck`` again; keep those that still pass."""
     import torch
 
+    from diffsolve.app.bench.runner import median_error, rmse
     from diffsolve.app.loader import load_model
     from diffsolve.app.seeds import noise_for_seeds
-    from diffsolve.app.tune import schedule_solver
+    from diffsolve.app.tune import schedule_needs, schedule_solver
     from diffsolve.ode.sampling import sample
-    from diffsolve.solvers.registry import preset, setup_solver
+    from diffsolve.solvers.registry import setup_solver
 
     loaded = load_model(args.recheck)
     seeds = list(range(10_000, 10_512))
@@ -96,15 +97,13 @@ def recheck(args: argparse.Namespace) -> None:
     reference = torch.load(args.reference)
 
     def errors(out: torch.Tensor) -> tuple[float, float]:
-        per = (out.double() - reference.double()).pow(2).flatten(1).mean(1)
-        return float(per.mean().sqrt()), float(per.sqrt().median())
+        return rmse(out, reference), median_error(out, reference)
 
     for path in sorted((demo_path(args.recheck) / "schedules").glob("*.json")):
         fitted = StepSchedule.load(path)
         if args.solver and fitted.solver != args.solver:
             continue
-        needs = set(preset(fitted.solver).needs) | ({"gaussian"} if fitted.teleport else set())
-        context = loaded.solver_context(needs)
+        context = loaded.solver_context(schedule_needs(fitted))
         base = setup_solver(fitted.solver, loaded.schedule, fitted.nfe, context=context)
         with torch.inference_mode():
             tuned, tuned_median = errors(

@@ -58,6 +58,7 @@ from diffsolve.app.files import save_npz_atomic, stale_temp_files, write_text_at
 from diffsolve.app.loader import LoadedModel
 from diffsolve.app.seeds import noise_for_seeds, parse_seeds
 from diffsolve.ode.plan import Plan, Solver
+from diffsolve.ode.step_schedule import StepSchedule
 
 __all__ = [
     "MANIFEST_NAME",
@@ -692,8 +693,6 @@ def run_inputs(config: RunConfig, model: LoadedModel) -> dict[str, str]:
 def _teleports(path: str) -> bool:
     """Whether a step schedule file starts with a teleport (its Gaussian statistics are
     then an input of the run)."""
-    from diffsolve.ode.step_schedule import StepSchedule
-
     try:
         return StepSchedule.load(path).teleport
     except (OSError, ValueError):
@@ -890,7 +889,7 @@ def _tuned(
         _note(say, line)
         return None
     try:
-        result = _scheduled(replace(config, schedule=str(found.path)), model)
+        result = _scheduled(replace(config, schedule=str(found.path)), model, found.schedule)
     except (TypeError, ValueError) as err:
         _note(say, found.skipped(str(err)), warning=True)
         return None
@@ -908,16 +907,17 @@ def _note(say: Callable[[str], None] | None, line: str, warning: bool = False) -
         warnings.warn(line, stacklevel=3)
 
 
-def _scheduled(config: RunConfig, model: LoadedModel) -> tuple[RunConfig, Solver, Tensor]:
+def _scheduled(
+    config: RunConfig, model: LoadedModel, fitted: StepSchedule | None = None
+) -> tuple[RunConfig, Solver, Tensor]:
     """``--schedule FILE``: the fitted schedule's solver, options and grid (refused for
     another model, and with a ``--grid``, ``--solver``, ``--nfe`` or ``--teleport`` that
     contradicts it). The manifest records ``grid = "schedule:<method>"``, the times, and the
-    file's hash among the run's inputs."""
+    file's hash among the run's inputs. ``fitted``: the file's contents, where the caller
+    has read them already."""
     from diffsolve.app.tune import schedule_solver
-    from diffsolve.ode.step_schedule import StepSchedule
-    from diffsolve.solvers.registry import preset
 
-    fitted = StepSchedule.load(str(config.schedule))
+    fitted = fitted or StepSchedule.load(str(config.schedule))
     clash = (
         "--grid" if config.grid is not None
         else "--teleport" if config.teleport
@@ -930,8 +930,7 @@ def _scheduled(config: RunConfig, model: LoadedModel) -> tuple[RunConfig, Solver
             f"{clash} contradicts --schedule {config.schedule} (fitted for {fitted.solver} at "
             f"{fitted.nfe} NFE, its own grid); drop {clash}"
         )
-    context = model.solver_context(preset(fitted.solver).needs)
-    method, grid = schedule_solver(fitted, model, context)
+    method, grid = schedule_solver(fitted, model)
     return replace(config, solver=fitted.solver, grid=f"schedule:{fitted.method}"), method, grid
 
 

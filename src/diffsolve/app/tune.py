@@ -640,12 +640,23 @@ def tune_schedule(
     )
 
 
+def schedule_needs(schedule_file: StepSchedule) -> frozenset[str]:
+    """What a fitted schedule needs from the model: its solver's needs, and the Gaussian
+    statistics when it starts with a teleport."""
+    needs = set(preset(schedule_file.solver).needs)
+    return frozenset(needs | {"gaussian"} if schedule_file.teleport else needs)
+
+
 def schedule_solver(
     schedule_file: StepSchedule, model: Any, context: SolverContext | None = None
 ) -> tuple[Solver, Tensor]:
-    """The solver (with the schedule's options) and grid of a fitted schedule, checked
-    against ``model`` (its noise schedule and fingerprint)."""
+    """The solver (with the schedule's options, teleportation wrapped around it where the
+    schedule starts with a jump) and grid of a fitted schedule, checked against ``model``
+    (its noise schedule and fingerprint). ``context``: what the model provides (default:
+    loaded from a :class:`~diffsolve.app.loader.LoadedModel` by :func:`schedule_needs`)."""
     grid = schedule_file.grid(model.schedule, schedule_fingerprint(model))
+    if context is None and hasattr(model, "solver_context"):
+        context = model.solver_context(schedule_needs(schedule_file))
     solver, _ = _solver(model, schedule_file.solver, schedule_file.nfe, context)
     solver = replace(solver, **schedule_file.options)  # type: ignore[type-var]
     if not schedule_file.teleport:
