@@ -944,7 +944,7 @@ def run_manifest(
     """What defines the run's samples (see :class:`RunManifest`)."""
     from diffsolve import __version__
     from diffsolve.app.loader import DEMO_MODELS
-    from diffsolve.solvers.registry import preset
+    from diffsolve.solvers.registry import default_grid_kind, preset
 
     model_id = config.model
     if model_id not in DEMO_MODELS:
@@ -964,7 +964,7 @@ def run_manifest(
         solver_options=_solver_repr(method),
         nfe=int(plan.nfe or 0),
         nfe_budget=config.nfe,
-        grid=config.grid or preset(config.solver).grid_kind(config.nfe),
+        grid=config.grid or default_grid_kind(preset(config.solver), model.schedule, config.nfe),
         grid_t=tuple(float(t) for t in plan.grid),
         seeds=format_seeds(seeds),
         num_seeds=len(seeds),

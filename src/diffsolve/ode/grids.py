@@ -117,14 +117,17 @@ def time_shifted(
     steps: int,
     t_start: float | None = None,
     t_end: float | None = None,
-    shift: float = 3.0,
+    shift: float | None = None,
 ) -> Tensor:
     r"""``steps`` steps uniform in ``u``, mapped by SD3's time shift (Esser et al. 2024, §5.3.2)
-    :math:`t = s u / (1 + (s - 1) u)` (``shift`` :math:`s`; 1: time-uniform). For rectified
-    flow :math:`t = \sigma`, so this is diffusers' ``FlowMatchEulerDiscreteScheduler(shift=s)``
-    spacing; :math:`s > 1` spends more steps at high noise. Schedules whose time runs beyond 1
-    (EDM) are warped in :math:`t / t_{\max}`."""
+    :math:`t = s u / (1 + (s - 1) u)` (``shift`` :math:`s`; 1: time-uniform; default: the
+    schedule's own ``shift`` where it has one, e.g. a diffusers flow model's, else 3). For
+    rectified flow :math:`t = \sigma`, so this is diffusers'
+    ``FlowMatchEulerDiscreteScheduler(shift=s)`` spacing; :math:`s > 1` spends more steps at
+    high noise. Schedules whose time runs beyond 1 (EDM) are warped in :math:`t / t_{\max}`."""
     _check_steps(steps)
+    if shift is None:
+        shift = getattr(schedule, "shift", None) or 3.0
     if not shift > 0:
         raise ValueError(f"shift must be > 0, got {shift}")
     t_start, t_end = _range(schedule, t_start, t_end)
@@ -153,9 +156,19 @@ def flow_shifted(
     return time_shifted(schedule, steps, t_start, t_end, shift=FLOW_SHIFT)
 
 
+#: Relative tolerance of :func:`custom` above ``t_max``: float32 round-off of a list that
+#: starts at the schedule's end (diffusers' flow σ = 0.99900001 for ``t_max = 0.999``).
+FLOAT32_ROUNDOFF = 4 * torch.finfo(torch.float32).eps
+
+
 def custom(schedule: NoiseSchedule, ts: Sequence[float] | Tensor) -> Tensor:
-    """A user's list of solver times, validated and converted to float64."""
-    return validate_grid(schedule, ts)
+    """A user's list of solver times, validated and converted to float64. Times above
+    ``t_max`` by no more than float32 round-off (:data:`FLOAT32_ROUNDOFF`, relative) are
+    ``t_max``: a list computed in float32 that starts at the schedule's end is accepted."""
+    values = torch.as_tensor(ts, dtype=_F64).detach().cpu()
+    t_max = schedule.t_max
+    above = (values > t_max) & (values <= t_max * (1 + FLOAT32_ROUNDOFF))
+    return validate_grid(schedule, torch.where(above, torch.full_like(values, t_max), values))
 
 
 def append_zero(schedule: NoiseSchedule, grid: Tensor) -> Tensor:

@@ -17,14 +17,18 @@ each of :math:`\hat x_0, \hat\epsilon` lazily, only when a solver asks for it:
 The map from solver time to the network's own time input lives here too (``time_input``):
 ``"t"`` (solver time as is), ``"timestep"`` (discrete VP: the fractional training timestep
 :math:`tN - 1`; continuous schedules: :math:`1000\,t`), ``"sigma"`` (:math:`\sigma/\alpha`,
-the EDM / k-diffusion convention), or any callable ``float -> float``.
+the EDM / k-diffusion convention), or any callable from solver time (a float64 0-dim tensor)
+to the network's time (a tensor or a number), e.g. ``lambda t: 1 - t`` for a flow model
+trained with ``t = 0`` as noise. Solver time is continuous: a network whose time embedding
+casts it to an integer sees truncated times (``diffsolve check-model`` detects it).
 """
+
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -35,7 +39,7 @@ from diffsolve.numerics.expint import Space
 from diffsolve.ode.schedule import NoiseSchedule, VPDiscrete
 
 PredictionType = Literal["epsilon", "x0", "v", "score", "flow"]
-TimeInput = Literal["t", "timestep", "sigma"] | Callable[[float], float]
+TimeInput = Literal["t", "timestep", "sigma"] | Callable[[Tensor], Tensor | float]
 
 PREDICTION_ALIASES: dict[str, PredictionType] = {
     "epsilon": "epsilon",
@@ -209,6 +213,10 @@ class ModelWrapper:
             stored, before casting them to half precision. DPM-Solver-v3 checks it against
             its statistics' ``model_fingerprint`` at no cost; without it only the sample
             shape is checked (:meth:`weights_fingerprint` hashes the network on request).
+        data_shape: The shape of one sample, e.g. ``(1, 28, 28)`` or SD's ``(4, 64, 64)``:
+            what the command line samples (``diffsolve sample --model file.py:NAME``) and
+            the EMS are estimated for. Optional for the library, which takes the shape of
+            the ``x`` it is given.
     """
 
     def __init__(
@@ -220,6 +228,7 @@ class ModelWrapper:
         model_kwargs: Mapping[str, Any] | None = None,
         model_dtype: torch.dtype | None = None,
         fingerprint: str | None = None,
+        data_shape: Sequence[int] | None = None,
     ) -> None:
         if not callable(model):
             raise ValueError(f"model must be callable, got {type(model).__name__}")
@@ -232,6 +241,7 @@ class ModelWrapper:
         self.model_kwargs = dict(model_kwargs or {})
         self.model_dtype = model_dtype
         self.fingerprint = fingerprint
+        self.data_shape = _check_shape(data_shape)
         self._conversions: dict[float, Conversion] = {}
         self._model_times: dict[float, float] = {}
 
@@ -245,6 +255,7 @@ class ModelWrapper:
             {**self.model_kwargs, **model_kwargs},
             self.model_dtype,
             self.fingerprint,
+            self.data_shape,
         )
 
     def weights_fingerprint(self) -> str | None:
@@ -268,7 +279,8 @@ class ModelWrapper:
         """The network's own time input for solver time ``t``."""
         model_t = self._model_times.get(t)
         if model_t is None:
-            model_t = self._model_times[t] = float(self.time_input(t))
+            value = self.time_input(torch.tensor(float(t), dtype=torch.float64))
+            model_t = self._model_times[t] = float(value)
         return model_t
 
     def conversion(self, t: float) -> Conversion:
@@ -351,6 +363,20 @@ def _derivatives(alpha: Tensor, sigma: Tensor, t: Tensor) -> tuple[float, float]
 def _alpha_sigma(schedule: NoiseSchedule, t: float | Tensor) -> tuple[Tensor, Tensor]:
     log_alpha, log_sigma = schedule.log_alpha_sigma(t)
     return torch.exp(log_alpha), torch.exp(log_sigma)
+
+
+def _check_shape(shape: Sequence[int] | None) -> tuple[int, ...] | None:
+    """``data_shape`` as a tuple of positive ints, or a clear error."""
+    if shape is None:
+        return None
+    try:
+        dims = tuple(int(d) for d in shape)
+        valid = bool(dims) and all(d > 0 and d == e for d, e in zip(dims, shape, strict=True))
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise ValueError(f"data_shape must be a sequence of positive integers, got {shape!r}")
+    return dims
 
 
 def _unwrap_output(out: Any) -> Tensor:

@@ -365,14 +365,24 @@ class RectifiedFlow(NoiseSchedule):
     ``t_max = 1`` (pure noise, λ = −∞) is allowed, as flow-matching schedulers start there:
     a grid may then start at ``t = 1``, and its first step is the exact first-order limit
     (:func:`diffsolve.solvers.engine.start_update`). The clipping changes only where grids
-    may start, not the process: :meth:`same_process` ignores it."""
+    may start, not the process: :meth:`same_process` ignores it.
+
+    ``shift`` is the model's own sampling shift where it has one (diffusers' ``shift`` /
+    ``flow_shift``: SD3's 3.0; Flux's resolution-dependent :math:`e^\mu`): not part of the
+    process either (:meth:`same_process` ignores it), it is where the model's default grid
+    puts its steps (:func:`~diffsolve.ode.grids.time_shifted` with this shift)."""
 
     kind = "rectified_flow"
 
-    def __init__(self, t_max: float = 1.0 - 1e-3, t_min: float = 1e-3) -> None:
+    def __init__(
+        self, t_max: float = 1.0 - 1e-3, t_min: float = 1e-3, shift: float | None = None
+    ) -> None:
         if not 0 < t_min < t_max <= 1:
             raise ValueError("RectifiedFlow: need 0 < t_min < t_max <= 1")
+        if shift is not None and not (math.isfinite(shift) and shift > 0):
+            raise ValueError(f"RectifiedFlow: shift must be a finite number > 0, got {shift!r}")
         self.t_range = (float(t_max), float(t_min))
+        self.shift = None if shift is None else float(shift)
 
     def same_process(self, other: NoiseSchedule) -> bool:
         return isinstance(other, RectifiedFlow)
@@ -392,7 +402,8 @@ class RectifiedFlow(NoiseSchedule):
         return torch.sigmoid(-_as_f64(lam))
 
     def to_config(self) -> dict[str, Any]:
-        return {"kind": self.kind, "t_max": self.t_range[0], "t_min": self.t_range[1]}
+        config = {"kind": self.kind, "t_max": self.t_range[0], "t_min": self.t_range[1]}
+        return config if self.shift is None else {**config, "shift": self.shift}
 
 
 # ---------------------------------------------------------------------------------------

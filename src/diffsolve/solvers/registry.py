@@ -293,9 +293,13 @@ def setup_solver(
 
 
 def default_grid_kind(spec: Preset, schedule: NoiseSchedule, nfe: int) -> str:
-    """The preset's grid, except on rectified-flow models: :func:`~diffsolve.ode.grids.
-    flow_shifted` for every solver (measured on ``digits-flow``, BENCHMARKS.md §12)."""
-    return "flow_shifted" if isinstance(schedule, RectifiedFlow) else spec.grid_kind(nfe)
+    """The preset's grid, except on rectified-flow models: the model's own shift where its
+    schedule carries one (:func:`~diffsolve.ode.grids.time_shifted`: a diffusers flow model's
+    ``shift``), else :func:`~diffsolve.ode.grids.flow_shifted` for every solver (measured on
+    ``digits-flow``, BENCHMARKS.md §12)."""
+    if isinstance(schedule, RectifiedFlow):
+        return "flow_shifted" if schedule.shift is None else "time_shifted"
+    return spec.grid_kind(nfe)
 
 
 def nfe_grid(

@@ -38,7 +38,13 @@ from diffsolve.ode.grids import validate_grid
 from diffsolve.ode.model import Denoiser
 from diffsolve.ode.plan import Plan, Solver, State
 from diffsolve.ode.schedule import NoiseSchedule
-from diffsolve.solvers.registry import SolverContext, nfe_grid, preset, setup_solver
+from diffsolve.solvers.registry import (
+    SolverContext,
+    default_grid_kind,
+    nfe_grid,
+    preset,
+    setup_solver,
+)
 from diffsolve.stats.gaussian import GaussianModel
 
 __all__ = [
@@ -268,7 +274,7 @@ def teleported_setup(
             f"time {last_positive:.6g}; nothing is left for the solver — lower the fraction"
         )
     spec = preset(name)
-    kind = grid_kind or spec.grid_kind(nfe)
+    kind = grid_kind or default_grid_kind(spec, schedule, nfe)
     fresh = nfe_grid(schedule, spec.steps(nfe), kind, t_start=t_skip)
     grid = torch.cat([original[:1], fresh])
     return Teleported(inner, gaussian), grid
