@@ -52,8 +52,10 @@ def _load(name: str, device: str):
 _ORIGINAL_LOAD = diffsolve.app.loader.load_model
 
 
-def _cached_load_model(name, device="cpu", dtype=None):
-    return _load(str(name), str(device)) if dtype is None else _ORIGINAL_LOAD(name, device, dtype)
+def _cached_load_model(name, device="cpu", dtype=None, options=None):
+    if dtype is None and options in (None, diffsolve.app.loader.LoadOptions()):
+        return _load(str(name), str(device))
+    return _ORIGINAL_LOAD(name, device, dtype, options)
 
 
 def config(out: Path, **kw) -> RunConfig:

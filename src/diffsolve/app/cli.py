@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any, TypeVar, get_args
 
 import click
-import numpy as np
 import torch
 
 from diffsolve.app.conditioning import GUIDANCE
 from diffsolve.ode.grids import GRIDS
+from diffsolve.ode.model import PREDICTION_ALIASES
 from diffsolve.solvers.registry import SOLVERS
 from diffsolve.stats.ems.compute import RECIPE
 from diffsolve.stats.ems.derivatives import JVPMode
@@ -28,9 +28,170 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # ---------------------------------------------------------------------------------------
 # Options shared by several commands
-def model_option(help: str = "Model.") -> Callable[[F], F]:
-    """``--model NAME|DIR``: a demo model or a model folder."""
-    return click.option("--model", "model_name", default="digits", metavar="NAME|DIR", help=help)
+MODEL_HELP = (
+    "Model: a demo (digits, digits-cond, digits-flow, gaussian, gmm), a diffsolve or "
+    "diffusers folder (pipeline with model_index.json, or a model folder with "
+    "scheduler_config.json), or an entry point FILE.py:NAME / module:NAME whose NAME() returns "
+    "a diffsolve.ModelWrapper."
+)
+
+
+def model_option(help: str = MODEL_HELP) -> Callable[[F], F]:
+    """``--model``: a demo, a folder or an entry point (see
+    :func:`~diffsolve.app.loader.load_model`)."""
+    return click.option("--model", "model_name", default="digits", metavar="MODEL", help=help)
+
+
+#: The option names :func:`model_options` adds (popped by :func:`load_options`).
+LOAD_KEYS = (
+    "prediction",
+    "scheduler_config",
+    "shape",
+    "height",
+    "width",
+    "prompt",
+    "prompts_file",
+    "negative_prompt",
+    "ems_file",
+    "gaussian_stats",
+)
+
+
+_FILE = click.Path(dir_okay=False)
+#: How to read the model (every source).
+_SOURCE_OPTIONS = (
+    click.option(
+        "--prediction",
+        default=None,
+        type=click.Choice(sorted(PREDICTION_ALIASES)),
+        help="What the network predicts, instead of the model's declaration.",
+    ),
+    click.option(
+        "--scheduler-config",
+        default=None,
+        type=_FILE,
+        metavar="FILE",
+        help="diffusers models: this scheduler_config.json instead of the folder's.",
+    ),
+    click.option(
+        "--shape",
+        default=None,
+        metavar="C,H,W",
+        help="Entry points: the sample shape, instead of the ModelWrapper's data_shape.",
+    ),
+)
+#: Text pipelines' prompts and image size.
+_TEXT_OPTIONS = (
+    click.option(
+        "--prompt",
+        multiple=True,
+        help="Text pipelines: a prompt (repeat for several; sample i takes prompt i mod P). "
+        "Default: the empty prompt.",
+    ),
+    click.option(
+        "--prompts",
+        "prompts_file",
+        default=None,
+        type=_FILE,
+        metavar="FILE",
+        help="Text pipelines: prompts, one per line (sample i takes prompt i mod P).",
+    ),
+    click.option(
+        "--negative-prompt",
+        default=None,
+        help="Text pipelines: the unconditional branch of guidance [default: ''].",
+    ),
+    click.option(
+        "--height",
+        default=None,
+        type=click.IntRange(8, None),
+        help="Text pipelines: image height [default: the pipeline's].",
+    ),
+    click.option(
+        "--width",
+        default=None,
+        type=click.IntRange(8, None),
+        help="Text pipelines: image width [default: the pipeline's].",
+    ),
+)
+#: The statistics files solvers take from the model.
+_STATS_OPTIONS = (
+    click.option(
+        "--ems",
+        "ems_file",
+        default=None,
+        type=_FILE,
+        metavar="FILE",
+        help="DPM-Solver-v3's statistics [default: the model folder's ems.safetensors].",
+    ),
+    click.option(
+        "--gaussian-stats",
+        default=None,
+        type=_FILE,
+        metavar="FILE",
+        help="Gaussian statistics for teleportation [default: the model folder's "
+        "gaussian_stats.safetensors].",
+    ),
+)
+
+
+def model_options(
+    help: str = MODEL_HELP, text: bool = True, stats: bool = True
+) -> Callable[[F], F]:
+    """``--model`` and how to load it: ``--prediction``, ``--scheduler-config``, ``--shape``;
+    for text pipelines ``--prompt``/``--prompts``, ``--negative-prompt``, ``--height``,
+    ``--width`` (``text``); the statistics files ``--ems``, ``--gaussian-stats`` (``stats``).
+    :func:`load_options` reads them back."""
+    options = [model_option(help), *_SOURCE_OPTIONS]
+    options += [*(_TEXT_OPTIONS if text else ()), *(_STATS_OPTIONS if stats else ())]
+
+    def decorate(f: F) -> F:
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+def load_options(options: dict[str, Any]) -> Any:
+    """Pop :func:`model_options`' values from a command's keyword arguments into a
+    :class:`~diffsolve.app.loader.LoadOptions`."""
+    from diffsolve.app.loader import LoadOptions
+
+    values = {key: options.pop(key, None) for key in LOAD_KEYS}
+    prompts = list(values["prompt"] or ())
+    if values["prompts_file"] is not None:
+        if prompts:
+            raise click.UsageError("--prompt and --prompts: give the prompts one way")
+        prompts = _prompt_lines(values["prompts_file"])
+    shape = None
+    if values["shape"] is not None:
+        shape = tuple(_csv(values["shape"], int, "--shape", "a shape like 1,28,28"))
+        if not shape or min(shape) < 1:
+            raise click.UsageError(f"--shape: expected positive sizes like 1,28,28, got {shape}")
+    return LoadOptions(
+        prediction=values["prediction"],
+        scheduler_config=values["scheduler_config"],
+        shape=shape,
+        height=values["height"],
+        width=values["width"],
+        prompts=tuple(prompts) or None,
+        negative_prompt=values["negative_prompt"] or "",
+        ems=values["ems_file"],
+        gaussian_stats=values["gaussian_stats"],
+    )
+
+
+def _prompt_lines(path: str) -> list[str]:
+    """``--prompts FILE``: one prompt per line (blank lines skipped)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise click.UsageError(f"--prompts {path}: cannot read it ({err})") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise click.UsageError(f"--prompts {path}: no prompts in the file (one per line)")
+    return prompts
 
 
 def device_option(help: str = "torch device.") -> Callable[[F], F]:
@@ -43,11 +204,28 @@ def seed_option(help: str = "First seed.") -> Callable[[F], F]:
     return click.option("--seed", default=0, type=click.IntRange(0, None), help=help)
 
 
-def data_option(help: str) -> Callable[[F], F]:
-    """``--data digits|FILE``."""
-    return click.option(
-        "--data", "data_source", default="digits", metavar="digits|FILE", help=help
-    )
+def data_option(help: str, default: str | None = "digits") -> Callable[[F], F]:
+    """``--data``: ``digits``, ``self``, an array file or an image folder
+    (:func:`diffsolve.app.model_data.model_data`), and ``--data-samples``."""
+
+    def decorate(f: F) -> F:
+        f = int_option(
+            "--data-samples",
+            256,
+            1,
+            "--data self: how many own samples (unipc-bh2-3, 50 NFE, seeds from --seed).",
+        )(f)
+        return click.option(
+            "--data",
+            "data_source",
+            default=default,
+            metavar="digits|self|FILE|DIR",
+            help=help + " digits: the demos' data; self: the model's own samples; FILE: a "
+            ".pt/.npy/.npz array in the model's sample space; DIR: a folder of images (a "
+            "latent model encodes them with its VAE).",
+        )(f)
+
+    return decorate
 
 
 def int_option(flag: str, default: int, minimum: int, help: str) -> Callable[[F], F]:
@@ -155,7 +333,7 @@ def list_solvers() -> None:
 
 
 @main.command("sample")
-@model_option("Demo model (digits, digits-cond, digits-flow, gaussian, gmm) or a folder.")
+@model_options()
 @click.option(
     "--solver",
     default="auto",
@@ -199,7 +377,8 @@ def list_solvers() -> None:
     default="none",
     type=click.Choice(list(GUIDANCE)),
     help="Classifier-free (cfg) or adaptive projected (apg) guidance of a class-conditional "
-    "model, or classifier guidance with the shipped digits classifier.",
+    "model or text pipeline, or classifier guidance with the shipped digits classifier. A "
+    "text pipeline with --scale takes cfg.",
 )
 @click.option(
     "--scale",
@@ -235,13 +414,6 @@ def list_solvers() -> None:
     help="Skip this share of the solver's usual grid by analytic Gaussian teleportation.",
 )
 @click.option(
-    "--gaussian-stats",
-    default=None,
-    type=click.Path(dir_okay=False),
-    metavar="FILE",
-    help="Gaussian statistics for --teleport (default: the model's gaussian_stats.safetensors).",
-)
-@click.option(
     "--schedule",
     default=None,
     type=click.Path(dir_okay=False, exists=True),
@@ -268,6 +440,10 @@ def sample_command(
 ) -> None:
     """Sample a model into --out: shard files, a manifest, samples.npz and grid.png.
 
+    A latent model (SD, SD3, Flux) stores latents in the shards and decodes PNGs with its
+    VAE; with --prompt/--prompts sample i takes prompt i mod P, and --scale is
+    classifier-free guidance against --negative-prompt.
+
     A sample depends only on its seed (one random generator per seed), up to ~1e-5 of
     floating-point round-off between batch sizes and process counts. Under `torchrun
     --nproc_per_node R -m diffsolve sample` rank r takes shards r::R. Rerunning the same
@@ -286,8 +462,9 @@ def sample_command(
         if options["schedule"] is not None:
             options["nfe"] = _schedule_nfe(options["schedule"], options["nfe"])
         spec = GuidanceSpec(guidance, guidance_scale, threshold, dualfast)
+        load = load_options(options)
         config = RunConfig(
-            model=model_name, grid=grid_kind, out_dir=out_dir, guidance=spec, **options
+            model=model_name, grid=grid_kind, out_dir=out_dir, guidance=spec, load=load, **options
         )
     try:
         with distributed() as dist, usage_errors():
@@ -324,7 +501,7 @@ def _schedule_nfe(path: str, nfe: int) -> int:
 
 
 @main.command("tune")
-@model_option("Demo model or folder to fit the schedule to.")
+@model_options()
 @click.option(
     "--solver",
     default="auto",
@@ -396,7 +573,8 @@ def tune_command(
 
     with usage_errors():
         out = _out_path(out_path, "schedule.json", force)
-        model = load_model(model_name, device=check_device(device))
+        load = load_options(options)
+        model = load_model(model_name, device=check_device(device), options=load)
         if solver == "auto":
             solver = default_solver(model.available())
         config = TuneConfig(
@@ -458,7 +636,16 @@ def merge_command(out_dir: str) -> None:
 
 
 @main.command("bench")
-@model_option()
+@model_options()
+@click.option(
+    "--data",
+    "data_source",
+    default=None,
+    metavar="digits|FILE|DIR",
+    help="Held-out data for the Fréchet distance, in the model's sample space (an array "
+    "file, an image folder) [default: digits for 8x8 models, else none: RMSE and median "
+    "only].",
+)
 @click.option(
     "--nfe",
     "nfe_list",
@@ -492,7 +679,7 @@ def merge_command(out_dir: str) -> None:
     "--profile",
     default="solvers",
     type=click.Choice(["solvers", "scale"]),
-    help="solvers: accuracy and speed of every solver on a demo model; scale: overhead per "
+    help="solvers: accuracy and speed of every solver on the model; scale: overhead per "
     "step at real-model shapes (null model), DPM-Solver-v3 plan cost and memory, end to end "
     "with real-size random-weight UNets (uses --device, --shapes, --json, --plot).",
 )
@@ -550,6 +737,7 @@ def bench_command(
         check_device(device)
     nfes = _nfe_list(nfe_list)
     names = [s.strip() for s in solvers.split(",")] if solvers else None
+    load, data = load_options(options), options.pop("data_source")  # refused above but here
     if profile == "scale":
         _run_scale(device, shapes, end_to_end, json_path, plot_path)
         return
@@ -564,6 +752,8 @@ def bench_command(
         solvers=names,
         device=device,
         overhead=not no_overhead,
+        data=data,
+        load=load,
         **options,
     )
     with usage_errors():
@@ -581,7 +771,7 @@ BENCH_OPTIONS: dict[str, set[str]] = {
     "scale": _COMMON | {"device", "shapes", "end_to_end", "json_path", "plot_path"},
     "solvers": _COMMON
     | {"model_name", "nfe_list", "solvers", "samples", "seed", "reference_steps"}
-    | {"json_path", "plot_path", "device", "no_overhead"},
+    | {"json_path", "plot_path", "device", "no_overhead", "data_source", *LOAD_KEYS},
     "teleport": _COMMON
     | {"model_name", "nfe_list", "solvers", "samples", "seed", "reference_steps"}
     | {"skips", "json_path"},
@@ -684,7 +874,7 @@ CONFIRM_ABOVE_S = 3600.0
 
 
 @main.command("ems")
-@model_option()
+@model_options(stats=False)
 @int_option(
     "--samples",
     RECIPE["samples"],
@@ -707,7 +897,7 @@ CONFIRM_ABOVE_S = 3600.0
     "samples (BENCHMARKS.md §11).",
 )
 @out_file_option("ems.safetensors")
-@data_option("x0 points: the digits training split, or a .pt/.npy/.npz array (M, ...).")
+@data_option("x0 points [default: digits for 8x8 models, else self].", default=None)
 @click.option("--t-start", default=None, type=float, help="Noisiest time (default: schedule's).")
 @click.option("--t-end", default=None, type=float, help="Cleanest time (default: schedule's).")
 @seed_option("Noise and probe seed.")
@@ -731,7 +921,16 @@ CONFIRM_ABOVE_S = 3600.0
     default=None,
     metavar="FILE",
     help="Class-conditional models: class labels of the --data points (.pt/.npy/.npz). "
-    "Default: the digits labels with --data digits, else the null class (unconditional).",
+    "Default: the digits labels with --data digits, each sample's own with --data self, "
+    "else the null class (unconditional).",
+)
+@click.option(
+    "--scale",
+    "guidance_scale",
+    default=1.0,
+    type=click.FloatRange(0, None),
+    help="Estimate under classifier-free guidance at this scale (a class-conditional model "
+    "or text pipeline; sample with the same scale).",
 )
 @device_option()
 @click.option(
@@ -743,8 +942,10 @@ def ems_command(
     model_name: str,
     out_path: str | None,
     force: bool,
-    data_source: str,
+    data_source: str | None,
+    data_samples: int,
     labels_source: str | None,
+    guidance_scale: float,
     device: str,
     checkpoint: str | None,
     yes: bool,
@@ -752,24 +953,27 @@ def ems_command(
 ) -> None:
     """Estimate DPM-Solver-v3's empirical model statistics (shards over torchrun ranks).
 
-    A class-conditional model is measured under its data's own labels (the conditional
-    model, as sampled without guidance). The projected cost — JVPs and wall time, from a
-    short calibration run on --device — is printed first; over one hour needs --yes.
+    A class-conditional model (a text pipeline: its prompts) is measured under its data's
+    own labels (the conditional model, as sampled without guidance; with --scale, the
+    guided model). The projected cost — JVPs and wall time, from a short calibration run on
+    --device — is printed first; over one hour needs --yes.
     """
     import os
 
-    from diffsolve.app.loader import load_model
     from diffsolve.app.scale import check_device, distributed
     from diffsolve.stats.ems import cost
     from diffsolve.stats.ems.compute import checkpoint_files, compute_ems
 
     with usage_errors():  # before joining the ranks: each calibrates on its own
         out = _out_path(out_path, "ems.safetensors", force)
-        model = load_model(model_name, device=check_device(device))
-        data = _model_data(model, data_source)
-        conditioning = model.label_kwargs(_labels(labels_source, data_source, data))
+        model = _load(model_name, options, check_device(device))
+        denoiser = _guided_for_estimation(model, guidance_scale)
+        data, labels = _command_data(
+            model, data_source, data_samples, options["seed"], guidance_scale
+        )
+        conditioning = model.label_kwargs(_labels(labels_source, labels, data))
         estimate = cost.project_cost(
-            model.denoiser,
+            denoiser,
             data,
             samples=options["samples"],
             grid_size=options["grid_size"],
@@ -794,7 +998,7 @@ def ems_command(
         with usage_errors():
             progress_file = Path(checkpoint or f"{out}.partial")
             ems = compute_ems(
-                model.denoiser,
+                denoiser,
                 data,
                 checkpoint=progress_file,
                 progress=True,
@@ -814,9 +1018,49 @@ def ems_command(
             )
 
 
+def _load(model_name: str, options: dict[str, Any], device: str = "cpu") -> Any:
+    """The model, with the loading options of :func:`model_options` popped from ``options``."""
+    from diffsolve.app.loader import load_model
+
+    return load_model(model_name, device=device, options=load_options(options))
+
+
+def _guided_for_estimation(model: Any, scale: float) -> Any:
+    """The denoiser statistics are estimated on: the model, or under ``--scale`` its
+    classifier-free-guided network (:func:`diffsolve.app.conditioning.guided_network`)."""
+    if scale == 1.0:
+        return model.denoiser
+    from diffsolve.app.conditioning import guided_network
+
+    return guided_network(model, scale)
+
+
+def _command_data(
+    model: Any, source: str | None, samples: int, seed: int, scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``--data`` (default: the digits for 8x8 models, else the model's own samples) and
+    its labels, in the model's sample space."""
+    from diffsolve.app.conditioning import GuidanceSpec
+    from diffsolve.app.model_data import model_data
+
+    if source is None:
+        source = "digits" if model.data_shape == (1, 8, 8) else "self"
+    spec = GuidanceSpec("cfg" if scale != 1.0 else "none", scale)
+    return model_data(
+        model,
+        source,
+        samples=samples,
+        seed=seed,
+        denoiser_for=lambda labels: spec.build(model, labels),
+        progress=True,
+    )
+
+
 @main.command("gaussian-stats")
-@model_option("Model whose input space the statistics are for (sets the default --out).")
-@data_option("Data in the model's input space: the digits training split or an array file.")
+@model_options("Model whose sample space the statistics are for (" + MODEL_HELP[7:], stats=False)
+@data_option("Data in the model's sample space [default: digits for 8x8 models, else self].",
+             default=None)  # fmt: skip
+@seed_option("First seed of --data self.")
 @click.option(
     "--rank",
     default=None,
@@ -825,18 +1069,25 @@ def ems_command(
 )
 @out_file_option("gaussian_stats.safetensors")
 def gaussian_stats_command(
-    model_name: str, data_source: str, rank: int | None, out_path: str | None, force: bool
+    model_name: str,
+    data_source: str | None,
+    data_samples: int,
+    seed: int,
+    rank: int | None,
+    out_path: str | None,
+    force: bool,
+    **options: Any,
 ) -> None:
     """Mean and top eigenpairs of a data set (float64), for analytic teleportation."""
-    from diffsolve.app.loader import load_model
     from diffsolve.stats.gaussian import compute_gaussian_stats
 
     with usage_errors():
         out = _out_path(out_path, "gaussian_stats.safetensors", force)
-        model = load_model(model_name)
-        data = _model_data(model, data_source)
+        model = _load(model_name, options)
+        data, _ = _command_data(model, data_source, data_samples, seed)
+        source = data_source or ("digits" if model.data_shape == (1, 8, 8) else "self")
         stats = compute_gaussian_stats(
-            data, rank, description=f"{data_source} data for model {model_name}"
+            data, rank, description=f"{source} data for model {model_name}"
         )
         stats.save(out)
     click.echo(f"Gaussian statistics of {data.shape[0]} samples → {out}")
@@ -863,54 +1114,21 @@ def _out_path(out_path: str | None, name: str, force: bool) -> Path:
     return out
 
 
-def _model_data(model: Any, source: str) -> torch.Tensor:
-    """``--data``, checked against the model's sample shape."""
-    data = _load_array(source)
-    if tuple(data.shape[1:]) != model.data_shape:
-        raise ValueError(
-            f"--data has samples of shape {tuple(data.shape[1:])}, the model takes "
-            f"{model.data_shape}"
-        )
-    return data
+def _labels(
+    source: str | None, data_labels: torch.Tensor | None, data: torch.Tensor
+) -> torch.Tensor | None:
+    """``--labels``: a file, else the labels the data came with (the digits', or each own
+    sample's label or prompt)."""
+    from diffsolve.app.model_data import load_array
 
-
-def _labels(source: str | None, data_source: str, data: torch.Tensor) -> torch.Tensor | None:
-    """``--labels``: a file, the digits labels with ``--data digits``, else none."""
-    labels = None
+    labels = data_labels
     if source is not None:
-        labels = _load_array(source, "--labels").long()
-    elif data_source == "digits":
-        from diffsolve.app.data import load_digit_labels
-
-        labels = load_digit_labels("train")
+        if not Path(source).is_file():
+            raise ValueError(f"--labels: {source!r} is not an existing file")
+        labels = load_array(source, "--labels").long()
     if labels is not None and labels.shape[:1] != data.shape[:1]:
         raise ValueError(f"--labels: {labels.shape[0]} labels for {data.shape[0]} data points")
     return labels
-
-
-def _load_array(source: str, option: str = "--data") -> torch.Tensor:
-    """The digits training split, or an array file of shape (M, ...)."""
-    if source == "digits" and option == "--data":
-        from diffsolve.app.data import load_digits
-
-        return load_digits("train")
-    path = Path(source)
-    if not path.is_file():
-        raise ValueError(f"{option}: {source!r} is neither 'digits' nor an existing file")
-    if path.suffix == ".pt":
-        loaded = torch.load(path, weights_only=True)
-        if not isinstance(loaded, torch.Tensor):
-            raise ValueError(
-                f"{option} {source}: holds a {type(loaded).__name__}, not a tensor; save the "
-                "array itself (torch.save(tensor, path))"
-            )
-        return loaded.float()
-    if path.suffix in (".npy", ".npz"):
-        array = np.load(path)
-        if path.suffix == ".npz":
-            array = array[array.files[0]]
-        return torch.from_numpy(np.asarray(array, dtype=np.float32))
-    raise ValueError(f"{option}: unsupported file type {path.suffix!r} (use .pt, .npy or .npz)")
 
 
 if __name__ == "__main__":  # pragma: no cover

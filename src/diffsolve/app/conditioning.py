@@ -7,10 +7,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from diffsolve.app.loader import LoadedModel
-from diffsolve.ode.model import Denoiser
+from diffsolve.ode.model import Denoiser, ModelWrapper
 from diffsolve.wrappers.dualfast import DualFast
 from diffsolve.wrappers.guidance import (
     AdaptiveProjectedGuidance,
@@ -21,7 +22,7 @@ from diffsolve.wrappers.guidance import (
 )
 from diffsolve.wrappers.thresholding import DynamicThresholding
 
-__all__ = ["GUIDANCE", "GuidanceSpec"]
+__all__ = ["GUIDANCE", "GuidanceSpec", "GuidedNetwork", "guided_network"]
 
 Builder = Callable[[LoadedModel, Tensor | None, float], Denoiser]
 
@@ -33,21 +34,80 @@ def _unguided(loaded: LoadedModel, labels: Tensor | None, scale: float) -> Denoi
     return loaded.denoiser
 
 
+def _null_class(loaded: LoadedModel, method: str) -> int:
+    """The class of the unconditional branch (a text pipeline: its negative prompt)."""
+    if not loaded.num_classes:
+        raise ValueError(
+            f"guidance {method!r} needs a class-conditional model (e.g. digits-cond) or a text "
+            f"pipeline; {loaded.name!r} is neither"
+        )
+    conditioning = loaded.config.get("conditioning") or {}
+    return int(conditioning.get("null_class", loaded.num_classes))
+
+
 def _pair(method: str, cls: type[ClassifierFreeGuidance]) -> Builder:
     """CFG or APG of a class-conditional model, the null class as unconditional branch."""
 
     def build(loaded: LoadedModel, labels: Tensor | None, scale: float) -> Denoiser:
-        if not loaded.num_classes or labels is None:
-            raise ValueError(
-                f"guidance {method!r} needs a class-conditional model (e.g. digits-cond); "
-                f"{loaded.name!r} is not"
-            )
-        conditioning = loaded.config.get("conditioning") or {}
-        null_class = conditioning.get("null_class", loaded.num_classes)
+        null_class = _null_class(loaded, method)
+        if labels is None:
+            raise ValueError(f"guidance {method!r} needs the labels of the samples")
         cond, uncond = class_conditioning(labels, null_class)
         return cls(loaded.denoiser, scale, cond, uncond)  # type: ignore[arg-type]
 
     return build
+
+
+class GuidedNetwork(nn.Module):
+    r"""Classifier-free guidance inside the network, for what needs one network
+    differentiable in :math:`(x, t)` (DPM-Solver-v3's statistics under guidance):
+    :math:`\text{out}_u + w\,(\text{out}_c - \text{out}_u)`, the two branches in one
+    batched call, the unconditional one at ``null_class``. Sampling guides through
+    :class:`~diffsolve.wrappers.guidance.ClassifierFreeGuidance` instead; both give the same
+    denoiser."""
+
+    def __init__(self, network: nn.Module, null_class: int, scale: float) -> None:
+        super().__init__()
+        self.network, self.null_class, self.scale = network, int(null_class), float(scale)
+
+    def forward(
+        self, x: Tensor, t: Tensor, class_labels: Tensor | None = None, **kw: object
+    ) -> Tensor:
+        n = x.shape[0]
+        if class_labels is None:
+            raise ValueError("guided statistics need each data point's label (or prompt)")
+        labels = class_labels.to(x.device).long().expand(n)
+        null = torch.full_like(labels, self.null_class)
+        times = t.expand(n) if t.ndim else t.reshape(1).expand(n)
+        out = self.network(
+            torch.cat([x, x]),
+            torch.cat([times, times]),
+            class_labels=torch.cat([null, labels]),
+            **kw,
+        )
+        out = getattr(out, "sample", out)
+        uncond, cond = out.chunk(2)
+        return uncond + self.scale * (cond - uncond)
+
+
+def guided_network(loaded: LoadedModel, scale: float) -> ModelWrapper:
+    """The model's denoiser with classifier-free guidance at ``scale`` in its network
+    (:class:`GuidedNetwork`): same schedule, prediction, time map and fingerprint."""
+    check_scale(scale)
+    wrapper = loaded.denoiser
+    if not isinstance(wrapper, ModelWrapper):
+        raise ValueError(f"model {loaded.name!r} has no network to guide")
+    network = GuidedNetwork(wrapper.model, _null_class(loaded, "cfg"), scale)  # type: ignore[arg-type]
+    return ModelWrapper(
+        network,
+        wrapper.schedule,
+        wrapper.prediction,
+        wrapper.time_input,
+        wrapper.model_kwargs,
+        wrapper.model_dtype,
+        wrapper.fingerprint,
+        wrapper.data_shape,
+    )
 
 
 def _classifier(loaded: LoadedModel, labels: Tensor | None, scale: float) -> Denoiser:

@@ -3,6 +3,7 @@ names that identify them as diffsolve's own (the only temporary files a run ever
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -15,6 +16,7 @@ __all__ = [
     "TMP_MARK",
     "atomic_temp",
     "file_mode",
+    "file_sha256",
     "save_npz_atomic",
     "stale_temp_files",
     "write_atomic",
@@ -76,3 +78,20 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 def save_npz_atomic(path: str | Path, **arrays: np.ndarray) -> Path:
     """Write an uncompressed ``.npz`` atomically."""
     return write_atomic(path, lambda f: np.savez(f, **arrays))
+
+
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (cached per path, size and modification time)."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+        _FILE_HASHES[key] = digest.hexdigest()
+    return _FILE_HASHES[key]

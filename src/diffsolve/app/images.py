@@ -12,6 +12,13 @@ from torch import Tensor
 from diffsolve.app.files import write_atomic
 
 
+def image_samples(samples: Tensor) -> Tensor | None:
+    """Samples ``(N, C, H, W)`` of 1 or 3 channels are images themselves; others (latents,
+    vectors) are not (``None``)."""
+    shape = tuple(samples.shape[1:])
+    return samples if len(shape) == 3 and shape[0] in (1, 3) else None
+
+
 def to_uint8(samples: Tensor) -> np.ndarray:
     """Map samples in ``[-1, 1]`` to ``uint8`` images ``(N, H, W, C)``."""
     x = samples.detach().float().cpu().clamp(-1, 1)

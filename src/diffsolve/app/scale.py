@@ -54,8 +54,9 @@ import torch
 from torch import Tensor
 
 from diffsolve.app.conditioning import GuidanceSpec
-from diffsolve.app.files import save_npz_atomic, stale_temp_files, write_text_atomic
-from diffsolve.app.loader import LoadedModel
+from diffsolve.app.files import file_sha256, save_npz_atomic, stale_temp_files, write_text_atomic
+from diffsolve.app.images import image_samples
+from diffsolve.app.loader import LoadedModel, LoadOptions
 from diffsolve.app.seeds import noise_for_seeds, parse_seeds
 from diffsolve.ode.plan import Plan, Solver
 from diffsolve.ode.step_schedule import StepSchedule
@@ -427,8 +428,8 @@ class RunConfig:
         guidance: Guidance and thresholding (:class:`~diffsolve.wrappers.guidance.GuidanceSpec`).
         class_label: Class of every sample of a conditional model; ``None``: seed % classes.
         teleport: Share of the solver's usual grid skipped by analytic Gaussian
-            teleportation (0: none), with the statistics in ``gaussian_stats`` (default: the
-            model folder's ``gaussian_stats.safetensors``).
+            teleportation (0: none), with the model's Gaussian statistics (``load``'s
+            ``gaussian_stats``, default: the model folder's ``gaussian_stats.safetensors``).
         schedule: A fitted step schedule file (``diffsolve tune``): its solver, options and
             grid, checked against the model; ``grid`` must be ``None`` and ``nfe`` its NFE.
         tuned_schedule: Pick up the tuned step schedule kept with the model for the solver
@@ -436,6 +437,8 @@ class RunConfig:
             ``teleport`` fixes the grid and no guidance, thresholding or DualFast is asked
             for. After :func:`resolve_method`: whether one was picked up (its path then in
             ``schedule``).
+        load: How to load the model (:class:`~diffsolve.app.loader.LoadOptions`: prediction
+            type, scheduler config, shape, image size, prompts, statistics files).
     """
 
     model: str = "digits"
@@ -451,9 +454,9 @@ class RunConfig:
     guidance: GuidanceSpec = field(default_factory=GuidanceSpec)
     class_label: int | None = None
     teleport: float = 0.0
-    gaussian_stats: str | None = None
     schedule: str | None = None
     tuned_schedule: bool = True
+    load: LoadOptions = field(default_factory=LoadOptions)
 
 
 @dataclass
@@ -530,14 +533,18 @@ class SeedSampler:
         return torch.cat(out)
 
 
-def _is_image(data_shape: Sequence[int]) -> bool:
-    return len(data_shape) == 3 and data_shape[0] in (1, 3)
+#: Samples → images in ``[-1, 1]`` (a latent model's VAE), or ``None`` where they are not
+#: images (:meth:`~diffsolve.app.loader.LoadedModel.images`).
+ToImages = Callable[[Tensor], Tensor | None]
 
 
-def _save_png(samples: np.ndarray | Tensor, path: Path) -> None:
+def _save_png(samples: np.ndarray | Tensor, path: Path, images: ToImages) -> None:
+    """A PNG grid of the first samples, where they are (or decode to) images."""
     from diffsolve.app.images import save_grid
 
-    save_grid(torch.as_tensor(np.asarray(samples[:GRID_SAMPLES])), path)
+    pictures = images(torch.as_tensor(np.asarray(samples[:GRID_SAMPLES])))
+    if pictures is not None:
+        save_grid(pictures, path)
 
 
 def run_shards(
@@ -549,11 +556,13 @@ def run_shards(
     on_shard: Callable[[Path], None] | None = None,
     progress: bool = False,
     desc: str = "sampling",
+    images: ToImages = image_samples,
 ) -> RunReport:
     """Compute every shard whose file does not validate; keep the others.
 
     ``on_shard(path)`` is called after each shard file is written (tests use it to simulate
     a run killed midway). The progress bar counts samples, batch by batch, across shards.
+    ``images`` turns samples into the shard's PNG (a latent model: its VAE decoder).
     """
     manifest = report.manifest
     fingerprint = manifest.fingerprint()
@@ -564,14 +573,14 @@ def run_shards(
         reason = check_shard(path, seeds, manifest.data_shape, fingerprint)
         if reason is None:
             report.skipped.append(path)
-            _ensure_png(path, manifest.data_shape)
+            _ensure_png(path, images)
             if on_batch is not None:
                 on_batch(len(seeds))
             continue
         if reason != "missing":
             report.recomputed[path] = reason
         samples = _sample_shard(sampler, seeds, on_batch)
-        _write_shard(samples, seeds, path, manifest.data_shape, fingerprint)
+        _write_shard(samples, seeds, path, fingerprint, images)
         report.computed.append(path)
         if on_shard is not None:
             on_shard(path)
@@ -580,11 +589,11 @@ def run_shards(
     return report
 
 
-def _ensure_png(path: Path, shape: Sequence[int]) -> None:
+def _ensure_png(path: Path, images: ToImages) -> None:
     png = path.with_suffix(".png")
-    if _is_image(shape) and not png.is_file():
+    if not png.is_file():
         with np.load(path) as data:
-            _writing(lambda: _save_png(data["samples"], png), png)
+            _writing(lambda: _save_png(data["samples"], png, images), png)
 
 
 def _sample_shard(
@@ -611,11 +620,12 @@ def _sample_shard(
 
 
 def _write_shard(
-    samples: np.ndarray, seeds: Sequence[int], path: Path, shape: Sequence[int], fingerprint: str
+    samples: np.ndarray, seeds: Sequence[int], path: Path, fingerprint: str, images: ToImages
 ) -> None:
-    """The shard's PNG, then its npz (which marks it done), atomically."""
-    if _is_image(shape):
-        _writing(lambda: _save_png(samples, path.with_suffix(".png")), path.with_suffix(".png"))
+    """The shard's PNG (where the samples are images), then its npz (which marks it done),
+    atomically."""
+    png = path.with_suffix(".png")
+    _writing(lambda: _save_png(samples, png, images), png)
     arrays = {
         "samples": samples,
         "seeds": np.asarray(seeds, dtype=np.int64),
@@ -647,47 +657,26 @@ def model_config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
-_FILE_HASHES: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes (cached per path, size and modification time)."""
-    path = Path(path).resolve()
-    stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _FILE_HASHES:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-        _FILE_HASHES[key] = digest.hexdigest()
-    return _FILE_HASHES[key]
-
-
 def run_inputs(config: RunConfig, model: LoadedModel) -> dict[str, str]:
-    """SHA-256 of every file a run's samples depend on: the weights, the statistics it
-    uses (EMS, Gaussian statistics) and a guidance classifier; an analytic model's own
-    fingerprint."""
+    """SHA-256 of everything a run's samples depend on: the model
+    (:meth:`~diffsolve.app.loader.LoadedModel.inputs`: its weights, an entry point's
+    file and parameters, an analytic model's fingerprint), the statistics it uses (EMS,
+    Gaussian statistics), a step schedule file and a guidance classifier."""
     from diffsolve.solvers import registry
 
     files: dict[str, Path | None] = {}
-    if model.folder is not None and model.network is not None:
-        files["weights"] = model.folder / "model.safetensors"
     if "ems" in registry.preset(config.solver).needs:
         files["ems"] = model.ems_path
     if config.schedule is not None:
         files["schedule"] = Path(config.schedule)
     if config.teleport or (config.schedule is not None and _teleports(config.schedule)):
-        stats = config.gaussian_stats
-        files["gaussian_stats"] = Path(stats) if stats else model.gaussian_stats_path
+        files["gaussian_stats"] = model.gaussian_stats_path
     if config.guidance.method == "classifier":
         from diffsolve.app.classifier import classifier_path
 
         files["classifier"] = classifier_path("digits-classifier") / "model.safetensors"
     out = {k: file_sha256(p) for k, p in files.items() if p is not None and Path(p).is_file()}
-    if model.analytic is not None:
-        out["analytic"] = model.analytic.fingerprint()
-    return out
+    return {**model.inputs(), **out}
 
 
 def _teleports(path: str) -> bool:
@@ -741,13 +730,13 @@ def run_sampling(
             on_shard=on_shard,
             progress=progress and dist.rank == 0,
             desc="sampling" if dist.world_size == 1 else f"rank 0 of {dist.world_size}",
+            images=model.images,
         )
         dist.barrier()
         if dist.rank == 0:
             if config.merge:
                 report.merged = merge_shards(out_dir)
-            if _is_image(manifest.data_shape):
-                report.grid_png = _overview(out_dir, shards, manifest)
+            report.grid_png = _overview(out_dir, shards, model.images)
     return report
 
 
@@ -765,7 +754,10 @@ def _checked_run(
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir} exists and is not a folder")
     device = check_device(dist.device(config.device))
-    model = load_model(config.model, device=device)
+    model = load_model(config.model, device=device, options=config.load)
+    spec = config.guidance
+    if model.is_text and spec.method == "none" and spec.scale != 1.0:
+        config = replace(config, guidance=replace(spec, method="cfg"))  # --scale of a pipeline
     config, method, grid = resolve_method(config, model, say)
     check_options(config, model, method)
     return config, model, method, method.plan(model.schedule, grid), seeds
@@ -808,14 +800,31 @@ def check_options(config: RunConfig, model: LoadedModel, method: Solver) -> None
             f"--scale {config.guidance.scale:g} has no effect without guidance; pass "
             "--guidance cfg, apg or classifier (or drop --scale)"
         )
-    if config.gaussian_stats is not None and not config.teleport:
-        raise ValueError("--gaussian-stats is used by --teleport only; pass --teleport too")
+    if config.load.gaussian_stats is not None and "gaussian" not in _uses(config, method):
+        raise ValueError(
+            "--gaussian-stats is used by --teleport only (and by a --schedule that starts "
+            "with a teleport); pass --teleport too, or drop it"
+        )
+    if config.load.ems is not None and "ems" not in _uses(config, method):
+        raise ValueError(
+            f"--ems is used by DPM-Solver-v3 only, not by {config.solver}; pass --solver "
+            "dpm-solver-v3, or drop --ems"
+        )
     if config.teleport and not isinstance(method, Teleported):
         raise ValueError(
             f"--teleport {config.teleport:g} skips no step of the solver's grid at --nfe "
             f"{config.nfe} (it skips round({config.teleport:g} x steps) = 0 steps); raise "
             "--teleport or --nfe"
         )
+
+
+def _uses(config: RunConfig, method: Solver) -> set[str]:
+    """What the resolved run takes from the model's statistics: ``"ems"``, ``"gaussian"``."""
+    from diffsolve.solvers import registry
+    from diffsolve.wrappers.teleport import Teleported
+
+    uses = set(registry.preset(config.solver).needs)
+    return uses | {"gaussian"} if isinstance(method, Teleported) else uses
 
 
 def resolve_method(
@@ -840,7 +849,7 @@ def resolve_method(
     needs = set(registry.preset(config.solver).needs)
     if config.teleport:
         needs.add("gaussian")
-    context = model.solver_context(needs, config.gaussian_stats)
+    context = model.solver_context(needs)
     if config.teleport:
         method, grid = teleported_setup(
             config.solver, model.schedule, config.nfe, config.teleport, config.grid, context
@@ -954,6 +963,8 @@ def run_manifest(
         "class_label": config.class_label,
         "teleport": config.teleport,
     }
+    if model.is_text:
+        conditioning.update(prompts=list(model.prompts), negative_prompt=model.negative_prompt)
     network = model.network
     dtype = str(next(network.parameters()).dtype) if network is not None else "float64"
     return RunManifest(
@@ -1034,8 +1045,9 @@ def _drop_other_partition(out_dir: Path, manifest: RunManifest) -> None:
                 path.with_suffix(".png").unlink(missing_ok=True)
 
 
-def _overview(out_dir: Path, shards: Sequence[Sequence[int]], manifest: RunManifest) -> Path:
-    """``grid.png``: the first samples of the run, by seed."""
+def _overview(out_dir: Path, shards: Sequence[Sequence[int]], images: ToImages) -> Path | None:
+    """``grid.png``: the first samples of the run, by seed (``None`` where the samples are
+    not images)."""
     parts, count = [], 0
     for seeds in shards:
         if count >= GRID_SAMPLES:
@@ -1044,8 +1056,8 @@ def _overview(out_dir: Path, shards: Sequence[Sequence[int]], manifest: RunManif
             parts.append(data["samples"][: GRID_SAMPLES - count])
         count += len(parts[-1])
     path = out_dir / GRID_NAME
-    _writing(lambda: _save_png(np.concatenate(parts), path), path)
-    return path
+    _writing(lambda: _save_png(np.concatenate(parts), path, images), path)
+    return path if path.is_file() else None
 
 
 # ---------------------------------------------------------------------------------------

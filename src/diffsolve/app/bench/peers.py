@@ -2,13 +2,16 @@
 
 Each peer runs the loop diffusers documents — ``set_timesteps``, then ``scale_model_input``,
 the model, ``step`` — with the scheduler's recommended settings, on the bench model: the
-network is called with exactly the input it would get from diffsolve at the same time.
+network is called with exactly the input it would get from diffsolve at the same time. A
+diffusers model's peers are built from its own scheduler config (``from_config``: its
+schedule, prediction type, timestep spacing and flow shift); others' from the schedule.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -40,18 +43,27 @@ class Peer:
     scheduler: str
     options: dict[str, Any] = field(default_factory=dict)
     twin: str | None = None
+    model_config: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     def build(self, schedule: NoiseSchedule, prediction: str) -> Any:
-        """Instantiate the scheduler for ``schedule`` and a network predicting ``prediction``."""
+        """Instantiate the scheduler for ``schedule`` and a network predicting ``prediction``
+        (from the model's own scheduler config where it has one)."""
         import diffusers
 
         cls = getattr(diffusers, self.scheduler)
         config: dict[str, Any] = dict(self.options)
-        if isinstance(schedule, RectifiedFlow):
-            if self.scheduler != "FlowMatchEulerDiscreteScheduler":
-                config.update(
-                    use_flow_sigmas=True, flow_shift=1.0, prediction_type="flow_prediction"
-                )
+        flow = isinstance(schedule, RectifiedFlow)
+        shift = (schedule.shift or 1.0) if isinstance(schedule, RectifiedFlow) else 1.0
+        if flow and self.scheduler != "FlowMatchEulerDiscreteScheduler":
+            config.update(use_flow_sigmas=True, flow_shift=shift)
+        if self.model_config is not None:
+            config["prediction_type"] = DIFFUSERS_PREDICTION[prediction]
+            return cls.from_config(self.model_config, **config)
+        if flow:
+            if self.scheduler == "FlowMatchEulerDiscreteScheduler":
+                config["shift"] = shift
+            else:
+                config["prediction_type"] = "flow_prediction"
             return cls(num_train_timesteps=1000, **config)
         if not isinstance(schedule, VPDiscrete):
             raise ValueError(
@@ -81,10 +93,18 @@ class Peer:
         zero = final is None or float(final[-1]) == 0.0
         return [*times, 0.0 if zero else 1 / n]
 
+    def set_timesteps(self, scheduler: Any, schedule: NoiseSchedule, nfe: int) -> None:
+        """``set_timesteps(nfe)``; a dynamic-shifting config (Flux) also gets the model's
+        ``mu`` (the log of its shift at the sampled size), as its pipeline passes it."""
+        if scheduler.config.get("use_dynamic_shifting") and isinstance(schedule, RectifiedFlow):
+            scheduler.set_timesteps(nfe, mu=math.log(schedule.shift or 1.0))
+        else:
+            scheduler.set_timesteps(nfe)
+
     def run(self, model: TimedModel, x_start: Tensor, nfe: int) -> tuple[Tensor, int, float]:
         """Sample; return ``(x, steps, loop seconds)``."""
         scheduler = self.build(model.schedule, model.prediction)
-        scheduler.set_timesteps(nfe)
+        self.set_timesteps(scheduler, model.schedule, nfe)
         times = self.solver_times(scheduler, model.schedule)
         x = x_start * getattr(scheduler, "init_noise_sigma", 1.0)  # flow schedulers: none
         scale_input = getattr(scheduler, "scale_model_input", lambda x, _: x)
@@ -105,17 +125,23 @@ class Peer:
         scheduler = self.build(
             schedule, "epsilon" if not isinstance(schedule, RectifiedFlow) else "flow"
         )
-        scheduler.set_timesteps(nfe)
+        self.set_timesteps(scheduler, schedule, nfe)
         times = torch.tensor(self.solver_times(scheduler, schedule), dtype=torch.float64)
         return times.clamp(max=schedule.t_max)
 
 
-def default_peers(schedule: NoiseSchedule, conditional: bool) -> list[Peer]:
+def default_peers(
+    schedule: NoiseSchedule, conditional: bool, model_config: dict[str, Any] | None = None
+) -> list[Peer]:
     """diffusers' schedulers with their documented recommendations: order 3 for unconditional
     sampling and 2 for conditional (DPM-Solver++, UniPC, DEIS); UniPC bh1 below 10 steps is
-    its docstring's advice, bh2 otherwise — both are run at every NFE."""
+    its docstring's advice, bh2 otherwise — both are run at every NFE. Built from
+    ``model_config`` (a diffusers model's scheduler config) where given; none for schedules
+    diffusers has no scheduler for (continuous VP, EDM) without one."""
+    if model_config is None and not isinstance(schedule, (VPDiscrete, RectifiedFlow)):
+        return []
     order = 2 if conditional else 3
-    peers = []
+    peers: list[Peer] = []
     if isinstance(schedule, RectifiedFlow):
         peers.append(Peer("diffusers:flow-euler", "FlowMatchEulerDiscreteScheduler"))
     else:
@@ -142,7 +168,7 @@ def default_peers(schedule: NoiseSchedule, conditional: bool) -> list[Peer]:
         ),
         Peer("diffusers:deis", "DEISMultistepScheduler", {"solver_order": order}),
     ]
-    return peers
+    return [replace(p, model_config=model_config) for p in peers]
 
 
 def null_overhead(batch: int, steps: int = 20, repeats: int = 5) -> dict[str, float]:

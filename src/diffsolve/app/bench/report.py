@@ -30,10 +30,14 @@ def format_table(result: BenchResult) -> str:
         f"{result.seed + result.samples - 1}), {result.seconds_total:.0f} s in all",
         f"reference: {result.reference['method']}; check: {result.reference['check']}",
         f"reference agreement (RMSE between the two): {result.reference_agreement:.2e}",
-        f"FD to held-out digits: reference samples {result.fd_reference:.3f}, "
-        f"training data {result.fd_train:.3f}",
     ]
-    for metric, fmt in (("rmse", "{:.2e}"), ("fd", "{:.3f}")):
+    if result.fd_reference is not None:
+        train = "" if result.fd_train is None else f", training data {result.fd_train:.3f}"
+        lines.append(f"FD to held-out data: reference samples {result.fd_reference:.3f}{train}")
+    metrics = [("rmse", "{:.2e}"), ("median", "{:.2e}")]
+    if result.fd_reference is not None:
+        metrics.append(("fd", "{:.3f}"))
+    for metric, fmt in metrics:
         lines.append("")
         lines.append(_table(metric, fmt, nfes, by_solver, requested))
     lines.append("(* spent one evaluation less than the budget: Heun at even NFE)")

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from diffsolve.app.bench.peers import Peer, default_peers, null_overhead
 from diffsolve.app.bench.timing import TimedModel, synchronize
-from diffsolve.app.loader import LoadedModel
+from diffsolve.app.loader import LoadedModel, LoadOptions
 from diffsolve.app.metrics import frechet_distance
 from diffsolve.app.seeds import noise_for_seeds
 from diffsolve.ode import grids
@@ -48,7 +48,12 @@ class Row:
 
 @dataclass
 class BenchConfig:
-    """What to measure. See ``diffsolve bench --help`` for the meaning of each field."""
+    """What to measure. See ``diffsolve bench --help`` for the meaning of each field.
+
+    ``data``: held-out data in the model's sample space for the Fréchet distance
+    (:func:`~diffsolve.app.model_data.model_data`: ``digits``, an array file, an image
+    folder); default ``digits`` for 8×8 models, else none (RMSE and median only). ``load``:
+    how to load the model (:class:`~diffsolve.app.loader.LoadOptions`)."""
 
     model: str = "digits"
     nfes: Sequence[int] = DEFAULT_NFES
@@ -58,6 +63,8 @@ class BenchConfig:
     reference_steps: int = 500
     device: str = "cpu"
     overhead: bool = True
+    data: str | None = None
+    load: LoadOptions = field(default_factory=LoadOptions)
 
 
 @dataclass
@@ -71,8 +78,8 @@ class BenchResult:
     seed: int
     reference: dict[str, Any]
     reference_agreement: float
-    fd_reference: float
-    fd_train: float
+    fd_reference: float | None
+    fd_train: float | None
     results: list[Row] = field(default_factory=list)
     same_grid: list[SameGrid] = field(default_factory=list)
     overhead: list[dict[str, float]] = field(default_factory=list)
@@ -133,7 +140,10 @@ def contestants(
     DPM-Solver-v3 where the model ships EMS), every diffusers peer, and the twins. ``context``
     holds what solvers need from the model (default: every file the model folder ships)."""
     context = context or loaded.solver_context(loaded.available())
-    peers = {p.name: p for p in default_peers(loaded.schedule, bool(loaded.num_classes))}
+    peers = {
+        p.name: p
+        for p in default_peers(loaded.schedule, bool(loaded.num_classes), loaded.scheduler_config)
+    }
     twins = {p.twin: p for p in peers.values() if p.twin}
     if names is None:
         names = [*lineup(context.provides()), *peers, *(f"{t}@diffusers-grid" for t in twins)]
@@ -193,11 +203,10 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
     from tqdm.auto import tqdm
 
     from diffsolve.app.bench.same_grid import RUNS_PER_NFE, run_same_grid, same_grid_contestants
-    from diffsolve.app.data import load_digits
     from diffsolve.app.loader import load_model
 
     started = time.perf_counter()
-    loaded = load_model(config.model, device=config.device)
+    loaded = load_model(config.model, device=config.device, options=config.load)
     seeds = list(range(config.seed, config.seed + config.samples))
     x_start = noise_for_seeds(seeds, loaded.data_shape, device=config.device)
     denoiser = loaded.denoiser
@@ -205,7 +214,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
         labels = torch.tensor(seeds, device=config.device) % loaded.num_classes
         denoiser = loaded.conditional(labels)
     model = TimedModel(denoiser)
-    test = load_digits("test")
+    test, train = _held_out(loaded, config.data)
     say = progress or (lambda message: None)
     say(f"bench {config.model}: reference solves, 2 x {config.reference_steps} steps ...")
     with torch.inference_mode():
@@ -216,8 +225,8 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
         seed=config.seed,
         reference=info,
         reference_agreement=rmse(reference, check),
-        fd_reference=frechet_distance(reference.cpu(), test),
-        fd_train=frechet_distance(load_digits("train"), test),
+        fd_reference=None if test is None else frechet_distance(reference.cpu(), test),
+        fd_train=None if train is None else frechet_distance(train, test),
     )
     context = loaded.solver_context(loaded.available())
     runs = contestants(config.solvers, loaded, context)
@@ -243,16 +252,30 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
     return result
 
 
+def _held_out(loaded: LoadedModel, data: str | None) -> tuple[Tensor | None, Tensor | None]:
+    """``(test, train)`` data for the Fréchet distances: the digits' two splits for 8×8
+    models by default, ``--data`` (no training split) where given, else none."""
+    from diffsolve.app.model_data import model_data
+
+    if data is None and loaded.data_shape != (1, 8, 8):
+        return None, None
+    source = data or "digits"
+    test, _ = model_data(loaded, source, split="test")
+    train = model_data(loaded, source, split="train")[0] if source == "digits" else None
+    return test, train
+
+
 def measure(
     contestant: Contestant,
     model: TimedModel,
     x: Tensor,
     nfe: int,
     reference: Tensor,
-    test: Tensor,
+    test: Tensor | None,
 ) -> Row:
-    """One contestant at one NFE from ``x``: RMSE to ``reference``, FD to ``test``, speed. A
-    contestant that raises or returns non-finite values gives a failed row, not an error."""
+    """One contestant at one NFE from ``x``: RMSE to ``reference``, FD to ``test`` (where
+    given), speed. A contestant that raises or returns non-finite values gives a failed row,
+    not an error."""
     row = Row(contestant.name, contestant.source, nfe, nfe_budget=nfe)
     model.reset()
     try:
@@ -267,7 +290,7 @@ def measure(
         return row
     row.rmse = rmse(out, reference)
     row.median = median_error(out, reference)
-    row.fd = frechet_distance(out.float().cpu(), test)
+    row.fd = None if test is None else frechet_distance(out.float().cpu(), test)
     row.seconds = seconds / x.shape[0]
     row.overhead_us = 1e6 * max(seconds - model.seconds, 0.0) / max(steps, 1)
     if not math.isfinite(row.rmse):

@@ -38,7 +38,6 @@ restores the model's own afterwards.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -47,10 +46,11 @@ import torch
 from diffusers.models import attention_processor as ap
 from torch import Tensor, nn
 
+from diffsolve.integrations.diffusers.models import architecture_of
 from diffsolve.ode.model import ModelWrapper
 from diffsolve.ode.schedule import NoiseSchedule
 from diffsolve.stats.ems import EMS
-from diffsolve.stats.ems.compute import compute_ems
+from diffsolve.stats.ems.compute import FLOW_T_START, compute_ems
 
 #: Processor class name -> the processor that computes the same attention with plain PyTorch
 #: ops (matmul, softmax: every AD mode works). Joint attention (SD3, Flux) has no plain
@@ -64,9 +64,6 @@ PLAIN_PROCESSORS: dict[str, type] = {
 }
 
 
-#: Where flow-matching EMS start by default (:math:`\lambda = \log\frac{1-t}{t} \approx -6.9`,
-#: rectified flow's own clip).
-FLOW_T_START = 1.0 - 1e-3
 
 
 @contextmanager
@@ -104,9 +101,12 @@ class ConditionedNetwork(nn.Module):
     """A diffusers denoising network with fixed conditioning: ``forward(x, timestep)``.
 
     Args:
-        network: ``UNet2DConditionModel``, ``SD3Transformer2DModel`` or another diffusers
-            model whose first argument is the latent and which takes ``timestep``.
-        conditioning: Keyword arguments of every call (e.g. ``encoder_hidden_states``); a
+        network: ``UNet2DConditionModel``, ``SD3Transformer2DModel``,
+            ``FluxTransformer2DModel`` or ``UNet2DModel``
+            (:data:`~diffsolve.integrations.diffusers.models.ARCHITECTURES`; Flux on unpacked
+            latents ``(B, C, H, W)``).
+        conditioning: Keyword arguments of every call (e.g. ``encoder_hidden_states``,
+            ``pooled_projections``, Flux's ``guidance``, SDXL's ``added_cond_kwargs``); a
             tensor with batch size 1 is broadcast to the batch.
         negative: The unconditional branch's arguments for classifier-free guidance.
         guidance_scale: :math:`w`; with ``negative`` and :math:`w \\ne 1` the output is
@@ -125,21 +125,18 @@ class ConditionedNetwork(nn.Module):
     ) -> None:
         super().__init__()
         self.network = network
-        self.conditioning = dict(conditioning or {})
-        self.negative = dict(negative) if negative is not None else None
+        self.architecture = architecture_of(network)
+        self.conditioning = _flat(conditioning or {})
+        self.negative = _flat(negative) if negative is not None else None
         self.guidance_scale = float(guidance_scale)
-        params = list(inspect.signature(network.forward).parameters)
-        self._input_name = params[0]
 
     def _call(self, x: Tensor, timestep: Tensor, kwargs: Mapping[str, Any]) -> Tensor:
-        dtype = x.dtype
-        ready = {k: _batched(v, x.shape[0], x.device, dtype) for k, v in kwargs.items()}
-        out = self.network(**{self._input_name: x, "timestep": timestep}, **ready)
-        return out.sample if hasattr(out, "sample") else out[0]
+        ready = {k: _batched(v, x.shape[0], x.device, x.dtype) for k, v in kwargs.items()}
+        return self.architecture.call(self.network, x, timestep, ready)
 
     def forward(self, x: Tensor, timestep: Tensor, **overrides: Any) -> Tensor:
         """The (guided) network output at ``x``, network time ``timestep`` (shape ``(B,)``)."""
-        cond = {**self.conditioning, **overrides}
+        cond = {**self.conditioning, **_flat(overrides)}
         if self.negative is None or self.guidance_scale == 1.0:
             return self._call(x, timestep, cond)
         n = x.shape[0]
@@ -149,6 +146,15 @@ class ConditionedNetwork(nn.Module):
         out = self._call(torch.cat([x, x]), torch.cat([timestep, timestep]), both)
         uncond, conditional = out.chunk(2)
         return uncond + self.guidance_scale * (conditional - uncond)
+
+
+def _flat(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """SDXL's ``added_cond_kwargs={"text_embeds", "time_ids"}`` as the architecture's
+    ``added_text_embeds`` / ``added_time_ids``; other keys as they are."""
+    out = {k: v for k, v in kwargs.items() if k != "added_cond_kwargs"}
+    for key, value in (kwargs.get("added_cond_kwargs") or {}).items():
+        out[f"added_{key}"] = value
+    return out
 
 
 def _batched(value: Any, n: int, device: torch.device, dtype: torch.dtype) -> Any:
@@ -174,17 +180,11 @@ def pipeline_schedule(pipe: Any) -> tuple[NoiseSchedule, str]:
 
 def _network_and_names(pipe: Any) -> tuple[nn.Module, str, str | None]:
     """The denoising network and the names of its text and pooled-text arguments."""
-    unet = getattr(pipe, "unet", None)
-    if unet is not None:
-        return unet, "encoder_hidden_states", None
-    transformer = getattr(pipe, "transformer", None)
-    if transformer is not None and type(transformer).__name__ == "SD3Transformer2DModel":
-        return transformer, "encoder_hidden_states", "pooled_projections"
-    raise ValueError(
-        f"{type(pipe).__name__}: only pipelines with a UNet (SD 1.x/2.x/XL) or an "
-        "SD3Transformer2DModel are supported; wrap other networks with ConditionedNetwork and "
-        "diffsolve.ModelWrapper"
-    )
+    network = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    if network is None:
+        raise ValueError(f"{type(pipe).__name__} has no unet or transformer")
+    pooled = "pooled_projections" if architecture_of(network).pooled else None
+    return network, "encoder_hidden_states", pooled
 
 
 def denoiser_from_pipeline(
@@ -200,15 +200,16 @@ def denoiser_from_pipeline(
     """A diffsolve denoiser of ``pipe``'s network under fixed text embeddings.
 
     Args:
-        pipe: A ``StableDiffusion*Pipeline`` (``unet``) or ``StableDiffusion3*Pipeline``
-            (``transformer``), text encoders not needed.
+        pipe: A ``StableDiffusion*Pipeline`` (``unet``), ``StableDiffusion3*Pipeline`` or
+            ``Flux*Pipeline`` (``transformer``), text encoders not needed.
         prompt_embeds: ``(1 or B, tokens, dim)`` text embeddings (``pipe.encode_prompt``);
             the empty prompt's for the unconditional model the paper estimates EMS on.
         pooled_prompt_embeds: SD3's pooled embeddings ``(1 or B, dim)``.
         negative_prompt_embeds, negative_pooled_prompt_embeds: The unconditional branch for
             classifier-free guidance.
         guidance_scale: :math:`w` (guidance needs the negative embeddings).
-        network_kwargs: More fixed network arguments (e.g. SDXL's ``added_cond_kwargs``).
+        network_kwargs: More fixed network arguments (e.g. SDXL's ``added_cond_kwargs``,
+            FLUX.1-dev's ``guidance``: ``torch.tensor([3.5])``).
 
     Returns:
         A :class:`~diffsolve.ModelWrapper` with ``differentiable_eps`` (for
@@ -233,7 +234,7 @@ def denoiser_from_pipeline(
             neg[pooled_name] = negative_pooled_prompt_embeds
     schedule, prediction = pipeline_schedule(pipe)
     wrapped = ConditionedNetwork(network, cond, neg, guidance_scale)
-    return ModelWrapper(wrapped, schedule, prediction, time_input="timestep")
+    return ModelWrapper(wrapped, schedule, prediction, wrapped.architecture.time_input)
 
 
 def ems_for_pipeline(
@@ -272,8 +273,6 @@ def ems_for_pipeline(
         network_kwargs=network_kwargs,
     )
     options.setdefault("model_name", type(pipe).__name__)
-    if model.schedule.default_range[0] > model.schedule.t_bound:  # flow: lambda(1) = -inf
-        options.setdefault("t_start", FLOW_T_START)
     network = model.model.network  # type: ignore[attr-defined]
     if not plain_attention:
         return compute_ems(model, latents, **options)

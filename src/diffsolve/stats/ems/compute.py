@@ -467,10 +467,18 @@ def _batch_size(
     return batch_size
 
 
+#: Where EMS of a schedule that starts at pure noise begin by default:
+#: :math:`\lambda = \log\frac{1-t}{t} \approx -6.9`, rectified flow's own clip.
+FLOW_T_START = 1.0 - 1e-3
+
+
 def _check_model_and_range(
     model: object, t_start: float | None, t_end: float | None
 ) -> tuple[NoiseSchedule, float, float]:
-    """The model's schedule and the time range (default: the schedule's), checked."""
+    """The model's schedule and the time range, checked. Default: the schedule's; where it
+    starts at pure noise (flow matching up to ``t = 1``, λ = −∞), from
+    :data:`FLOW_T_START` (rectified flow's own clip): v3's first step from pure noise needs
+    no statistics."""
     if not hasattr(model, "differentiable_eps"):
         raise ValueError(
             f"{type(model).__name__} cannot be differentiated in (x, t); wrap the "
@@ -478,6 +486,8 @@ def _check_model_and_range(
         )
     schedule: NoiseSchedule = model.schedule  # type: ignore[attr-defined]
     default_start, default_end = schedule.default_range
+    if default_start > schedule.t_bound:
+        default_start = FLOW_T_START
     t_start = default_start if t_start is None else float(t_start)
     t_end = default_end if t_end is None else float(t_end)
     if not 0 < t_end < t_start <= schedule.t_bound:
