@@ -30,6 +30,7 @@ from diffusers import (
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
 )
+
 from tiny_pipelines import (
     POOLED_DIM,
     TEXT_DIM,
@@ -40,10 +41,37 @@ from tiny_pipelines import (
     _unet2d,
 )
 
-WORDS = (
-    "a photo of the cat dog red blue green digit zero one two three four five six seven "
-    "eight nine small big bright dark painting drawing sketch image picture"
-).split()
+WORDS = [
+    "a",
+    "photo",
+    "of",
+    "the",
+    "cat",
+    "dog",
+    "red",
+    "blue",
+    "green",
+    "digit",
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "small",
+    "big",
+    "bright",
+    "dark",
+    "painting",
+    "drawing",
+    "sketch",
+    "image",
+    "picture",
+]
 
 
 def clip_tokenizer() -> Any:
@@ -131,16 +159,18 @@ def _save(pipe: Any, folder: Path) -> Path:
 def ddpm_folder(folder: Path, scheduler: dict[str, Any] | None = None) -> Path:
     """A ``DDPMPipeline`` folder: the 3x8x8 ``UNet2DModel`` (attention) of
     :mod:`tiny_pipelines`, ``DDPMScheduler(**scheduler)``."""
-    return _save(DDPMPipeline(unet=_unet2d(0), scheduler=DDPMScheduler(**(scheduler or {}))), folder)
+    return _save(
+        DDPMPipeline(unet=_unet2d(0), scheduler=DDPMScheduler(**(scheduler or {}))), folder
+    )
 
 
 def unet_folder(folder: Path) -> Path:
     """A bare ``UNet2DModel`` folder with ``scheduler_config.json`` beside the weights."""
     if not (folder / "config.json").is_file():
         _unet2d(2).save_pretrained(folder)
-        DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction").save_config(
-            folder
-        )
+        DDPMScheduler(
+            beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction"
+        ).save_config(folder)
     return folder
 
 
