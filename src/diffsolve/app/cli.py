@@ -204,15 +204,17 @@ def seed_option(help: str = "First seed.") -> Callable[[F], F]:
     return click.option("--seed", default=0, type=click.IntRange(0, None), help=help)
 
 
-def data_option(help: str, default: str | None = "digits") -> Callable[[F], F]:
+def data_option(
+    help: str, default: str | None = "digits", samples: int = 256
+) -> Callable[[F], F]:
     """``--data``: ``digits``, ``self``, an array file or an image folder
     (:func:`diffsolve.app.model_data.model_data`), and ``--data-samples``."""
 
     def decorate(f: F) -> F:
         f = int_option(
             "--data-samples",
-            256,
-            1,
+            samples,
+            2,
             "--data self: how many own samples (unipc-bh2-3, 50 NFE, seeds from --seed).",
         )(f)
         return click.option(
@@ -226,6 +228,17 @@ def data_option(help: str, default: str | None = "digits") -> Callable[[F], F]:
         )(f)
 
     return decorate
+
+
+def check_option() -> Callable[[F], F]:
+    """``--check/--no-check``: the quick conventions check before a long command."""
+    return click.option(
+        "--check/--no-check",
+        "check",
+        default=True,
+        help="First check that the declared prediction type and time map fit the model "
+        "(as `diffsolve check-model`, quickly) and refuse a clearly wrong one.",
+    )
 
 
 def int_option(flag: str, default: int, minimum: int, help: str) -> Callable[[F], F]:
@@ -540,6 +553,7 @@ def _schedule_nfe(path: str, nfe: int) -> int:
 )
 @seed_option("First fit seed; the held-out seeds follow.")
 @device_option()
+@check_option()
 @click.option(
     "--out",
     "out_path",
@@ -556,6 +570,7 @@ def tune_command(
     out_path: str,
     force: bool,
     device: str,
+    check: bool,
     **options: Any,
 ) -> None:
     """Fit a step schedule for --solver at --nfe to the model (training-free).
@@ -575,6 +590,8 @@ def tune_command(
         out = _out_path(out_path, "schedule.json", force)
         load = load_options(options)
         model = load_model(model_name, device=check_device(device), options=load)
+        if check:
+            _quick_check(model)
         if solver == "auto":
             solver = default_solver(model.available())
         config = TuneConfig(
@@ -609,6 +626,45 @@ def tune_command(
         f"cost: {fitted.cost['model_evaluations']:,} model evaluations, "
         f"{fitted.cost['seconds']:.1f} s → {out}"
     )
+
+
+@main.command("check-model")
+@model_options(stats=False)
+@data_option(
+    "Data to noise and denoise [default: self; the timestep index is judged on own samples "
+    "only].",
+    default="self",
+    samples=64,
+)
+@seed_option("Seed of the noise (and of --data self).")
+@device_option()
+def check_model_command(
+    model_name: str, data_source: str, data_samples: int, seed: int, device: str, **options: Any
+) -> None:
+    """Measure which conventions fit the model: prediction type and time map.
+
+    Noises data at times across the schedule, feeds the network under the declared time
+    map, reversed, and (discrete models) one training step off either way, and reads each
+    output as epsilon, x0, v, score and flow velocity: the error against a linear denoiser
+    says which convention fits. Also detects a time embedding that truncates fractional
+    times. Exit code 1 when the declared convention does not fit.
+    """
+    from diffsolve.app.check_model import check_conventions, format_check
+    from diffsolve.app.model_data import model_data
+    from diffsolve.app.scale import check_device
+
+    with usage_errors():
+        model = _load(model_name, options, check_device(device))
+        data, labels = model_data(
+            model, data_source, split="test", samples=data_samples, seed=seed, progress=True
+        )
+        source = "own-sample" if data_source == "self" else data_source
+        result = check_conventions(
+            model, data, labels, source=source, seed=seed, index=data_source == "self"
+        )
+    click.echo(f"model {model_name}: " + format_check(result))
+    if not result.fits and result.denoises:
+        raise SystemExit(1)
 
 
 @main.command("merge")
@@ -666,6 +722,7 @@ def merge_command(out_dir: str) -> None:
 @file_option("--json", "json_path", "Write all results as JSON.")
 @file_option("--plot", "plot_path", "Write a PNG plot of RMSE against NFE.")
 @device_option()
+@check_option()
 @click.option("--no-overhead", is_flag=True, help="Skip the null-model overhead measurement.")
 @click.option(
     "--sweep",
@@ -738,6 +795,7 @@ def bench_command(
     nfes = _nfe_list(nfe_list)
     names = [s.strip() for s in solvers.split(",")] if solvers else None
     load, data = load_options(options), options.pop("data_source")  # refused above but here
+    check = options.pop("check")
     if profile == "scale":
         _run_scale(device, shapes, end_to_end, json_path, plot_path)
         return
@@ -754,6 +812,7 @@ def bench_command(
         overhead=not no_overhead,
         data=data,
         load=load,
+        check=check,
         **options,
     )
     with usage_errors():
@@ -771,7 +830,7 @@ BENCH_OPTIONS: dict[str, set[str]] = {
     "scale": _COMMON | {"device", "shapes", "end_to_end", "json_path", "plot_path"},
     "solvers": _COMMON
     | {"model_name", "nfe_list", "solvers", "samples", "seed", "reference_steps"}
-    | {"json_path", "plot_path", "device", "no_overhead", "data_source", *LOAD_KEYS},
+    | {"json_path", "plot_path", "device", "no_overhead", "data_source", "check", *LOAD_KEYS},
     "teleport": _COMMON
     | {"model_name", "nfe_list", "solvers", "samples", "seed", "reference_steps"}
     | {"skips", "json_path"},
@@ -933,6 +992,7 @@ CONFIRM_ABOVE_S = 3600.0
     "or text pipeline; sample with the same scale).",
 )
 @device_option()
+@check_option()
 @click.option(
     "--yes",
     is_flag=True,
@@ -949,6 +1009,7 @@ def ems_command(
     device: str,
     checkpoint: str | None,
     yes: bool,
+    check: bool,
     **options: Any,
 ) -> None:
     """Estimate DPM-Solver-v3's empirical model statistics (shards over torchrun ranks).
@@ -971,7 +1032,10 @@ def ems_command(
         data, labels = _command_data(
             model, data_source, data_samples, options["seed"], guidance_scale
         )
-        conditioning = model.label_kwargs(_labels(labels_source, labels, data))
+        point_labels = _labels(labels_source, labels, data)
+        if check:
+            _quick_check(model, data, point_labels, data_source or "the command's")
+        conditioning = model.label_kwargs(point_labels)
         estimate = cost.project_cost(
             denoiser,
             data,
@@ -1016,6 +1080,18 @@ def ems_command(
                 f"EMS (K={options['samples']}, N={options['grid_size']}, "
                 f"{dist.world_size} process(es)) → {out}"
             )
+
+
+def _quick_check(
+    model: Any,
+    data: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    source: str = "",
+) -> None:
+    """:func:`~diffsolve.app.check_model.quick_check`, its verdict on stderr."""
+    from diffsolve.app.check_model import quick_check
+
+    quick_check(model, data, labels, source, say=lambda line: click.echo(line, err=True))
 
 
 def _load(model_name: str, options: dict[str, Any], device: str = "cpu") -> Any:

@@ -53,7 +53,9 @@ class BenchConfig:
     ``data``: held-out data in the model's sample space for the Fréchet distance
     (:func:`~diffsolve.app.model_data.model_data`: ``digits``, an array file, an image
     folder); default ``digits`` for 8×8 models, else none (RMSE and median only). ``load``:
-    how to load the model (:class:`~diffsolve.app.loader.LoadOptions`)."""
+    how to load the model (:class:`~diffsolve.app.loader.LoadOptions`). ``check``: refuse a
+    clearly wrong declared convention first (:func:`~diffsolve.app.check_model.quick_check`,
+    on ``data`` or the model's own samples)."""
 
     model: str = "digits"
     nfes: Sequence[int] = DEFAULT_NFES
@@ -65,6 +67,7 @@ class BenchConfig:
     overhead: bool = True
     data: str | None = None
     load: LoadOptions = field(default_factory=LoadOptions)
+    check: bool = True
 
 
 @dataclass
@@ -216,6 +219,10 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
     model = TimedModel(denoiser)
     test, train = _held_out(loaded, config.data)
     say = progress or (lambda message: None)
+    if config.check:
+        from diffsolve.app.check_model import quick_check
+
+        quick_check(loaded, test, None, config.data or "digits test", say)
     say(f"bench {config.model}: reference solves, 2 x {config.reference_steps} steps ...")
     with torch.inference_mode():
         reference, check, info = reference_solve(model, x_start, config.reference_steps)

@@ -288,7 +288,7 @@ def scheduler_conventions(
             if image_seq_len is None:
                 raise ValueError("a dynamic-shifting flow config needs the image size")
             shift = flux_shift(config, image_seq_len)
-        schedule = RectifiedFlow(t_max=schedule.t_max, shift=shift)
+        schedule = RectifiedFlow(shift=shift)  # clipped where λ is finite, as digits-flow
     from diffsolve.ode.model import normalize_prediction
 
     return Conventions(schedule, normalize_prediction(predicted))
