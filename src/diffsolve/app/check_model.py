@@ -357,8 +357,10 @@ def _raw(wrapper: ModelWrapper, x: Tensor, network_time: float) -> Tensor:
     return getattr(out, "sample", out if isinstance(out, Tensor) else out[0])
 
 
-#: Own samples the quick check of ``ems``, ``tune`` and ``bench`` draws when given no data.
+#: Own samples the quick check of ``ems``, ``tune`` and ``bench`` draws when given no data,
+#: and the evaluations each.
 QUICK_SAMPLES = 16
+QUICK_NFE = 20
 
 
 def quick_check(
@@ -375,9 +377,9 @@ def quick_check(
     if not isinstance(loaded.denoiser, ModelWrapper):
         return None
     if data is None:
-        from diffsolve.app.model_data import model_data
+        from diffsolve.app.model_data import self_samples
 
-        data, labels = model_data(loaded, "self", samples=QUICK_SAMPLES)
+        data, labels = self_samples(loaded, QUICK_SAMPLES, nfe=QUICK_NFE)
         source = "own-sample"
     data = data[:64]
     labels = None if labels is None else labels[:64]

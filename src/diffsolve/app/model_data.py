@@ -124,17 +124,18 @@ def self_samples(
     seed: int = 0,
     denoiser_for: Callable[[Tensor | None], object] | None = None,
     progress: bool = False,
+    nfe: int = SELF_NFE,
 ) -> tuple[Tensor, Tensor | None]:
-    """``count`` samples of the model itself (:data:`SELF_SOLVER`, :data:`SELF_NFE`
-    evaluations, seeds ``seed…``); a conditional model's sample ``i`` under label (prompt)
-    ``seed_i mod P``."""
+    """``count`` samples of the model itself (:data:`SELF_SOLVER`, ``nfe`` evaluations,
+    seeds ``seed…``); a conditional model's sample ``i`` under label (prompt) ``seed_i mod
+    P``."""
     from diffsolve.app.seeds import noise_for_seeds
     from diffsolve.ode.sampling import sample
     from diffsolve.solvers.registry import setup_solver
 
     if count < 1:
         raise ValueError(f"--data self needs at least one sample, got {count}")
-    solver, grid = setup_solver(SELF_SOLVER, model.schedule, SELF_NFE)
+    solver, grid = setup_solver(SELF_SOLVER, model.schedule, nfe)
     plan = solver.plan(model.schedule, grid)
     seeds = list(range(seed, seed + count))
     labels = torch.tensor(seeds) % model.num_classes if model.num_classes else None

@@ -144,6 +144,10 @@ class EMSTable:
 
 # ---------------------------------------------------------------------------------------
 # Where the pieces go (λ only, shared by every dimension)
+#: Most pieces one EMS interval is cut into (statistics that need more are broken).
+MAX_PIECES = 100_000
+
+
 def _refinement(ems: EMS) -> Tensor:
     """Pieces per EMS interval so that :math:`|z| \\le` :data:`MAX_Z` everywhere (the largest
     :math:`|l + s|` over the dimensions at either end of the interval); cached on the EMS."""
@@ -160,6 +164,15 @@ def _refinement(ems: EMS) -> Tensor:
     width = ems.lambdas[1:] - ems.lambdas[:-1]
     peak = torch.maximum(rate[1:], rate[:-1])
     pieces = torch.clamp(torch.ceil(width * peak / MAX_Z), min=1).long()
+    if int(pieces.max()) > MAX_PIECES:
+        k = int(pieces.argmax())
+        raise ValueError(
+            f"EMS statistics out of range: |l + s| reaches {float(peak[k]):.3g} at λ = "
+            f"{float(ems.lambdas[k]):.3g} (a well-estimated EMS stays within a few hundred); "
+            f"they were estimated from too few samples (K = {ems.metadata.get('samples', '?')}) "
+            "or a broken derivative — re-estimate them with the recipe (diffsolve ems: K = 24, "
+            "N = 1200)"
+        )
     ems.cache["refinement"] = pieces
     return pieces
 
