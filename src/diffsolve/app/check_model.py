@@ -157,10 +157,16 @@ class CheckResult:
             else ""
         )
         if not self.denoises:
+            own = (
+                " (its own samples are drawn under the declaration: a wrong one shows this "
+                "way too; pass --data to check against real data)"
+                if self.data == OWN_SAMPLES
+                else ""
+            )
             return (
                 f"no convention denoises ({self.data} data): the best, {best}, has "
                 f"{ratio:.2f}x a trivial denoiser's error — untrained weights, or another "
-                f"schedule than declared?{integer}"
+                f"schedule or convention than declared?{own}{integer}"
             )
         if best == declared:
             return (
@@ -357,6 +363,8 @@ def _raw(wrapper: ModelWrapper, x: Tensor, network_time: float) -> Tensor:
     return getattr(out, "sample", out if isinstance(out, Tensor) else out[0])
 
 
+#: How the verdict names the model's own samples as data.
+OWN_SAMPLES = "own-sample"
 #: Own samples the quick check of ``ems``, ``tune`` and ``bench`` draws when given no data,
 #: and the evaluations each.
 QUICK_SAMPLES = 16
@@ -380,7 +388,7 @@ def quick_check(
         from diffsolve.app.model_data import self_samples
 
         data, labels = self_samples(loaded, QUICK_SAMPLES, nfe=QUICK_NFE)
-        source = "own-sample"
+        source = OWN_SAMPLES
     data = data[:64]
     labels = None if labels is None else labels[:64]
     result = check_conventions(loaded, data, labels, source=source)

@@ -204,9 +204,7 @@ def seed_option(help: str = "First seed.") -> Callable[[F], F]:
     return click.option("--seed", default=0, type=click.IntRange(0, None), help=help)
 
 
-def data_option(
-    help: str, default: str | None = "digits", samples: int = 256
-) -> Callable[[F], F]:
+def data_option(help: str, default: str | None = "digits", samples: int = 256) -> Callable[[F], F]:
     """``--data``: ``digits``, ``self``, an array file or an image folder
     (:func:`diffsolve.app.model_data.model_data`), and ``--data-samples``."""
 
@@ -332,9 +330,13 @@ def _nfe_list(text: str) -> list[int]:
 @click.version_option(package_name="diffsolve")
 def main() -> None:
     """Fast, training-free samplers for diffusion and flow models."""
+    import os
+
     from diffsolve.app.tuning import keep_freed_memory
 
     keep_freed_memory()  # large CPU tensors are reused, not faulted in afresh every step
+    # transformers' import-time advice (e.g. on torchvision) is not the user's business here
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 @main.command("solvers")
@@ -631,8 +633,7 @@ def tune_command(
 @main.command("check-model")
 @model_options(stats=False)
 @data_option(
-    "Data to noise and denoise [default: self; the timestep index is judged on own samples "
-    "only].",
+    "Data to noise and denoise [default: self; the timestep index is judged on own samples only].",
     default="self",
     samples=64,
 )
@@ -649,7 +650,7 @@ def check_model_command(
     says which convention fits. Also detects a time embedding that truncates fractional
     times. Exit code 1 when the declared convention does not fit.
     """
-    from diffsolve.app.check_model import check_conventions, format_check
+    from diffsolve.app.check_model import OWN_SAMPLES, check_conventions, format_check
     from diffsolve.app.model_data import model_data
     from diffsolve.app.scale import check_device
 
@@ -658,7 +659,7 @@ def check_model_command(
         data, labels = model_data(
             model, data_source, split="test", samples=data_samples, seed=seed, progress=True
         )
-        source = "own-sample" if data_source == "self" else data_source
+        source = OWN_SAMPLES if data_source == "self" else data_source
         result = check_conventions(
             model, data, labels, source=source, seed=seed, index=data_source == "self"
         )

@@ -128,7 +128,7 @@ def _load_component(folder: Path, library: str, class_name: str) -> Any:
 def _load_bare(
     folder: Path, scheduler_config: str | Path | None, prompts: Sequence[str] | None
 ) -> DiffusersParts:
-    from diffsolve.integrations.diffusers.models import DiffusersNetwork, architecture_of
+    from diffsolve.integrations.diffusers.models import architecture_of
 
     config = _read_json(folder / "config.json")
     architecture = architecture_of(str(config["_class_name"]))
@@ -141,13 +141,11 @@ def _load_bare(
         raise ValueError(f"--prompt: {folder} holds an unconditional {architecture.name}")
     network = _load_component(folder, "diffusers", architecture.name)
     sched = _scheduler_config(Path(scheduler_config or folder / SCHEDULER_CONFIG))
-    size = _side(network.config.sample_size)
-    shape = (int(network.config.in_channels), *size)
     return DiffusersParts(
-        network=DiffusersNetwork(network),
+        network=_wrap(network),
         denoiser_class=architecture.name,
         scheduler_config=sched,
-        data_shape=shape,
+        data_shape=(int(network.config.in_channels), *_side(network.config.sample_size)),
         weight_files=_weights(folder),
         num_classes=network.config.get("num_class_embeds"),
     )
@@ -185,11 +183,16 @@ def _load_pipeline(
     if not architecture.text:
         if prompts:
             raise ValueError(f"--prompt: {folder} is an unconditional pipeline")
-        size = _side(network.config.sample_size)
-        shape = (int(network.config.in_channels), *size)
-        net = _wrap(network)
-        return DiffusersParts(net, architecture.name, sched, shape, weights, pipe, vae,
-                              network.config.get("num_class_embeds"))  # fmt: skip
+        return DiffusersParts(
+            network=_wrap(network),
+            denoiser_class=architecture.name,
+            scheduler_config=sched,
+            data_shape=(int(network.config.in_channels), *_side(network.config.sample_size)),
+            weight_files=weights,
+            pipeline=pipe,
+            vae=vae,
+            num_classes=network.config.get("num_class_embeds"),
+        )
     image, shape = _latent_shape(pipe, network, architecture.name, height, width)
     texts = [*(prompts or [""]), negative_prompt]
     rows, fixed = _encode(pipe, texts, image)

@@ -23,7 +23,6 @@ trained with ``t = 0`` as noise. Solver time is continuous: a network whose time
 casts it to an integer sees truncated times (``diffsolve check-model`` detects it).
 """
 
-
 from __future__ import annotations
 
 import hashlib

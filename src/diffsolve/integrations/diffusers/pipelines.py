@@ -64,8 +64,6 @@ PLAIN_PROCESSORS: dict[str, type] = {
 }
 
 
-
-
 @contextmanager
 def differentiable_attention(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, ``model``'s attention runs on processors every AD mode supports.
@@ -85,9 +83,7 @@ def differentiable_attention(model: nn.Module) -> Iterator[nn.Module]:
         )
     saved = dict(model.attn_processors)
     plain = {
-        name: PLAIN_PROCESSORS[type(p).__name__]()
-        if type(p).__name__ in PLAIN_PROCESSORS
-        else p
+        name: PLAIN_PROCESSORS[type(p).__name__]() if type(p).__name__ in PLAIN_PROCESSORS else p
         for name, p in saved.items()
     }
     model.set_attn_processor(plain)

@@ -119,8 +119,6 @@ def _noise(seed: int, j: int, indices: list[int], shape: tuple[int, ...]) -> tup
     return torch.stack(z), torch.stack(v)
 
 
-
-
 def _accumulate(
     jvp: JVP,
     grid: _Grid,
