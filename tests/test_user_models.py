@@ -145,6 +145,43 @@ def test_text_pipeline_records_its_prompts_and_decodes_pngs(models, tmp_path):
     assert "give the prompts one way" in out
 
 
+def test_image_folders_and_guided_statistics(models, tmp_path):
+    """``--data DIR``: images resized to the model's image size (a latent model's encoded by
+    its VAE); ``ems --scale``: the statistics of the classifier-free-guided pipeline."""
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        colour = (40 * i, 200 - 50 * i, 90)
+        Image.new("RGB", (24 + i, 20), colour).save(images / f"{i}.png")
+    (images / "notes.txt").write_text("not an image")
+    small = ["--samples", "2", "--grid", "8", "--data", images, "--no-check"]
+    for source in ("ddpm", "sd"):
+        out = tmp_path / f"{source}.safetensors"
+        run("ems", "--model", *models[source], *small, "--scale", "3" if source == "sd" else "1",
+            "--out", out)  # fmt: skip
+        assert out.is_file()
+    text = run("ems", "--model", *models["ddpm"], *small, "--scale", "3", "--out", tmp_path / "x",
+               code=2)  # fmt: skip
+    assert "needs a class-conditional model" in text
+    text = run("gaussian-stats", "--model", "digits", "--data", images, "--out", tmp_path / "g")
+    assert "of 3 samples" in text  # greyscale 8x8 for the digits model
+    text = run("gaussian-stats", "--model", "digits", "--data", tmp_path, "--out", tmp_path / "h",
+               code=2)  # fmt: skip
+    assert "no images" in text
+
+
+def test_a_schedule_tuned_into_a_diffusers_folder_is_picked_up(models, tmp_path):
+    folder = tmp_path / "ddpm"
+    shutil.copytree(models["ddpm"][0], folder)
+    target = folder / "schedules" / "unipc-bh2-3-nfe3.json"
+    tune = ["--nfe", "3", "--trajectories", "4", "--candidates", "6", "--teacher-steps", "20"]
+    run("tune", "--model", folder, "--solver", "unipc-bh2-3", *tune, "--out", target)
+    out = run("sample", "--model", folder, "--nfe", "3", "--seeds", "0-1", "--out", tmp_path / "r")
+    assert "tuned schedule schedules/unipc-bh2-3-nfe3.json" in out
+
+
 def test_the_run_fingerprint_covers_the_weights(models, tmp_path):
     folder = tmp_path / "ddpm"
     shutil.copytree(models["ddpm"][0], folder)

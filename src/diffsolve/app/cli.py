@@ -583,6 +583,7 @@ def tune_command(
     held-out seeds. Prints the times and the RMSE to the teacher on check seeds, tuned and
     the solver's default grid. Use it with `diffsolve sample --schedule FILE`.
     """
+    from diffsolve.app.files import write_text_atomic
     from diffsolve.app.loader import load_model
     from diffsolve.app.scale import check_device
     from diffsolve.app.tune import TuneConfig, tune_schedule
@@ -612,7 +613,7 @@ def tune_command(
         )
         say = lambda line: click.echo(line, err=True)  # noqa: E731
         fitted = tune_schedule(model, solver, nfe, method, config, progress=say)  # type: ignore[arg-type]
-        fitted.save(out)
+        write_text_atomic(out, fitted.to_json())  # (creates <model folder>/schedules/)
     fit = fitted.fit
     times = ", ".join(f"{t:.4g}" for t in fitted.times)
     options_text = f", options {fitted.options}" if fitted.options else ""

@@ -11,7 +11,8 @@
   for latent models.
 
 :func:`model_data` returns the data and, for a class-conditional model or text pipeline,
-the label (prompt index) of every point.
+the label (prompt index) of every point: a text pipeline's point ``i`` takes prompt ``i mod
+P`` unless its source says otherwise.
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ def model_data(
             f"--data has samples of shape {tuple(data.shape[1:])}, the model takes "
             f"{model.data_shape}"
         )
+    if labels is None and model.is_text and model.num_classes:
+        labels = torch.arange(data.shape[0]) % model.num_classes  # point i: prompt i mod P
     return data, labels
 
 
