@@ -39,6 +39,8 @@ from diffsolve.stats.gaussian import GaussianMixtureModel, GaussianModel, load_g
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "demos"
 TRAINED_DEMOS = ("digits", "digits-cond", "digits-flow")
+#: ``digits`` converted to diffusers' pipeline format (a diffusers folder, by name).
+DIFFUSERS_DEMOS = ("digits-diffusers",)
 ANALYTIC_DEMOS = ("gaussian", "gmm")
 DEMO_MODELS = TRAINED_DEMOS + ANALYTIC_DEMOS
 EMS_NAME = "ems.safetensors"
@@ -275,8 +277,8 @@ def load_model(
     if name in ANALYTIC_DEMOS:
         _refuse_options(name, options, allowed=("ems", "gaussian_stats"))
         loaded = _load_analytic(name)
-    elif name in TRAINED_DEMOS or Path(name).is_dir():
-        folder = demo_path(name) if name in TRAINED_DEMOS else Path(name)
+    elif name in TRAINED_DEMOS + DIFFUSERS_DEMOS or Path(name).is_dir():
+        folder = demo_path(name) if name in TRAINED_DEMOS + DIFFUSERS_DEMOS else Path(name)
         from diffsolve.app.diffusers_models import is_diffusers_folder
 
         if is_diffusers_folder(folder):

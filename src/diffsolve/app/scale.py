@@ -952,11 +952,11 @@ def run_manifest(
 ) -> RunManifest:
     """What defines the run's samples (see :class:`RunManifest`)."""
     from diffsolve import __version__
-    from diffsolve.app.loader import DEMO_MODELS
+    from diffsolve.app.loader import DEMO_MODELS, DIFFUSERS_DEMOS
     from diffsolve.solvers.registry import default_grid_kind, preset
 
     model_id = config.model
-    if model_id not in DEMO_MODELS:
+    if model_id not in DEMO_MODELS + DIFFUSERS_DEMOS:
         model_id = str(Path(model_id).resolve())
     conditioning = {
         "guidance": asdict(config.guidance),
