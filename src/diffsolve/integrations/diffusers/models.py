@@ -226,25 +226,8 @@ class Conventions:
     prediction: str
 
 
-#: The scheduler-config keys that define the process (the others place steps or choose a
-#: solver: not the model's business).
-SCHEDULE_KEYS = frozenset(
-    {
-        "_class_name",
-        "num_train_timesteps",
-        "beta_start",
-        "beta_end",
-        "beta_schedule",
-        "trained_betas",
-        "rescale_betas_zero_snr",
-        "prediction_type",
-        "use_flow_sigmas",
-        "flow_shift",
-        "shift",
-        "base_shift",
-        "max_shift",
-    }
-)
+#: What tells a flow-matching config from others (:mod:`.scheduler` reads it from these).
+FLOW_MATCH_MARKS = frozenset({"_class_name", "shift", "base_shift"})
 
 
 def flux_shift(config: Mapping[str, Any], image_seq_len: int) -> float:
@@ -275,10 +258,11 @@ def scheduler_conventions(
         prediction: Overrides the config's ``prediction_type`` (e.g. ``"v_prediction"``).
         image_seq_len: Packed latent tokens of the image size to sample (dynamic shifting).
     """
+    from diffsolve.integrations.diffusers.config import SCHEDULE_KEYS
     from diffsolve.integrations.diffusers.scheduler import scheduler_classes
 
     adapter_cls = scheduler_classes()["DiffsolveDPMSolverPPScheduler"]
-    kept = {k: v for k, v in config.items() if k in SCHEDULE_KEYS}
+    kept = {k: v for k, v in config.items() if k in SCHEDULE_KEYS | FLOW_MATCH_MARKS}
     adapter = adapter_cls.from_config(kept)
     schedule = adapter.schedule
     predicted = prediction or str(adapter.config.prediction_type)
