@@ -182,6 +182,30 @@ def test_a_schedule_tuned_into_a_diffusers_folder_is_picked_up(models, tmp_path)
     assert "tuned schedule schedules/unipc-bh2-3-nfe3.json" in out
 
 
+def test_text_pipeline_under_torchrun_equals_one_process(models, tmp_path):
+    """Two gloo ranks on a text pipeline with two prompts: the same latents, seed by seed."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    args = ["--model", *models["sd"], "--seeds", "0-5", "--nfe", "3", "--shard-size", "2"]
+    run("sample", *args, "--batch-size", "1", "--out", tmp_path / "one")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+               "2", "-m", "diffsolve", "sample", *args, "--batch-size", "1", "--out",
+               str(tmp_path / "two")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    with (
+        np.load(tmp_path / "one" / "samples.npz") as a,
+        np.load(tmp_path / "two" / "samples.npz") as b,
+    ):
+        np.testing.assert_array_equal(a["samples"], b["samples"])
+        assert b["seeds"].tolist() == list(range(6))
+
+
 def test_the_run_fingerprint_covers_the_weights(models, tmp_path):
     folder = tmp_path / "ddpm"
     shutil.copytree(models["ddpm"][0], folder)
