@@ -78,6 +78,28 @@ def test_v3_with_estimated_ems_runs_in_the_pipeline(
     assert errors[20] < 0.15 and errors[20] < errors[10]
 
 
+def test_flux_statistics_from_its_packed_latents(tmp_path):
+    """``ems_for_pipeline`` takes Flux (its guidance embedding a fixed network argument) on
+    the packed latents its pipeline hands the scheduler; v3 then runs inside FluxPipeline."""
+    pipe = tiny.flux_pipeline()
+    cond = tiny.conditioning(pipe)
+    data = torch.cat([tiny.run(pipe, steps=8, seed=100 + i) for i in range(4)])  # (4, 16, 64)
+    ems = ems_for_pipeline(
+        pipe,
+        data,
+        prompt_embeds=cond["prompt_embeds"],
+        pooled_prompt_embeds=cond["pooled_prompt_embeds"],
+        network_kwargs={"guidance": torch.tensor([3.5])},
+        samples=4,
+        grid_size=8,
+    )
+    assert ems.data_shape == (16, 64) and torch.isfinite(ems.s).all()
+    path = ems.save(tmp_path / "flux-ems.safetensors")
+    out = tiny.run(tiny.swap(tiny.flux_pipeline(), DPMSolverV3Scheduler, ems_path=str(path)),
+                   steps=6)  # fmt: skip
+    assert out.shape == (1, 16, 64) and torch.isfinite(out).all()
+
+
 def test_sd3_network_time_is_sigma_times_1000():
     pipe = tiny.sd3_pipeline()
     model = denoiser_from_pipeline(pipe, **embeddings(pipe))

@@ -88,19 +88,31 @@ def _image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype
 
 
 def _flux(net: nn.Module, x: Tensor, timestep: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
-    b, c, h, w = x.shape
+    """Unpacked latents ``(B, C, H, W)``, or the pipeline's own packed ``(B, H/2 · W/2, 4C)``
+    of a square image (what ``FluxPipeline`` hands its scheduler)."""
+    packed = x.ndim == 3
+    if packed:
+        side = math.isqrt(x.shape[1])
+        if side * side != x.shape[1]:
+            raise ValueError(
+                f"packed Flux latents of {x.shape[1]} tokens: not a square image; give "
+                "unpacked latents (B, C, H, W)"
+            )
+        c, h, w = x.shape[2] // 4, 2 * side, 2 * side
+    else:
+        _, c, h, w = x.shape
     text = _text(cond, "encoder_hidden_states", "pooled_projections")
     tokens = text["encoder_hidden_states"].shape[1]
     guidance = cond.get("guidance")
     out = net(
-        hidden_states=pack_latents(x),
+        hidden_states=x if packed else pack_latents(x),
         timestep=timestep,
         img_ids=_image_ids(h, w, x.device, x.dtype),
         txt_ids=torch.zeros(tokens, 3, device=x.device, dtype=x.dtype),
-        guidance=None if guidance is None else guidance.to(x.dtype).expand(b),
+        guidance=None if guidance is None else guidance.to(x.dtype).expand(x.shape[0]),
         **text,
     ).sample
-    return unpack_latents(out, c, h, w)
+    return out if packed else unpack_latents(out, c, h, w)
 
 
 @dataclass(frozen=True)

@@ -247,7 +247,9 @@ def ems_for_pipeline(
     **options: Any,
 ) -> EMS:
     """DPM-Solver-v3's EMS of ``pipe``'s network (:func:`denoiser_from_pipeline`) from
-    ``latents`` ``(M, C, H, W)`` (the model's own samples, as the paper uses for SD).
+    ``latents`` ``(M, C, H, W)`` (the model's own samples, as the paper uses for SD; Flux:
+    the packed ``(M, tokens, 64)`` its pipeline hands the scheduler, so that
+    ``DPMSolverV3Scheduler`` inside ``FluxPipeline`` can use them).
 
     ``options`` go to :func:`~diffsolve.stats.ems.compute.compute_ems` (``samples``,
     ``grid_size``, ``batch_size``, ``jvp``, ``device``, ``progress``, ``checkpoint``,
