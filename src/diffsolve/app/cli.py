@@ -1031,12 +1031,12 @@ def ems_command(
         out = _out_path(out_path, "ems.safetensors", force)
         model = _load(model_name, options, check_device(device))
         denoiser = _guided_for_estimation(model, guidance_scale)
-        data, labels = _command_data(
+        data, labels, source = _command_data(
             model, data_source, data_samples, options["seed"], guidance_scale
         )
         point_labels = _labels(labels_source, labels, data)
         if check:
-            _quick_check(model, data, point_labels, data_source or "the command's")
+            _quick_check(model, data, point_labels, source)
         conditioning = model.label_kwargs(point_labels)
         estimate = cost.project_cost(
             denoiser,
@@ -1115,16 +1115,17 @@ def _guided_for_estimation(model: Any, scale: float) -> Any:
 
 def _command_data(
     model: Any, source: str | None, samples: int, seed: int, scale: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``--data`` (default: the digits for 8x8 models, else the model's own samples) and
-    its labels, in the model's sample space."""
+) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+    """``--data`` (default: the digits for 8x8 models, else the model's own samples), its
+    labels, in the model's sample space, and the source's name (for messages)."""
+    from diffsolve.app.check_model import OWN_SAMPLES
     from diffsolve.app.conditioning import GuidanceSpec
     from diffsolve.app.model_data import model_data
 
     if source is None:
         source = "digits" if model.data_shape == (1, 8, 8) else "self"
     spec = GuidanceSpec("cfg" if scale != 1.0 else "none", scale)
-    return model_data(
+    data, labels = model_data(
         model,
         source,
         samples=samples,
@@ -1132,6 +1133,7 @@ def _command_data(
         denoiser_for=lambda labels: spec.build(model, labels),
         progress=True,
     )
+    return data, labels, OWN_SAMPLES if source == "self" else source
 
 
 @main.command("gaussian-stats")
@@ -1162,8 +1164,7 @@ def gaussian_stats_command(
     with usage_errors():
         out = _out_path(out_path, "gaussian_stats.safetensors", force)
         model = _load(model_name, options)
-        data, _ = _command_data(model, data_source, data_samples, seed)
-        source = data_source or ("digits" if model.data_shape == (1, 8, 8) else "self")
+        data, _, source = _command_data(model, data_source, data_samples, seed)
         stats = compute_gaussian_stats(
             data, rank, description=f"{source} data for model {model_name}"
         )
