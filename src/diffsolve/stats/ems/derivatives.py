@@ -12,9 +12,12 @@ models have no forward-mode AD — so the paths are tried in a fixed order (:dat
    activations).
 2. ``"forward_math_attention"``: the same under
    ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``: ``scaled_dot_product_attention``
-   runs as matmul/softmax, which supports forward AD (slower attention, same result).
-   Attention that does not go through ``scaled_dot_product_attention`` (xformers, custom
-   kernels) is not affected: for diffusers models see
+   runs as matmul/softmax, which supports forward AD (slower attention, same result), and
+   ``group_norm`` takes contiguous inputs (its forward-AD rule fails on the transposed view
+   diffusers' attention blocks normalise: ``UNet2DModel`` with attention fell back to finite
+   differences without it). Attention that does not go through
+   ``scaled_dot_product_attention`` (xformers, custom kernels) is not affected: for diffusers
+   models see
    :func:`diffsolve.integrations.diffusers.differentiable_attention`.
 3. ``"double_backward"``: ``torch.autograd.functional.jvp``, the double-vjp trick
    :math:`J\dot x = \nabla_u\langle J^\top u, \dot x\rangle` (reverse mode twice; stores
@@ -61,7 +64,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -89,14 +93,37 @@ def forward_jvp(
     return out, tangent
 
 
+@contextmanager
+def _contiguous_group_norm() -> Iterator[None]:
+    """``torch.nn.functional.group_norm`` on a contiguous copy of its input, for the block.
+
+    The forward-mode rule of ``group_norm`` views the input's tangent, which fails on a
+    non-contiguous input; diffusers' attention blocks (``UNet2DModel``'s
+    ``AttnDownBlock2D``, ``Attention(group_norm=...)``) normalise a transposed ``(B, C, HW)``
+    view. The result is the same; only the layout of the input changes."""
+    functional = torch.nn.functional
+    original = functional.group_norm
+
+    def group_norm(input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return original(input.contiguous(), *args, **kwargs)
+
+    functional.group_norm = group_norm  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        functional.group_norm = original  # type: ignore[assignment]
+
+
 def forward_math_attention_jvp(
     fn: Function, x: Tensor, t: Tensor, tx: Tensor, tt: Tensor
 ) -> tuple[Tensor, Tensor]:
     """Forward-mode AD with ``scaled_dot_product_attention`` restricted to its math backend
-    (matmul + softmax, which forward AD supports)."""
+    (matmul + softmax, which forward AD supports), and ``group_norm`` on contiguous inputs
+    (:func:`_contiguous_group_norm`): together they give an exact derivative path for
+    diffusers' attention UNets."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with sdpa_kernel(SDPBackend.MATH):
+    with sdpa_kernel(SDPBackend.MATH), _contiguous_group_norm():
         return forward_jvp(fn, x, t, tx, tt)
 
 
