@@ -36,7 +36,7 @@ def slow_calibration(monkeypatch: pytest.MonkeyPatch, seconds_per_jvp: float) ->
 
 def test_ems_prints_its_projection_first(tmp_path):
     out = tmp_path / "ems.safetensors"
-    output = run("ems", "--samples", "4", "--grid", "4", "--out", out, code=0)
+    output = run("ems", "--samples", "4", "--grid", "4", "--bandwidth", "0", "--out", out, code=0)
     line = next(text for text in output.splitlines() if text.startswith("Projected: "))
     assert "5 λ × 4 samples × 2 JVPs = 40 JVPs" in line
     assert "ms/JVP-sample (batch 4 on cpu) → " in line
@@ -47,7 +47,7 @@ def test_ems_prints_its_projection_first(tmp_path):
 def test_ems_refuses_over_an_hour_without_yes(tmp_path, monkeypatch):
     slow_calibration(monkeypatch, 200.0)  # 5 λ × 4 × 2 = 40 JVPs × 200 s = 2.2 h
     out = tmp_path / "ems.safetensors"
-    output = run("ems", "--samples", "4", "--grid", "4", "--out", out, code=2)
+    output = run("ems", "--samples", "4", "--grid", "4", "--bandwidth", "0", "--out", out, code=2)
     assert "calibrated 200 s/JVP-sample" in output and "→ 2.2 h" in output
     error = output.split("Error:")[1]
     assert "projected EMS time 2.2 h on cpu exceeds one hour" in error
@@ -58,7 +58,9 @@ def test_ems_refuses_over_an_hour_without_yes(tmp_path, monkeypatch):
 def test_ems_runs_over_an_hour_with_yes(tmp_path, monkeypatch):
     slow_calibration(monkeypatch, 200.0)
     out = tmp_path / "ems.safetensors"
-    output = run("ems", "--samples", "4", "--grid", "4", "--out", out, "--yes", code=0)
+    output = run(
+        "ems", "--samples", "4", "--grid", "4", "--bandwidth", "0", "--out", out, "--yes", code=0
+    )
     assert "→ 2.2 h" in output and out.is_file()
 
 
@@ -119,7 +121,7 @@ def test_jvps_per_sample_is_what_compute_ems_takes():
     loaded = load_model("gaussian")
     data = torch.randn(6, *loaded.data_shape)
     counted = Counted(loaded.denoiser)
-    compute_ems(counted, data, samples=6, grid_size=3, jvp="forward")
+    compute_ems(counted, data, samples=6, grid_size=3, bandwidth=0, jvp="forward")
     assert counted.count == 4 * 6 * cost.JVPS_PER_SAMPLE
     found = cost.calibrate(loaded.denoiser, data, batch_size=8, total_jvps=100, repeats=1)
     assert found.batch_size == 8 and found.seconds_per_batch > 0

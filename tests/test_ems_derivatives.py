@@ -23,6 +23,8 @@ from diffsolve.stats.ems.compute import compute_ems
 from diffsolve.stats.ems.derivatives import JVP, PATHS
 
 K, N = 8, 4
+#: The per-point estimator on a tiny grid, K = all the data (the paths must agree).
+TINY = {"samples": None, "grid_size": N, "bandwidth": 0}
 EXACT, FD_L, FD_SB = 1e-4, 1e-3, 2e-2
 
 
@@ -55,9 +57,9 @@ def attention_unet():
 
 def test_every_path_agrees_on_digits(digits):
     model, data = digits
-    stats = {p: compute_ems(model, data, grid_size=N, jvp=p, batch_size=K) for p in PATHS}
+    stats = {p: compute_ems(model, data, **TINY, jvp=p, batch_size=K) for p in PATHS}
     check_agreement(stats, "forward")
-    assert compute_ems(model, data, grid_size=N).metadata["derivative"] == "forward"
+    assert compute_ems(model, data, **TINY).metadata["derivative"] == "forward"
 
 
 def test_every_path_agrees_on_an_attention_unet(attention_unet):
@@ -65,9 +67,9 @@ def test_every_path_agrees_on_an_attention_unet(attention_unet):
     (the default) needs math attention for forward mode on CPU."""
     unet, model, data = attention_unet
     with differentiable_attention(unet):
-        stats = {p: compute_ems(model, data, grid_size=N, jvp=p, batch_size=K) for p in PATHS}
+        stats = {p: compute_ems(model, data, **TINY, jvp=p, batch_size=K) for p in PATHS}
     check_agreement(stats, "forward")
-    default = compute_ems(model, data, grid_size=N, jvp="forward_math_attention")
+    default = compute_ems(model, data, **TINY, jvp="forward_math_attention")
     assert rel(default.s, stats["forward"].s) <= EXACT
 
 
@@ -78,11 +80,11 @@ def test_auto_takes_math_attention_where_forward_mode_fails(attention_unet, capl
     with pytest.raises(RuntimeError, match=r"forward JVP failed.*flash_attention"):
         JVP(model.differentiable_eps, "forward")(x, t, torch.ones_like(x), zero)
     with caplog.at_level(logging.INFO, logger="diffsolve.ems"):
-        ems = compute_ems(model, data, grid_size=N, batch_size=K)
+        ems = compute_ems(model, data, **TINY, batch_size=K)
     assert ems.metadata["derivative"] == "forward_math_attention"
     assert "JVP by forward_math_attention (forward failed: NotImplementedError" in caplog.text
     with differentiable_attention(unet):  # plain processors: forward mode works
-        assert compute_ems(model, data, grid_size=N).metadata["derivative"] == "forward"
+        assert compute_ems(model, data, **TINY).metadata["derivative"] == "forward"
     assert type(next(iter(unet.attn_processors.values()))).__name__ == "AttnProcessor2_0"
 
 

@@ -29,6 +29,8 @@ from diffsolve.ode.schedule import RectifiedFlow, VPDiscrete
 from diffsolve.stats.ems.compute import compute_ems
 
 K = 16
+#: The per-point estimator on a tiny grid, K = all the data.
+TINY = {"samples": None, "grid_size": 4, "bandwidth": 0}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -49,7 +51,13 @@ def guided_ems(build, tmp_path, grid_size: int):
     data = torch.cat([tiny.run(sampler, steps=25, seed=100 + i) for i in range(K)])
     guidance = inspect.signature(pipe.__call__).parameters["guidance_scale"].default
     ems = ems_for_pipeline(
-        pipe, data, guidance_scale=guidance, grid_size=grid_size, **embeddings(pipe)
+        pipe,
+        data,
+        guidance_scale=guidance,
+        samples=K,
+        grid_size=grid_size,
+        bandwidth=0,
+        **embeddings(pipe),
     )
     return ems, ems.save(tmp_path / "ems.safetensors"), reference
 
@@ -92,6 +100,7 @@ def test_flux_statistics_from_its_packed_latents(tmp_path):
         network_kwargs={"guidance": torch.tensor([3.5])},
         samples=4,
         grid_size=8,
+        bandwidth=0,
     )
     assert ems.data_shape == (16, 64) and torch.isfinite(ems.s).all()
     path = ems.save(tmp_path / "flux-ems.safetensors")
@@ -150,12 +159,12 @@ def test_per_sample_prompts_go_through_conditioning():
     pipe = tiny.sd_pipeline()
     embeds = tiny.conditioning(pipe)["prompt_embeds"]
     data = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    fixed = ems_for_pipeline(pipe, data, prompt_embeds=embeds, grid_size=4)
+    fixed = ems_for_pipeline(pipe, data, prompt_embeds=embeds, **TINY)
     each = ems_for_pipeline(
         pipe,
         data,
         prompt_embeds=embeds,
-        grid_size=4,
+        **TINY,
         conditioning={"encoder_hidden_states": embeds.expand(8, -1, -1)},
     )
     assert rel(each.s, fixed.s) < 1e-5 and rel(each.b, fixed.b) < 1e-5
@@ -166,8 +175,8 @@ def test_half_precision_networks(dtype):
     """Inputs cast to the network's dtype, statistics accumulated in float64: close to the
     float32 network's (half precision rounds the network's own outputs at ~1e-3)."""
     data = load_digits("train")[:8]
-    full = compute_ems(load_model("digits").denoiser, data, grid_size=4)
-    half = compute_ems(load_model("digits", dtype=dtype).denoiser, data, grid_size=4)
+    full = compute_ems(load_model("digits").denoiser, data, **TINY)
+    half = compute_ems(load_model("digits", dtype=dtype).denoiser, data, **TINY)
     assert half.l.dtype == torch.float64 and torch.isfinite(half.s).all()
     assert rel(half.l, full.l) < 0.05 and rel(half.b, full.b) < 0.2
 
@@ -176,12 +185,12 @@ def test_auto_batch_size_on_cpu():
     from diffsolve.stats.ems.memory import CPU_BATCH
 
     model, data = load_model("digits").denoiser, load_digits("train")[:40]
-    auto = compute_ems(model, data, grid_size=2, batch_size="auto", progress=False)
-    fixed = compute_ems(model, data, grid_size=2, batch_size=7)
+    auto = compute_ems(model, data, **TINY, batch_size="auto", progress=False)
+    fixed = compute_ems(model, data, **TINY, batch_size=7)
     assert auto.metadata["samples"] == 40
     assert rel(auto.s, fixed.s) < 1e-4  # float32 network: batch-size-dependent kernels
     assert CPU_BATCH == 32
     with pytest.raises(ValueError, match="memory_budget is measured on CUDA"):
-        compute_ems(model, data, grid_size=2, batch_size="auto", memory_budget=1 << 30)
+        compute_ems(model, data, **TINY, batch_size="auto", memory_budget=1 << 30)
     with pytest.raises(ValueError, match="batch_size must be"):
-        compute_ems(model, data, grid_size=2, batch_size=0)
+        compute_ems(model, data, **TINY, batch_size=0)

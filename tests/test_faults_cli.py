@@ -63,13 +63,52 @@ def digest(folder: Path) -> dict[str, str]:
 def test_1_statistics_commands_never_write_into_the_package(tmp_path, monkeypatch):
     shipped = digest(PACKAGE / "demos")
     monkeypatch.chdir(tmp_path)
-    run("ems", "--model", "gaussian", "--samples", "2", "--grid", "2", "--batch-size", "2", code=0)
+    run(
+        "ems",
+        "--model",
+        "gaussian",
+        "--samples",
+        "2",
+        "--grid",
+        "2",
+        "--bandwidth",
+        "0",
+        "--batch-size",
+        "2",
+        code=0,
+    )
     assert (tmp_path / "ems.safetensors").is_file()
-    result = run("ems", "--model", "gaussian", "--samples", "2", "--grid", "2", code=2)
+    result = run(
+        "ems", "--model", "gaussian", "--samples", "2", "--grid", "2", "--bandwidth", "0", code=2
+    )
     assert "exists; pass --force" in result.output
-    run("ems", "--model", "gaussian", "--samples", "2", "--grid", "2", "--force", code=0)
+    run(
+        "ems",
+        "--model",
+        "gaussian",
+        "--samples",
+        "2",
+        "--grid",
+        "2",
+        "--bandwidth",
+        "0",
+        "--force",
+        code=0,
+    )
     inside = demo_path("digits") / "ems.safetensors"
-    result = run("ems", "--samples", "2", "--grid", "2", "--out", inside, "--force", code=2)
+    result = run(
+        "ems",
+        "--samples",
+        "2",
+        "--grid",
+        "2",
+        "--bandwidth",
+        "0",
+        "--out",
+        inside,
+        "--force",
+        code=2,
+    )
     assert "inside the installed diffsolve package" in result.output
     run("gaussian-stats", code=0)
     assert (tmp_path / "gaussian_stats.safetensors").is_file()
@@ -102,6 +141,8 @@ def test_3_ems_checkpoint_never_overwrites_a_foreign_file(tmp_path, monkeypatch)
         "2",
         "--grid",
         "2",
+        "--bandwidth",
+        "0",
         "--checkpoint",
         notes,
         code=2,

@@ -56,7 +56,7 @@ def gaussian():
 
 
 def _ems(model, data, path, **options):
-    settings = {"samples": 4, "grid_size": 3, "batch_size": 4, "checkpoint": path}
+    settings = {"samples": 4, "grid_size": 3, "bandwidth": 0, "batch_size": 4, "checkpoint": path}
     return compute_ems(model.denoiser, data, **{**settings, **options})
 
 
@@ -96,6 +96,7 @@ def test_1a_a_checkpoint_refuses_other_labels_and_another_model(tmp_path):
             data,
             samples=2,
             grid_size=2,
+            bandwidth=0,
             checkpoint=path,
             conditioning=model.label_kwargs(labels),
         )

@@ -67,7 +67,18 @@ def test_every_command_on_every_source(models, source, tmp_path, monkeypatch):
     out = run("check-model", *model, "--data-samples", "8")
     assert "convention" in out
     ems = tmp_path / "ems.safetensors"
-    small = ["--samples", "2", "--grid", "8", "--data-samples", "4", "--out", ems]
+    small = [
+        "--samples",
+        "2",
+        "--grid",
+        "8",
+        "--bandwidth",
+        "0",
+        "--data-samples",
+        "4",
+        "--out",
+        ems,
+    ]
     run("ems", *model, *small)
     assert ems.is_file()
     stats = tmp_path / "stats.safetensors"
@@ -156,7 +167,7 @@ def test_image_folders_and_guided_statistics(models, tmp_path):
         colour = (40 * i, 200 - 50 * i, 90)
         Image.new("RGB", (24 + i, 20), colour).save(images / f"{i}.png")
     (images / "notes.txt").write_text("not an image")
-    small = ["--samples", "2", "--grid", "8", "--data", images, "--no-check"]
+    small = ["--samples", "2", "--grid", "8", "--bandwidth", "0", "--data", images, "--no-check"]
     for source in ("ddpm", "sd"):
         out = tmp_path / f"{source}.safetensors"
         run("ems", "--model", *models[source], *small, "--scale", "3" if source == "sd" else "1",
@@ -426,7 +437,19 @@ def test_a_clearly_wrong_declaration_is_refused_before_a_long_command(tmp_path):
         "    return diffsolve.ModelWrapper(net, VP, 'epsilon', data_shape=(1, 8, 8))\n"
     )
     model = ["--model", f"{path}:load", "--data", "digits"]
-    out = run("ems", *model, "--samples", "2", "--grid", "8", "--out", tmp_path / "e", code=2)
+    out = run(
+        "ems",
+        *model,
+        "--samples",
+        "2",
+        "--grid",
+        "8",
+        "--bandwidth",
+        "0",
+        "--out",
+        tmp_path / "e",
+        code=2,
+    )
     assert "does not fit; v, declared time does" in out and "--prediction v" in out
     assert not (tmp_path / "e").exists()
     out = run("check-model", *model, code=1)

@@ -8,6 +8,7 @@ once below.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -335,8 +336,14 @@ def main() -> None:
     from diffsolve.app.tuning import keep_freed_memory
 
     keep_freed_memory()  # large CPU tensors are reused, not faulted in afresh every step
+    warnings.formatwarning = _one_line_warning
     # transformers' import-time advice (e.g. on torchvision) is not the user's business here
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], *args: Any) -> str:
+    """Warnings on the command line as ``warning: <message>`` (no source line)."""
+    return f"warning: {message}\n"
 
 
 @main.command("solvers")
@@ -953,9 +960,9 @@ CONFIRM_ABOVE_S = 3600.0
     "--bandwidth",
     default=None,
     type=click.FloatRange(0, None),
-    help=f"Smoothing of the statistics in λ (local regression; default {RECIPE['bandwidth']} "
-    "where --grid resolves it); 0: the paper's per-point estimator, which needs ~10x the "
-    "samples (BENCHMARKS.md §11).",
+    help=f"Smoothing of the statistics in λ (local regression; default {RECIPE['bandwidth']}; "
+    "a --grid too coarse for it is refused); 0: the paper's per-point estimator, which needs "
+    "~10x the samples (BENCHMARKS.md §11).",
 )
 @out_file_option("ems.safetensors")
 @data_option("x0 points [default: digits for 8x8 models, else self].", default=None)
@@ -1025,12 +1032,14 @@ def ems_command(
 
     from diffsolve.app.scale import check_device, distributed
     from diffsolve.stats.ems import cost
-    from diffsolve.stats.ems.compute import checkpoint_files, compute_ems
+    from diffsolve.stats.ems.compute import check_recipe, checkpoint_files, compute_ems
 
     with usage_errors():  # before joining the ranks: each calibrates on its own
         out = _out_path(out_path, "ems.safetensors", force)
         model = _load(model_name, options, check_device(device))
         denoiser = _guided_for_estimation(model, guidance_scale)
+        recipe = ("grid_size", "bandwidth", "t_start", "t_end")
+        check_recipe(denoiser, *(options[k] for k in recipe))  # before any evaluation
         data, labels, source = _command_data(
             model, data_source, data_samples, options["seed"], guidance_scale
         )
@@ -1074,6 +1083,7 @@ def ems_command(
                 **options,
             )
         if dist.rank == 0:
+            _validate(ems, model, guidance_scale)
             with usage_errors():
                 ems.save(out)
             for path in checkpoint_files(progress_file, dist.world_size):
@@ -1082,6 +1092,23 @@ def ems_command(
                 f"EMS (K={options['samples']}, N={options['grid_size']}, "
                 f"{dist.world_size} process(es)) → {out}"
             )
+
+
+def _validate(ems: Any, model: Any, scale: float) -> None:
+    """v3 with the new statistics against DPM-Solver++(2M) on held-out noise
+    (:mod:`diffsolve.app.ems_validation`): stored in the metadata, printed, and a loud
+    warning where v3 loses."""
+    from diffsolve.app.conditioning import GuidanceSpec
+    from diffsolve.app.ems_validation import validate_ems
+    from diffsolve.stats.ems.statistics import validation_advice
+
+    click.echo("validating: v3 against DPM-Solver++(2M) on held-out noise ...", err=True)
+    spec = GuidanceSpec("cfg" if scale != 1.0 else "none", scale)
+    validation = validate_ems(model, ems, lambda labels: spec.build(model, labels))
+    ems.metadata["validation"] = validation.to_metadata()
+    click.echo(validation.summary(), err=True)
+    if not validation.passed:
+        click.secho(f"WARNING: {validation_advice(ems.metadata)}", err=True, fg="red", bold=True)
 
 
 def _quick_check(

@@ -863,7 +863,11 @@ def resolve_method(
 
 def _tuned_clash(config: RunConfig) -> tuple[str, str] | None:
     """The option, and why, that keeps a tuned step schedule from a run (``None``: none)."""
+    from diffsolve.solvers.registry import preset
+
     spec = config.guidance
+    if config.load.ems is not None and "ems" in preset(config.solver).needs:
+        return f"--ems {config.load.ems}", "it was fitted with the model folder's statistics"
     if config.teleport:
         return f"--teleport {config.teleport:g}", "teleportation sets the grid"
     if spec.method != "none":

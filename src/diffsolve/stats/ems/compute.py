@@ -255,8 +255,8 @@ def compute_ems(
     model: object,
     data: Tensor,
     *,
-    samples: int | None = None,
-    grid_size: int = 1200,
+    samples: int | None = RECIPE["samples"],
+    grid_size: int = RECIPE["grid_size"],
     t_start: float | None = None,
     t_end: float | None = None,
     seed: int = 0,
@@ -282,8 +282,8 @@ def compute_ems(
             the grid points rotate through the data, so every point of it is used even
             with few samples per point (and neighbouring points, pooled by the smoothing,
             see different data).
-        samples: ``K``, samples per grid point (default: as many as ``data`` has points;
-            recommended: :data:`RECIPE`'s 24 — with the smoothing, more buys little).
+        samples: ``K``, samples per grid point (default: :data:`RECIPE`'s 24 — with the
+            smoothing, more buys little; ``None``: as many as ``data`` has points).
         grid_size: ``N``, intervals of the logSNR-uniform grid (default 1200, as the
             official code: the grid must resolve how the network varies between its
             training timesteps, see :mod:`.smoothing`).
@@ -300,9 +300,9 @@ def compute_ems(
             At high noise :math:`f` is :math:`e^{-\lambda}`-sensitive to errors in ``l``.
             ``window`` and ``l_window`` apply only without smoothing (``bandwidth=0``).
         bandwidth: Smooth every moment in λ by a local quadratic regression of this
-            bandwidth (:func:`finalize`, :mod:`.smoothing`); default :data:`BANDWIDTH` (0.2)
-            where the grid resolves it (per-point on coarser grids; a bandwidth given
-            explicitly that the grid cannot resolve is a ``ValueError``), 0 for the paper's
+            bandwidth (:func:`finalize`, :mod:`.smoothing`); default :data:`BANDWIDTH` (0.2);
+            a grid that cannot resolve the bandwidth is a ``ValueError`` before any
+            evaluation (never a silent fall-back to per-point statistics); 0 for the paper's
             per-point estimator. Smoothing lets a fine grid with few
             samples per point replace many samples per point: the recommended recipe
             (:data:`RECIPE`) is N = 1200 with K = 24, a tenth of the official K·N.
@@ -394,22 +394,41 @@ def compute_ems(
     return EMS(run.grid.lambdas, l, s, b, meta)
 
 
+def check_recipe(
+    model: object,
+    grid_size: int,
+    bandwidth: float | None = None,
+    t_start: float | None = None,
+    t_end: float | None = None,
+) -> float:
+    """The smoothing bandwidth :func:`compute_ems` will use for these settings, checked
+    without evaluating the model (a ``ValueError`` for a grid too coarse for it): what a
+    caller runs before anything costly, e.g. the cost projection."""
+    schedule, t_start, t_end = _check_model_and_range(model, t_start, t_end)
+    if grid_size < 2:
+        raise ValueError(f"grid_size must be >= 2, got {grid_size}")
+    return _bandwidth(bandwidth, ems_grid(schedule, grid_size, t_start, t_end).lambdas)
+
+
 def _bandwidth(requested: float | None, lambdas: Tensor) -> float:
-    """The smoothing bandwidth used: the default where the grid resolves it (else none); a
-    requested one that the grid cannot resolve is an error, never silently dropped."""
-    if requested is None:
-        return effective_bandwidth(BANDWIDTH, lambdas)
-    if requested < 0:
+    """The smoothing bandwidth used: the recipe's (:data:`BANDWIDTH`) by default, or the one
+    requested; a grid too coarse to resolve it is refused before any evaluation, never
+    silently estimated per point (v3 is then far worse, with no sign of it)."""
+    bandwidth = BANDWIDTH if requested is None else requested
+    if not bandwidth >= 0:
         raise ValueError(f"bandwidth must be >= 0, got {requested!r}")
-    if requested > 0 and not effective_bandwidth(requested, lambdas):
+    if bandwidth > 0 and not effective_bandwidth(bandwidth, lambdas):
         span = abs(float(lambdas[-1] - lambdas[0]))
-        needed = math.ceil(MIN_SPACINGS * span / requested)
+        needed = math.ceil(MIN_SPACINGS * span / bandwidth)
+        which = "the recipe's smoothing bandwidth" if requested is None else "bandwidth"
         raise ValueError(
-            f"bandwidth {requested:g} in λ needs a grid of at least {needed} intervals over "
-            f"this range ({span:.3g} in λ), got {lambdas.numel() - 1}: raise grid_size or "
-            "pass bandwidth=0 (the per-point estimator)"
+            f"grid_size {lambdas.numel() - 1} is too coarse for {which} {bandwidth:g} in λ: "
+            f"it needs at least {needed} intervals over this range ({span:.3g} in λ); use "
+            f"grid_size {max(needed, RECIPE['grid_size'])} (the recipe: "
+            f"{RECIPE['grid_size']}), or bandwidth=0 (the per-point estimator, which needs "
+            "about 10x the samples)"
         )
-    return float(requested)
+    return float(bandwidth)
 
 
 def _all_reduce(sums: dict[str, Tensor]) -> dict[str, Tensor]:

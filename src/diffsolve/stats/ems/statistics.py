@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -263,9 +264,52 @@ class EMS:
         return path
 
 
+def validation_summary(entry: dict[str, Any]) -> str:
+    """A stored ``"validation"`` entry (``diffsolve ems``: v3 against DPM-Solver++(2M) on
+    held-out noise) as one line."""
+    parts = ", ".join(
+        f"{ratio:.2f}x at {nfe} NFE"
+        for nfe, ratio in zip(entry["nfes"], entry["ratios"], strict=True)
+    )
+    verdict = "passed" if entry["passed"] else "FAILED: v3 loses to DPM-Solver++(2M)"
+    return (
+        f"EMS validation {verdict} — v3's RMSE / DPM-Solver++(2M)'s: {parts} "
+        f"({entry['samples']} held-out samples, {entry['reference_steps']}-step reference)"
+    )
+
+
+def validation_advice(metadata: dict[str, Any]) -> str:
+    """What to change when v3 loses with statistics of this ``metadata``."""
+    samples, grid = metadata.get("samples"), metadata.get("grid_size")
+    return (
+        f"re-estimate them with more samples per λ point (now K = {samples}; the recipe is "
+        f"24, noisy networks need 48-96) or a finer λ grid (now N = {grid}; the recipe is "
+        "1200), and check the model's conventions (`diffsolve check-model`); until then "
+        "DPM-Solver++(2M) or UniPC sample better"
+    )
+
+
+#: EMS files whose failed validation was reported in this process.
+_REPORTED: set[str] = set()
+
+
+def _report_failed_validation(path: Path, metadata: dict[str, Any]) -> None:
+    """Warn once per file when its stored validation failed."""
+    entry = metadata.get("validation")
+    key = str(path.resolve())
+    if not isinstance(entry, dict) or entry.get("passed", True) or key in _REPORTED:
+        return
+    _REPORTED.add(key)
+    warnings.warn(
+        f"{path}: {validation_summary(entry)}; {validation_advice(metadata)}",
+        stacklevel=3,
+    )
+
+
 def load_ems(path: str | Path) -> EMS:
     """Load statistics written by :meth:`EMS.save`, with clear errors for a missing, truncated
-    or corrupt file."""
+    or corrupt file; statistics that failed their validation (``diffsolve ems``) are loaded
+    with a warning, once per file."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -291,6 +335,7 @@ def load_ems(path: str | Path) -> EMS:
     except json.JSONDecodeError as err:
         raise ValueError(f"EMS file {path} has corrupt metadata: {err}") from None
     metadata.pop("version", None)
+    _report_failed_validation(path, metadata)
     try:
         return EMS(
             arrays["lambdas"],

@@ -1,0 +1,61 @@
+"""No EMS is used without being validated (issue: defaults and statistics on every model).
+
+``diffsolve ems`` measures DPM-Solver-v3 with the new statistics against DPM-Solver++(2M) on
+held-out noise, stores the ratios in the file's metadata, prints them and warns where v3
+loses; loading statistics that failed repeats the warning once per file; a grid too coarse
+for the recipe is refused before any evaluation.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+from click.testing import CliRunner
+
+from diffsolve.app.cli import main
+from diffsolve.stats.ems import load_ems
+from diffsolve.stats.ems import statistics as ems_files
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def run(*args: object, code: int = 0) -> str:
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == code, result.output
+    return result.output
+
+
+def test_good_statistics_pass_and_record_their_validation(tmp_path):
+    out = tmp_path / "ems.safetensors"
+    text = run("ems", "--model", "gaussian", "--samples", "64", "--grid", "300", "--out", out)
+    assert "EMS validation passed" in text and "WARNING" not in text
+    entry = load_ems(out).metadata["validation"]
+    assert entry["nfes"] == [5, 10] and entry["passed"] and entry["rival"] == "dpm-solver++-2m"
+    assert all(r <= 1.0 for r in entry["ratios"])
+    assert entry["samples"] == 64 and entry["reference_steps"] == 100
+
+
+def test_statistics_that_lose_warn_when_made_and_when_loaded(tmp_path, monkeypatch):
+    out = tmp_path / "bad.safetensors"
+    coarse = ["--samples", "2", "--grid", "40", "--bandwidth", "0", "--no-check"]
+    text = run("ems", "--model", "digits", *coarse, "--out", out)
+    assert "EMS validation FAILED: v3 loses to DPM-Solver++(2M)" in text
+    assert "WARNING: re-estimate them with more samples" in text
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert load_ems(out).metadata["validation"]["passed"] is False
+    monkeypatch.setattr(ems_files, "_REPORTED", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_ems(out)
+        load_ems(out)  # once per file
+    messages = [str(w.message) for w in caught if "EMS validation FAILED" in str(w.message)]
+    assert len(messages) == 1 and "more samples per λ point (now K = 2" in messages[0]
+
+
+def test_a_grid_too_coarse_for_the_recipe_is_refused_before_any_evaluation(tmp_path):
+    text = run("ems", "--model", "digits", "--grid", "40", "--out", tmp_path / "e", code=2)
+    assert "grid_size 40 is too coarse for the recipe's smoothing bandwidth 0.2" in text
+    assert "Projected" not in text  # refused before the calibration runs the model
+    assert not (tmp_path / "e").exists()
