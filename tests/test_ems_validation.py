@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from diffsolve.app.cli import main
@@ -59,3 +60,33 @@ def test_a_grid_too_coarse_for_the_recipe_is_refused_before_any_evaluation(tmp_p
     assert "grid_size 40 is too coarse for the recipe's smoothing bandwidth 0.2" in text
     assert "Projected" not in text  # refused before the calibration runs the model
     assert not (tmp_path / "e").exists()
+
+
+class IntegerTime(torch.nn.Module):
+    """The digits network fed its timestep cast to an integer (a ``t.long()`` embedding)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, t):
+        return self.net(x, t.long().float())
+
+
+def test_a_network_that_ignores_fractional_time_is_refused_with_the_fix():
+    from diffsolve import ModelWrapper
+    from diffsolve.app.data import load_digits
+    from diffsolve.app.loader import load_model
+    from diffsolve.stats.ems.compute import compute_ems
+
+    digits = load_model("digits")
+    model = ModelWrapper(IntegerTime(digits.network), digits.schedule, "epsilon", "timestep")
+    data = load_digits("train")[:16]
+    tiny = {"samples": 4, "grid_size": 8, "bandwidth": 0}
+    with pytest.raises(ValueError, match=r"ignores fractional time .* jvp='step_difference'"):
+        compute_ems(model, data, **tiny)
+    ems = compute_ems(model, data, **tiny, jvp="step_difference")  # across training steps
+    assert ems.metadata["derivative"] == "step_difference"
+    with pytest.raises(ValueError, match="'step_difference'"):  # auto never takes it
+        compute_ems(digits.denoiser, data, **tiny, jvp="nonsense")
+    assert compute_ems(digits.denoiser, data, **tiny).metadata["derivative"] == "forward"

@@ -288,7 +288,9 @@ def check_conventions(
     spread = [i for i, t in enumerate(times) if t not in early_times]
     scores = {c: _mean_log(v, spread) for c, v in ratios.items()}
     declared = Convention(wrapper.prediction, "declared")
-    integer = _truncates_time(wrapper, x0.float(), noise.float())
+    t_mid = float(wrapper.schedule.t_of_lambda(torch.tensor(0.0)))
+    alpha, sigma = (float(v) for v in _alpha_sigma(wrapper, t_mid))
+    integer = wrapper.ignores_fractional_time((alpha * x0 + sigma * noise).float())
     index_z = _index_z(early_errors) if early_times and index else {}
     return CheckResult(declared, scores, ratios, times, integer, source, index_z)
 
@@ -335,32 +337,6 @@ def _remapped(wrapper: ModelWrapper, shift: Callable[[Tensor], Tensor]) -> Model
         wrapper.model_dtype,
         wrapper.fingerprint,
     )
-
-
-def _truncates_time(wrapper: ModelWrapper, x0: Tensor, noise: Tensor) -> bool:
-    """Whether two network times with the same integer part give identical outputs at
-    three places along the schedule (a time embedding that casts to ``int``)."""
-    high, low = wrapper.schedule.default_range
-    same = []
-    with torch.inference_mode():
-        for fraction in (0.25, 0.5, 0.75):
-            t = low + fraction * (high - low)
-            tau = float(wrapper.time_input(torch.tensor(t, dtype=torch.float64)))
-            base = math.floor(tau)
-            a, b = base + 0.2, base + 0.7
-            alpha, sigma = (float(v) for v in _alpha_sigma(wrapper, t))
-            x = (alpha * x0 + sigma * noise).float()
-            outs = [_raw(wrapper, x, value) for value in (a, b)]
-            same.append(bool(torch.equal(outs[0], outs[1])))
-    return all(same)
-
-
-def _raw(wrapper: ModelWrapper, x: Tensor, network_time: float) -> Tensor:
-    """The network's output at a given network time (its own units)."""
-    dtype = wrapper.network_dtype(x)
-    t_in = torch.full((x.shape[0],), network_time, dtype=torch.float32, device=x.device)
-    out = wrapper.model(x.to(dtype), t_in, **wrapper.model_kwargs)
-    return getattr(out, "sample", out if isinstance(out, Tensor) else out[0])
 
 
 #: How the verdict names the model's own samples as data.

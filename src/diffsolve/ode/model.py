@@ -307,6 +307,34 @@ class ModelWrapper:
             )
         return out.to(x.dtype)
 
+    def network_time_unit(self, t: float) -> float:
+        """The solver time one unit of the network's own time spans at ``t`` (discrete VP
+        with ``"timestep"``: one training step, ``1/N``): ``1 / |dτ/dt|``, numerically."""
+        h = 1e-6 * max(abs(t), 1e-3)
+        hi, lo = (torch.tensor(v, dtype=torch.float64) for v in (t + h, t - h))
+        slope = abs(float(self.time_input(hi)) - float(self.time_input(lo))) / (2 * h)
+        return 1.0 / slope if slope > 0 else math.inf
+
+    def ignores_fractional_time(self, x: Tensor) -> bool:
+        """Whether the network returns bit-identical outputs at two network times with the
+        same integer part (``k + 0.2`` and ``k + 0.7``), at three times along the schedule:
+        a time embedding that casts its input to an integer. Its forward-mode time
+        derivative is then zero, and the solvers' fractional times are truncated."""
+        high, low = self.schedule.default_range
+        same = []
+        with torch.inference_mode():
+            for fraction in (0.25, 0.5, 0.75):
+                t = low + fraction * (high - low)
+                base = math.floor(float(self.time_input(torch.tensor(t, dtype=torch.float64))))
+                outs = [self._at_network_time(x, base + f) for f in (0.2, 0.7)]
+                same.append(bool(torch.equal(*outs)))
+        return all(same)
+
+    def _at_network_time(self, x: Tensor, network_time: float) -> Tensor:
+        """The network's raw output at a time in its own units."""
+        t_in = torch.full((x.shape[0],), network_time, dtype=torch.float32, device=x.device)
+        return _unwrap_output(self.model(x.to(self.network_dtype(x)), t_in, **self.model_kwargs))
+
     def differentiable_eps(self, x: Tensor, t: Tensor) -> Tensor:
         r""":math:`\hat\epsilon(x, t)` differentiable in both ``x`` and a float64 0-dim ``t``
         (forward- and reverse-mode), for estimating DPM-Solver-v3's statistics."""

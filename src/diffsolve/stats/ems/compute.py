@@ -335,6 +335,7 @@ def compute_ems(
     """
     schedule, t_start, t_end = _check_model_and_range(model, t_start, t_end)
     k_total = _check_data(data, samples, grid_size)
+    _check_fractional_time(model, data, schedule, jvp, device)
     conditioning = _check_conditioning(model, data, conditioning)
     window = round(5 * grid_size / 1200) if window is None else int(window)
     rank, world = _dist_info()
@@ -459,8 +460,32 @@ def _make_jvp(
         mode,
         precision=getattr(model, "network_dtype", None),
         t_max=schedule.t_bound,
+        t_step=getattr(model, "network_time_unit", None),
         on_select=lambda path, failed: report(f"EMS derivatives: {describe(path, failed)}"),
     )
+
+
+def _check_fractional_time(
+    model: object, data: Tensor, schedule: NoiseSchedule, jvp: str, device: str
+) -> None:
+    """Refuse a network that ignores fractional time (its forward-mode time derivative is
+    zero: the statistics would be wrong without a word), unless its time derivative is taken
+    across training steps (``jvp="step_difference"``)."""
+    probe = getattr(model, "ignores_fractional_time", None)
+    if probe is None or jvp == "step_difference":
+        return
+    t = float(schedule.t_of_lambda(torch.tensor(0.0)))
+    x = data[:4].to(device=device, dtype=torch.float32)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).to(device)
+    if probe(float(schedule.alpha(t)) * x + float(schedule.sigma(t)) * noise):
+        raise ValueError(
+            "the network ignores fractional time (its time embedding truncates t to an "
+            "integer, e.g. t.long() or an nn.Embedding): its time derivative by autograd is "
+            "zero and the statistics would be wrong. Make it embed the real-valued t (a "
+            "sinusoidal embedding works on floats: drop the cast), or estimate the time "
+            "derivative across training steps with jvp='step_difference' (--jvp "
+            "step_difference)"
+        )
 
 
 def _batch_size(

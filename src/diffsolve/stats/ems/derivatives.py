@@ -23,12 +23,15 @@ models have no forward-mode AD — so the paths are tried in a fixed order (:dat
    :math:`J\dot x = \nabla_u\langle J^\top u, \dot x\rangle` (reverse mode twice; stores
    activations).
 4. ``"finite_difference"``: differences of forward passes only, extrapolated by Ridders'
-   method. A central difference :math:`D(h) = (\epsilon(x + h\dot x) - \epsilon(x -
-   h\dot x))/(2h)` has truncation error :math:`O(h^2)` and rounding error
-   :math:`O(\varepsilon\lVert\epsilon\rVert/h)`, :math:`\varepsilon` the machine epsilon of the
-   dtype the network runs in; both balance at a relative step :math:`\varepsilon^{1/3}`
-   (float32: 5e-3) for an error :math:`O(\varepsilon^{2/3})` — but only if the function
-   varies on the scale of its input, which networks do not promise (at low noise
+   method (and ``"step_difference"``, chosen explicitly only: the same along ``x``, but in
+   time one plain central difference across a training step, for networks that take
+   integer timesteps — every finer difference of theirs is zero). A central difference
+   :math:`D(h) = (\epsilon(x + h\dot x) - \epsilon(x - h\dot x))/(2h)` has truncation error
+   :math:`O(h^2)` and rounding error :math:`O(\varepsilon\lVert\epsilon\rVert/h)`,
+   :math:`\varepsilon` the machine epsilon of the dtype the network runs in; both balance
+   at a relative step :math:`\varepsilon^{1/3}` (float32: 5e-3) for an error
+   :math:`O(\varepsilon^{2/3})` — but only if the function varies on the scale of its
+   input, which networks do not promise (at low noise
    :math:`\epsilon_\theta` varies on the scale :math:`\sigma`; in time, a sinusoidal embedding
    turns about one radian per *training timestep*, 1/1000 of the time range). So
    differences at steps :math:`h_k = h_0/2^k` are extrapolated to :math:`h \to 0` in a
@@ -76,9 +79,16 @@ from torch import Tensor
 Function = Callable[[Tensor, Tensor], Tensor]
 #: ``(fn, x, t, tx, tt) -> (fn(x, t), J_x tx + J_t tt)``.
 JVPRule = Callable[[Function, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
-PathName = Literal["forward", "forward_math_attention", "double_backward", "finite_difference"]
+PathName = Literal[
+    "forward", "forward_math_attention", "double_backward", "finite_difference", "step_difference"
+]
 JVPMode = Literal[
-    "auto", "forward", "forward_math_attention", "double_backward", "finite_difference"
+    "auto",
+    "forward",
+    "forward_math_attention",
+    "double_backward",
+    "finite_difference",
+    "step_difference",
 ]
 
 logger = logging.getLogger("diffsolve.ems")
@@ -154,12 +164,16 @@ class FiniteDifference:
         t_max: The largest time the function accepts: a time step that would pass it is
             taken backwards (second-order one-sided difference).
         x_levels, t_levels: Steps of Ridders' extrapolation along ``x`` and ``t``.
+        t_step: ``t -> h``: differences in ``t`` over exactly ``h`` instead (no
+            extrapolation): one training step of a network that takes integer timesteps
+            (the ``"step_difference"`` path), whose finer differences are zero.
     """
 
     precision: torch.dtype | Callable[[Tensor], torch.dtype] | None = None
     t_max: float = math.inf
     x_levels: int = 4
     t_levels: int = 10
+    t_step: Callable[[float], float] | None = None
 
     def epsilon(self, x: Tensor) -> float:
         """Machine epsilon of the network's dtype (never finer than ``x``'s). A float32
@@ -204,6 +218,8 @@ class FiniteDifference:
         docstring), chosen per sample."""
         t0 = float(t)
         h = min(root * max(abs(t0), 0.1), abs(t0) / 2)
+        if self.t_step is not None:
+            h = min(self.t_step(t0), abs(t0) / 2)
         at = lambda s: fn(x, torch.as_tensor(s, dtype=t.dtype, device=t.device)).double()  # noqa: E731
         central = t0 + h <= self.t_max
         base = out.double()
@@ -213,6 +229,8 @@ class FiniteDifference:
                 return (at(t0 + step) - at(t0 - step)) / (2 * step)
             return (3 * base - 4 * at(t0 - step) + at(t0 - 2 * step)) / (2 * step)
 
+        if self.t_step is not None:  # across training steps: the finer differences are zero
+            return difference(h).to(out.dtype)
         return _ridders(difference, h, self.t_levels)[0].to(out.dtype)
 
 
@@ -274,9 +292,19 @@ class DerivativePath:
 def derivative_paths(
     precision: torch.dtype | Callable[[Tensor], torch.dtype] | None = None,
     t_max: float = math.inf,
+    t_step: Callable[[float], float] | None = None,
 ) -> tuple[DerivativePath, ...]:
     """The paths, in the order ``"auto"`` tries them (finite differences configured with the
-    network's ``precision`` and the largest time ``t_max``)."""
+    network's ``precision`` and the largest time ``t_max``), then ``"step_difference"``,
+    which ``"auto"`` never takes: differences in time across ``t_step(t)`` (one training
+    step), for networks that take integer timesteps (given only with ``t_step``)."""
+    step = () if t_step is None else (
+        DerivativePath(
+            "step_difference",
+            "finite differences, in time across one training step",
+            FiniteDifference(precision, t_max, t_step=t_step),
+        ),
+    )  # fmt: skip
     return (
         DerivativePath("forward", "forward-mode AD (torch.func.jvp)", forward_jvp),
         DerivativePath(
@@ -294,6 +322,7 @@ def derivative_paths(
             "central finite differences, step cbrt(eps) relative",
             FiniteDifference(precision, t_max),
         ),
+        *step,
     )
 
 
@@ -321,6 +350,8 @@ class JVP:
         precision: The network's dtype for the finite-difference step (see
             :class:`FiniteDifference`).
         t_max: The largest time ``fn`` accepts (finite differences in ``t`` stay below it).
+        t_step: ``t -> h``, one training step in solver time: enables the
+            ``"step_difference"`` path (never taken by ``"auto"``).
         on_select: Called once with the path ``"auto"`` chose and what the earlier paths
             raised (``{name: reason}``); without it the choice goes to the
             ``diffsolve.ems`` logger (INFO).
@@ -337,11 +368,13 @@ class JVP:
         *,
         precision: torch.dtype | Callable[[Tensor], torch.dtype] | None = None,
         t_max: float = math.inf,
+        t_step: Callable[[float], float] | None = None,
         on_select: Callable[[str, dict[str, str]], None] | None = None,
     ) -> None:
-        self.paths = {p.name: p for p in derivative_paths(precision, t_max)}
-        if mode != "auto" and mode not in self.paths:
-            raise ValueError(f"jvp must be 'auto' or one of {list(PATHS)}, got {mode!r}")
+        paths = {p.name: p for p in derivative_paths(precision, t_max, t_step)}
+        if mode != "auto" and mode not in paths:
+            raise ValueError(f"jvp must be 'auto' or one of {list(paths)}, got {mode!r}")
+        self.paths = {k: v for k, v in paths.items() if k in PATHS or k == mode}
         self.fn, self.mode = fn, mode
         self.path: PathName | None = None if mode == "auto" else mode  # type: ignore[assignment]
         self.failures: dict[str, str] = {}
