@@ -90,3 +90,16 @@ def test_a_network_that_ignores_fractional_time_is_refused_with_the_fix():
     with pytest.raises(ValueError, match="'step_difference'"):  # auto never takes it
         compute_ems(digits.denoiser, data, **tiny, jvp="nonsense")
     assert compute_ems(digits.denoiser, data, **tiny).metadata["derivative"] == "forward"
+
+
+@pytest.mark.filterwarnings("ignore:.*EMS validation FAILED")  # coarse statistics, on purpose
+def test_statistics_record_their_guidance_and_v3_notes_another(tmp_path):
+    out = tmp_path / "cfg3.safetensors"
+    small = ["--samples", "8", "--grid", "40", "--bandwidth", "0", "--no-check"]
+    run("ems", "--model", "digits-cond", *small, "--scale", "3", "--out", out)
+    assert load_ems(out).metadata["guidance"] == {"method": "cfg", "scale": 3.0}
+    args = ["--model", "digits-cond", "--ems", out, "--seeds", "0-1", "--nfe", "6"]
+    text = run("sample", *args, "--guidance", "cfg", "--scale", "3", "--out", tmp_path / "a")
+    assert "were estimated with guidance" not in text
+    text = run("sample", *args, "--out", tmp_path / "b")
+    assert "estimated with guidance cfg at scale 3, this run guides with none at 1" in text

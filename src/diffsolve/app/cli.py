@@ -1044,6 +1044,11 @@ def ems_command(
             model, data_source, data_samples, options["seed"], guidance_scale
         )
         point_labels = _labels(labels_source, labels, data)
+        if guidance_scale != 1.0 and point_labels is None:
+            raise ValueError(
+                "--scale: guided statistics need each data point's label or prompt; give "
+                "--labels FILE, or --data digits / self (which come with theirs)"
+            )
         if check:
             _quick_check(model, data, point_labels, source)
         conditioning = model.label_kwargs(point_labels)
@@ -1080,6 +1085,7 @@ def ems_command(
                 device=device,
                 conditioning=conditioning,
                 model_name=model_name,
+                guidance=_guidance_record(guidance_scale),
                 **options,
             )
         if dist.rank == 0:
@@ -1128,6 +1134,11 @@ def _load(model_name: str, options: dict[str, Any], device: str = "cpu") -> Any:
     from diffsolve.app.loader import load_model
 
     return load_model(model_name, device=device, options=load_options(options))
+
+
+def _guidance_record(scale: float) -> dict[str, Any]:
+    """How ``ems --scale`` guides the model, as the statistics record it."""
+    return {"method": "cfg" if scale != 1.0 else "none", "scale": float(scale)}
 
 
 def _guided_for_estimation(model: Any, scale: float) -> Any:

@@ -74,8 +74,8 @@ class GuidedNetwork(nn.Module):
         self, x: Tensor, t: Tensor, class_labels: Tensor | None = None, **kw: object
     ) -> Tensor:
         n = x.shape[0]
-        if class_labels is None:
-            raise ValueError("guided statistics need each data point's label (or prompt)")
+        if class_labels is None:  # no condition given: both branches unconditional
+            class_labels = torch.tensor(self.null_class)
         labels = class_labels.to(x.device).long().expand(n)
         null = torch.full_like(labels, self.null_class)
         times = t.expand(n) if t.ndim else t.reshape(1).expand(n)

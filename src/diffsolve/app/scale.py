@@ -760,7 +760,33 @@ def _checked_run(
         config = replace(config, guidance=replace(spec, method="cfg"))  # --scale of a pipeline
     config, method, grid = resolve_method(config, model, say)
     check_options(config, model, method)
+    _note_ems_guidance(config, method, say)
     return config, model, method, method.plan(model.schedule, grid), seeds
+
+
+def _note_ems_guidance(
+    config: RunConfig, method: Solver, say: Callable[[str], None] | None
+) -> None:
+    """A note when DPM-Solver-v3's statistics were estimated under another guidance than
+    the run's: they move with the scale (BENCHMARKS.md §11), and v3's error with them."""
+    from diffsolve.stats.ems.compute import NO_GUIDANCE
+
+    ems = getattr(method, "ems", None) or getattr(getattr(method, "solver", None), "ems", None)
+    if ems is None:
+        return
+    made = ems.metadata.get("guidance") or NO_GUIDANCE
+    spec = config.guidance
+    run = {"method": spec.method if spec.scale != 1.0 else "none", "scale": spec.scale}
+    if made.get("method") == run["method"] and float(made.get("scale", 1.0)) == run["scale"]:
+        return
+    _note(
+        say,
+        f"warning: the EMS were estimated with guidance {made.get('method')} at scale "
+        f"{float(made.get('scale', 1.0)):g}, this run guides with {run['method']} at "
+        f"{run['scale']:g}: v3's statistics move with the scale (BENCHMARKS.md §11); "
+        f"estimate them at this one: diffsolve ems --scale {run['scale']:g}",
+        warning=True,
+    )
 
 
 def check_device(device: str) -> str:

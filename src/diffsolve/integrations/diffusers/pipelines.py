@@ -271,6 +271,8 @@ def ems_for_pipeline(
         network_kwargs=network_kwargs,
     )
     options.setdefault("model_name", type(pipe).__name__)
+    if guidance_scale != 1.0:
+        options.setdefault("guidance", {"method": "cfg", "scale": float(guidance_scale)})
     network = model.model.network  # type: ignore[attr-defined]
     if not plain_attention:
         return compute_ems(model, latents, **options)

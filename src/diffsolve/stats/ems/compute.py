@@ -271,6 +271,7 @@ def compute_ems(
     device: str = "cpu",
     model_name: str | None = None,
     conditioning: Mapping[str, Tensor] | None = None,
+    guidance: Mapping[str, Any] | None = None,
 ) -> EMS:
     r"""Estimate the EMS of ``model`` from ``data`` (the K points :math:`x_0`).
 
@@ -329,6 +330,10 @@ def compute_ems(
             ``{"class_labels": labels}`` estimates the EMS of a class-conditional model
             under its data's own labels (``model`` must have ``with_kwargs``, as
             :class:`~diffsolve.ModelWrapper`).
+        guidance: How ``model`` is guided, recorded in the metadata and the checkpoint
+            (``{"method": "cfg", "scale": 7.5}``; default: unguided): the statistics move
+            with the guidance scale (BENCHMARKS.md §11), and a guided model has the
+            unguided one's weights, so the fingerprint alone cannot tell them apart.
 
     With ``torch.distributed`` initialised, every rank takes its share of the K samples and
     the sums are all-reduced; all ranks return the same statistics.
@@ -352,6 +357,7 @@ def compute_ems(
         "l_window": l_window,
         "conditioning": {key: tensor_digest(v) for key, v in sorted(conditioning.items())},
         "model": fingerprint,
+        "guidance": dict(guidance or NO_GUIDANCE),
         "schedule": schedule.fingerprint(),
         "world": world,
         "rank": rank,
@@ -391,6 +397,7 @@ def compute_ems(
         bandwidth=bandwidth,
         model_name=model_name,
         derivative=run.jvp.path or "unknown: every point came from the checkpoint",
+        guidance=dict(guidance or NO_GUIDANCE),
     )
     return EMS(run.grid.lambdas, l, s, b, meta)
 
@@ -508,6 +515,9 @@ def _batch_size(
         raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
     return batch_size
 
+
+#: The ``guidance`` an EMS records when its model was not guided.
+NO_GUIDANCE: dict[str, Any] = {"method": "none", "scale": 1.0}
 
 #: Where EMS of a schedule that starts at pure noise begin by default:
 #: :math:`\lambda = \log\frac{1-t}{t} \approx -6.9`, rectified flow's own clip.
