@@ -104,17 +104,66 @@ def test_time_shifted_is_flow_matchs_spacing(shift):
     assert (edm[1:] < edm[:-1]).all() and tuple(edm[[0, -1]].tolist()) == EDM().default_range
 
 
-def test_flow_models_default_to_the_flow_shifted_grid():
-    """Every registry solver on a rectified-flow model gets :func:`grids.flow_shifted` (the
-    preset's own grid elsewhere), ending at t = 0."""
-    from diffsolve.ode.schedule import RectifiedFlow
+@pytest.mark.parametrize(
+    ("family", "schedule", "expected"),
+    [
+        ("DDPM linear", lambda: VPDiscrete.from_diffusers(), "time_quadratic"),
+        ("SD scaled-linear", lambda: _scaled_linear(), "time_quadratic"),
+        ("zero terminal SNR", lambda: _zero_snr(), "time_quadratic"),
+        ("cosine (discrete)", lambda: _cosine(), "time_uniform"),
+        ("cosine (continuous)", lambda: _schedule("VPCosine"), "time_uniform"),
+        ("rectified flow", lambda: _schedule("RectifiedFlow"), "time_uniform"),
+        ("flow, shift 3", lambda: _schedule("RectifiedFlow", shift=3.0), "time_shifted"),
+        ("EDM", lambda: _schedule("EDM"), "karras"),
+    ],
+)  # fmt: skip
+def test_the_default_grid_is_a_rule_of_the_schedule(family, schedule, expected):
+    """Every solver without a grid of its own takes the schedule's rule (BENCHMARKS.md,
+    "Defaults on every schedule"): quadratic where SNR 1 sits in the clean 40% of the time
+    range, uniform where mid-range, the model's own flow shift, Karras on EDM (logsnr from
+    third order); every grid ends at t = 0."""
+    from diffsolve.solvers.registry import nfe_grid, schedule_grid_kind, setup_solver
+
+    sched = schedule()
+    assert schedule_grid_kind(sched) == expected, family
+    for name in ("dpm-solver++-2m", "unipc-bh2-2", "ddim"):
+        _, grid = setup_solver(name, sched, 8)
+        torch.testing.assert_close(grid, nfe_grid(sched, grid.numel() - 1, expected))
+        assert float(grid[-1]) == 0.0
+    third = "logsnr" if expected == "karras" else expected
+    _, grid = setup_solver("dpm-solver++-3m", sched, 8)
+    torch.testing.assert_close(grid, nfe_grid(sched, grid.numel() - 1, third))
+
+
+def test_a_solver_with_a_grid_of_its_own_keeps_it_except_on_flow():
     from diffsolve.solvers.registry import nfe_grid, setup_solver
 
-    flow = RectifiedFlow(t_max=0.999)
-    for name in ("dpm-solver++-2m", "unipc-bh2-3", "ddim"):
-        _, grid = setup_solver(name, flow, 8)
-        expected = grids.flow_shifted(flow, grid.numel() - 1, None, 0.0)
-        torch.testing.assert_close(grid, expected, rtol=0, atol=0)
     vp = VPDiscrete.from_diffusers()
-    _, vp_grid = setup_solver("dpm-solver++-2m", vp, 8)
-    torch.testing.assert_close(vp_grid, nfe_grid(vp, vp_grid.numel() - 1, "time_quadratic"))
+    _, grid = setup_solver("heun", vp, 9)  # EDM's Algorithm 1: Karras
+    torch.testing.assert_close(grid, nfe_grid(vp, grid.numel() - 1, "karras"))
+    flow = _schedule("RectifiedFlow")
+    _, grid = setup_solver("heun", flow, 9)  # Karras in sigma/alpha is no grid for a flow
+    torch.testing.assert_close(grid, nfe_grid(flow, grid.numel() - 1, "time_uniform"))
+
+
+def _schedule(kind: str, **options):
+    import diffsolve
+
+    return getattr(diffsolve, kind)(**options)
+
+
+def _scaled_linear():
+    return VPDiscrete.from_diffusers("scaled_linear", 0.00085, 0.012)
+
+
+def _cosine():
+    return VPDiscrete.from_diffusers("squaredcos_cap_v2")
+
+
+def _zero_snr():
+    from diffsolve.integrations.diffusers.config import diffusers_schedule
+
+    return diffusers_schedule(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+        rescale_betas_zero_snr=True,
+    )  # fmt: skip

@@ -317,18 +317,20 @@ class ModelWrapper:
 
     def ignores_fractional_time(self, x: Tensor) -> bool:
         """Whether the network returns bit-identical outputs at two network times with the
-        same integer part (``k + 0.2`` and ``k + 0.7``), at three times along the schedule:
-        a time embedding that casts its input to an integer. Its forward-mode time
-        derivative is then zero, and the solvers' fractional times are truncated."""
+        same integer part (``k + 0.2`` and ``k + 0.7``) but not at the next integer
+        (``k + 1.2``), at three times along the schedule: a time embedding that casts its
+        input to an integer. Its forward-mode time derivative is then zero, and the
+        solvers' fractional times are truncated. (A network that ignores time altogether
+        is not flagged.)"""
         high, low = self.schedule.default_range
-        same = []
+        found = []
         with torch.inference_mode():
             for fraction in (0.25, 0.5, 0.75):
                 t = low + fraction * (high - low)
                 base = math.floor(float(self.time_input(torch.tensor(t, dtype=torch.float64))))
-                outs = [self._at_network_time(x, base + f) for f in (0.2, 0.7)]
-                same.append(bool(torch.equal(*outs)))
-        return all(same)
+                a, b, c = (self._at_network_time(x, base + f) for f in (0.2, 0.7, 1.2))
+                found.append(torch.equal(a, b) and not torch.equal(a, c))
+        return all(found)
 
     def _at_network_time(self, x: Tensor, network_time: float) -> Tensor:
         """The network's raw output at a time in its own units."""

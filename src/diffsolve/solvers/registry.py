@@ -34,6 +34,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
+import torch
 from torch import Tensor
 
 from diffsolve.ode import grids
@@ -43,6 +44,9 @@ from diffsolve.stats.ems import EMS, load_ems
 from diffsolve.stats.gaussian import GaussianModel, load_gaussian_stats
 
 SolverType = TypeVar("SolverType", bound=type[Solver])
+
+#: The grid a preset declares when it has none of its own: the schedule's rule decides.
+STANDARD_GRID = "time_quadratic"
 
 
 def _same(nfe: int) -> int:
@@ -68,7 +72,7 @@ class Preset:
     description: str
     options: Mapping[str, Any] | Callable[[int], Mapping[str, Any]] = field(default_factory=dict)
     steps: Callable[[int], int] = _same
-    grid: str | Callable[[int], str] = "time_quadratic"
+    grid: str | Callable[[int], str] = STANDARD_GRID
     lineup: bool = False
     lineup_grids: tuple[str, ...] = ()
     solver: type[Solver] | None = field(default=None, compare=False)
@@ -292,14 +296,47 @@ def setup_solver(
     return solver, nfe_grid(schedule, spec.steps(nfe), kind, t_start, t_end)
 
 
+#: Where the signal-to-noise ratio 1 (λ = 0) sits in a schedule's sampling range (0: the
+#: clean end, 1: the noisy end) below which steps are packed toward the clean end.
+SNR_ONE_SPLIT = 0.4
+
+
+def snr_one_position(schedule: NoiseSchedule) -> float:
+    """Where λ = 0 (SNR 1) sits in the schedule's sampling range, as a fraction from the
+    clean end: DDPM's linear and SD's scaled-linear betas 0.33-0.36 (a linear-β process
+    spends its noisy half of time at λ < -1), cosine and rectified flow 0.5."""
+    high, low = schedule.default_range
+    t = float(schedule.t_of_lambda(torch.tensor(0.0, dtype=torch.float64)))
+    return min(max((t - low) / (high - low), 0.0), 1.0)
+
+
+def schedule_grid_kind(schedule: NoiseSchedule, order: int = 2) -> str:
+    """The default grid of a schedule (for solvers without one of their own): a rule of
+    where its λ(t) sits, measured on exact oracles under every schedule family
+    (BENCHMARKS.md, "Defaults on every schedule"):
+
+    * a flow model with its own shift (diffusers' ``shift``): ``time_shifted`` with it;
+    * EDM / VE (time is σ, over orders of magnitude): ``karras`` (ρ = 7) for solvers of
+      ``order`` ≤ 2; its λ-steps grow toward the data, which third-order extrapolation
+      amplifies (1.2x diffusers' DPM-Solver++(3M) there), so ``logsnr`` from order 3;
+    * otherwise time-based: ``time_quadratic`` where SNR 1 sits in the clean 40% of the time
+      range (:func:`snr_one_position`: linear-β VP, zero terminal SNR), packing steps
+      where the data emerges; ``time_uniform`` where it sits mid-range (cosine, rectified
+      flow), as diffusers places them — there a quadratic grid was 1.3-1.5x worse."""
+    if isinstance(schedule, RectifiedFlow) and schedule.shift not in (None, 1.0):
+        return "time_shifted"
+    if schedule.kind == "edm":
+        return "karras" if order <= 2 else "logsnr"
+    return "time_quadratic" if snr_one_position(schedule) < SNR_ONE_SPLIT else "time_uniform"
+
+
 def default_grid_kind(spec: Preset, schedule: NoiseSchedule, nfe: int) -> str:
-    """The preset's grid, except on rectified-flow models: the model's own shift where its
-    schedule carries one (:func:`~diffsolve.ode.grids.time_shifted`: a diffusers flow model's
-    ``shift``), else :func:`~diffsolve.ode.grids.flow_shifted` for every solver (measured on
-    ``digits-flow``, BENCHMARKS.md §12)."""
-    if isinstance(schedule, RectifiedFlow):
-        return "flow_shifted" if schedule.shift is None else "time_shifted"
-    return spec.grid_kind(nfe)
+    """The preset's own grid where it declares one (Heun: Karras, as EDM's Algorithm 1),
+    except on rectified flow; otherwise the schedule's rule (:func:`schedule_grid_kind`)."""
+    own = spec.grid_kind(nfe)
+    if own != STANDARD_GRID and not isinstance(schedule, RectifiedFlow):
+        return own
+    return schedule_grid_kind(schedule, int(spec.options_for(nfe).get("order", 2)))
 
 
 def nfe_grid(

@@ -340,7 +340,6 @@ def compute_ems(
     """
     schedule, t_start, t_end = _check_model_and_range(model, t_start, t_end)
     k_total = _check_data(data, samples, grid_size)
-    _check_fractional_time(model, data, schedule, jvp, device)
     conditioning = _check_conditioning(model, data, conditioning)
     window = round(5 * grid_size / 1200) if window is None else int(window)
     rank, world = _dist_info()
@@ -378,6 +377,7 @@ def compute_ems(
         stride=k_total,
     )
     bandwidth = _bandwidth(bandwidth, run.grid.lambdas)  # checked before any evaluation
+    _check_fractional_time(model, data, schedule, jvp, device, conditioning)
     run.batch_size = _batch_size(run, batch_size, memory_budget, report)
     sums = _all_reduce(
         run.all_points(_Checkpoint(checkpoint, inputs, rank), progress and rank == 0)
@@ -473,14 +473,21 @@ def _make_jvp(
 
 
 def _check_fractional_time(
-    model: object, data: Tensor, schedule: NoiseSchedule, jvp: str, device: str
+    model: object,
+    data: Tensor,
+    schedule: NoiseSchedule,
+    jvp: str,
+    device: str,
+    conditioning: Mapping[str, Tensor],
 ) -> None:
     """Refuse a network that ignores fractional time (its forward-mode time derivative is
     zero: the statistics would be wrong without a word), unless its time derivative is taken
     across training steps (``jvp="step_difference"``)."""
-    probe = getattr(model, "ignores_fractional_time", None)
-    if probe is None or jvp == "step_difference":
+    if not hasattr(model, "ignores_fractional_time") or jvp == "step_difference":
         return
+    if conditioning:  # the first points under their own conditioning
+        model = model.with_kwargs(**{k: v[:4].to(device) for k, v in conditioning.items()})  # type: ignore[attr-defined]
+    probe = model.ignores_fractional_time  # type: ignore[attr-defined]
     t = float(schedule.t_of_lambda(torch.tensor(0.0)))
     x = data[:4].to(device=device, dtype=torch.float32)
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).to(device)
