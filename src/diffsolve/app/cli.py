@@ -1043,27 +1043,18 @@ def ems_command(
         data, labels, source = _command_data(
             model, data_source, data_samples, options["seed"], guidance_scale
         )
-        point_labels = _labels(labels_source, labels, data)
-        if guidance_scale != 1.0 and point_labels is None:
-            raise ValueError(
-                "--scale: guided statistics need each data point's label or prompt; give "
-                "--labels FILE, or --data digits / self (which come with theirs)"
-            )
+        point_labels = _labels(labels_source, labels, data, guidance_scale)
         if check:
             _quick_check(model, data, point_labels, source)
         conditioning = model.label_kwargs(point_labels)
         estimate = cost.project_cost(
             denoiser,
             data,
-            samples=options["samples"],
-            grid_size=options["grid_size"],
-            batch_size=options["batch_size"],
             device=device,
             conditioning=conditioning,
             processes=int(os.environ.get("WORLD_SIZE", "1")),
-            jvp=options["jvp"],
-            t_start=options["t_start"],
-            t_end=options["t_end"],
+            **{k: options[k] for k in ("samples", "grid_size", "batch_size", "jvp")},
+            **{k: options[k] for k in ("t_start", "t_end")},
         )
     with distributed() as dist:
         estimate = cost.agree(estimate)
@@ -1232,10 +1223,13 @@ def _out_path(out_path: str | None, name: str, force: bool) -> Path:
 
 
 def _labels(
-    source: str | None, data_labels: torch.Tensor | None, data: torch.Tensor
+    source: str | None,
+    data_labels: torch.Tensor | None,
+    data: torch.Tensor,
+    scale: float = 1.0,
 ) -> torch.Tensor | None:
     """``--labels``: a file, else the labels the data came with (the digits', or each own
-    sample's label or prompt)."""
+    sample's label or prompt); guided statistics (``--scale``) need them."""
     from diffsolve.app.model_data import load_array
 
     labels = data_labels
@@ -1245,6 +1239,11 @@ def _labels(
         labels = load_array(source, "--labels").long()
     if labels is not None and labels.shape[:1] != data.shape[:1]:
         raise ValueError(f"--labels: {labels.shape[0]} labels for {data.shape[0]} data points")
+    if scale != 1.0 and labels is None:
+        raise ValueError(
+            "--scale: guided statistics need each data point's label or prompt; give "
+            "--labels FILE, or --data digits / self (which come with theirs)"
+        )
     return labels
 
 

@@ -345,22 +345,14 @@ def compute_ems(
     rank, world = _dist_info()
     fingerprint = model_fingerprint(model)
     dtype = data.dtype if data.dtype in (torch.float32, torch.float64) else torch.float32
+    guidance = dict(guidance or NO_GUIDANCE)
     inputs = {
         "data": tensor_digest(data.to(dtype)),
-        "K": k_total,
-        "N": grid_size,
-        "seed": seed,
-        "t_start": t_start,
-        "t_end": t_end,
-        "window": window,
-        "l_window": l_window,
+        **{"K": k_total, "N": grid_size, "seed": seed, "t_start": t_start, "t_end": t_end},
+        **{"window": window, "l_window": l_window, "guidance": guidance},
         "conditioning": {key: tensor_digest(v) for key, v in sorted(conditioning.items())},
-        "model": fingerprint,
-        "guidance": dict(guidance or NO_GUIDANCE),
-        "schedule": schedule.fingerprint(),
-        "world": world,
-        "rank": rank,
-        "shape": list(data.shape[1:]),
+        **{"model": fingerprint, "schedule": schedule.fingerprint(), "world": world},
+        **{"rank": rank, "shape": list(data.shape[1:])},
         "data_order": "rotating",  # sample k at point j noises data[(k + j K) mod M]
     }
     report = _reporter(progress and rank == 0)
@@ -397,7 +389,7 @@ def compute_ems(
         bandwidth=bandwidth,
         model_name=model_name,
         derivative=run.jvp.path or "unknown: every point came from the checkpoint",
-        guidance=dict(guidance or NO_GUIDANCE),
+        guidance=guidance,
     )
     return EMS(run.grid.lambdas, l, s, b, meta)
 
