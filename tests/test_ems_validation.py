@@ -34,7 +34,7 @@ def test_good_statistics_pass_and_record_their_validation(tmp_path):
     entry = load_ems(out).metadata["validation"]
     assert entry["nfes"] == [5, 10] and entry["passed"] and entry["rival"] == "dpm-solver++-2m"
     assert all(r <= 1.0 for r in entry["ratios"])
-    assert entry["samples"] == 64 and entry["reference_steps"] == 100
+    assert entry["samples"] == 256 and entry["reference_steps"] == 100
 
 
 def test_statistics_that_lose_warn_when_made_and_when_loaded(tmp_path, monkeypatch):

@@ -36,7 +36,10 @@ __all__ = ["HELD_OUT_SEED", "REFERENCE_STEPS", "VALIDATION_NFES", "Validation", 
 
 VALIDATION_NFES = (5, 10)
 REFERENCE_STEPS = 100
-VALIDATION_SAMPLES = 64
+#: Held-out samples: 64 gave a 5-NFE ratio of 1.10 on seeds 1e6… and 0.89 on 2e6… for the
+#: digits demo (the RMSE at 5 NFE is decided by a few trajectories near a boundary between
+#: modes); 256 and 512 both gave 0.80.
+VALIDATION_SAMPLES = 256
 #: First seed of the held-out noise (the estimation's own samples use seeds from 0).
 HELD_OUT_SEED = 1_000_000
 RIVAL = "dpm-solver++-2m"
