@@ -141,9 +141,7 @@ class EDMPeer:
     def build(self) -> Any:
         import diffusers
 
-        return getattr(diffusers, self.scheduler)(
-            sigma_min=0.002, sigma_max=80.0, **self.options
-        )
+        return getattr(diffusers, self.scheduler)(sigma_min=0.002, sigma_max=80.0, **self.options)
 
     def run(self, model: TimedModel, x_start: torch.Tensor, nfe: int) -> tuple[Any, int, float]:
         scheduler = self.build()

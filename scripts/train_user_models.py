@@ -1,7 +1,7 @@
-"""Train two small "user" models, with conventions unlike the bundled demos, on the CPU.
+"""Train three small "user" models, with conventions unlike the bundled demos, on the CPU.
 
-    python scripts/train_user_models.py --model {cosine-unet,flow-reversed,all} [--steps N]
-        [--out DIR]
+    python scripts/train_user_models.py
+        --model {cosine-unet,cosine-eps-unet,flow-reversed,all} [--steps N] [--out DIR]
 
 They stand in for a model someone else trained, to test and benchmark loading a user's own
 model (``diffsolve sample --model ...``). Data: the "train" split (1400 images) of
@@ -17,6 +17,8 @@ demos do not have), in ``[-1, 1]``. Deterministic for a fixed ``--seed`` (one CP
   ``noisy = scheduler.add_noise(x0, eps, t)``, target ``scheduler.get_velocity(x0, eps, t)``,
   MSE, gradient clipping at 1, EMA with diffusers' warm-up ``min(0.999, (1+n)/(10+n))``.
   Check: 64 samples with ``DDIMScheduler`` (50 steps, eta = 0) in ``samples.png``.
+* ``cosine-eps-unet/``: the same as ``cosine-unet/`` (network, scheduler, training and
+  check) except ``prediction_type="epsilon"``: the target is the noise ``eps`` (MSE).
 * ``flow-reversed/``: rectified flow with time reversed against diffsolve's convention:
   ``s ~ U(0, 1)`` (uniform), ``s = 0`` noise, ``s = 1`` data,
   ``x_s = (1 - s) eps + s x0``; the network predicts ``v = dx_s/ds = x0 - eps`` (MSE).
@@ -63,6 +65,7 @@ SIZE = 16
 # per step at batch 128).
 DEFAULTS = {
     "cosine-unet": {"steps": 1250, "batch_size": 64},
+    "cosine-eps-unet": {"steps": 1250, "batch_size": 64},
     "flow-reversed": {"steps": 2100, "batch_size": 128},
 }
 
@@ -70,7 +73,7 @@ DEFAULTS = {
 def parse_args() -> argparse.Namespace:
     """Parse the command line."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, choices=["cosine-unet", "flow-reversed", "all"])
+    p.add_argument("--model", required=True, choices=[*MODELS, "all"])
     p.add_argument("--steps", type=int, default=None, help="training steps (model default)")
     p.add_argument("--out", type=Path, default=ROOT / "examples" / "models")
     p.add_argument("--batch-size", type=int, default=None, help="(model default)")
@@ -191,20 +194,25 @@ def save_grid(images: torch.Tensor, path: Path, rows: int = 8, upscale: int = 4)
 
 
 # --------------------------------------------------------------------------------------
-# cosine-unet: a diffusers DDPMPipeline, v-prediction, cosine betas, integer timesteps
+# cosine-unet / cosine-eps-unet: a diffusers DDPMPipeline, cosine betas, integer timesteps,
+# v-prediction / epsilon prediction
 
 
-def train_cosine_unet(args: argparse.Namespace) -> None:
-    """Train and save ``cosine-unet/`` (a DDPMPipeline folder) and its ``samples.png``."""
+def train_cosine_unet(args: argparse.Namespace, name: str, prediction_type: str) -> None:
+    """Train and save ``name/`` (a DDPMPipeline folder) and its ``samples.png``, with the
+    scheduler's ``prediction_type`` ``"v_prediction"`` (target ``get_velocity(x0, eps, t)``)
+    or ``"epsilon"`` (target ``eps``)."""
     import diffusers
 
+    if prediction_type not in ("v_prediction", "epsilon"):
+        raise ValueError(f"unsupported prediction_type {prediction_type!r}")
     torch.manual_seed(args.seed)
-    folder = args.out / "cosine-unet"
+    folder = args.out / name
     folder.mkdir(parents=True, exist_ok=True)
     scheduler = diffusers.DDPMScheduler(
         num_train_timesteps=1000,
         beta_schedule="squaredcos_cap_v2",
-        prediction_type="v_prediction",
+        prediction_type=prediction_type,
         clip_sample=True,
     )
     unet = diffusers.UNet2DModel(
@@ -223,13 +231,13 @@ def train_cosine_unet(args: argparse.Namespace) -> None:
         eps = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=gen)
         noisy = scheduler.add_noise(x0, eps, t)
-        target = scheduler.get_velocity(x0, eps, t)
+        target = eps if prediction_type == "epsilon" else scheduler.get_velocity(x0, eps, t)
         return nn.functional.mse_loss(model(noisy, t).sample, target)
 
-    defaults = DEFAULTS["cosine-unet"]
+    defaults = DEFAULTS[name]
     steps = args.steps or defaults["steps"]
     batch = args.batch_size or defaults["batch_size"]
-    ema_unet, _, _ = train("cosine-unet", unet, loss_fn, args, steps, batch)
+    ema_unet, _, _ = train(name, unet, loss_fn, args, steps, batch)
     ema_unet = ema_unet.eval()
 
     pipe = diffusers.DDPMPipeline(unet=ema_unet, scheduler=scheduler)
@@ -245,7 +253,7 @@ def train_cosine_unet(args: argparse.Namespace) -> None:
         for t in ddim.timesteps:
             out = ema_unet(x, t).sample
             x = ddim.step(out, t, x, eta=0.0).prev_sample
-    print(f"[cosine-unet] DDIM 50 steps x 64 samples: {time.time() - start:.0f}s")
+    print(f"[{name}] DDIM 50 steps x 64 samples: {time.time() - start:.0f}s")
     save_grid(x, folder / "samples.png")
 
 
@@ -334,18 +342,23 @@ def train_flow_reversed(args: argparse.Namespace) -> None:
         raise SystemExit(f"flow-reversed: load() disagrees with the raw network (RMSE {rmse})")
 
 
+# Each model's trainer, in the order ``--model all`` runs them.
+MODELS = {
+    "cosine-unet": lambda args: train_cosine_unet(args, "cosine-unet", "v_prediction"),
+    "cosine-eps-unet": lambda args: train_cosine_unet(args, "cosine-eps-unet", "epsilon"),
+    "flow-reversed": train_flow_reversed,
+}
+
+
 def main() -> None:
     """Train the requested model(s)."""
     args = parse_args()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    names = ["cosine-unet", "flow-reversed"] if args.model == "all" else [args.model]
+    names = list(MODELS) if args.model == "all" else [args.model]
     for name in names:
         start = time.time()
-        if name == "cosine-unet":
-            train_cosine_unet(args)
-        else:
-            train_flow_reversed(args)
+        MODELS[name](args)
         print(f"[{name}] total wall time (training + checks) {time.time() - start:.0f}s")
 
 
