@@ -12,13 +12,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-TWINS = {
-    "ddim": "diffusers:ddim",
-    "dpm-solver++-2m": "diffusers:dpm-2m",
-    "dpm-solver++-3m": "diffusers:dpm-3m",
-    "unipc-bh2-3": "diffusers:unipc-bh2",
-    "deis-3": "diffusers:deis",
-}
+from default_grid_study import TWINS
 
 
 def main() -> None:

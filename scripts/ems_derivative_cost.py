@@ -2,9 +2,11 @@
 
 Times one JVP batch (tangent in x and t, as the estimator's second JVP) per path against one
 plain forward pass of the same batch, interleaved (forward, path, forward, path, ...), median
-of the repeats, on the ``digits`` demo model (or a tiny attention UNet with ``unet``).
+of the repeats, on the ``digits`` demo model, a tiny attention UNet (``unet``) or any model
+``diffsolve --model`` takes (e.g. ``examples/models/cosine-unet``, diffusers' ``UNet2DModel``
+with attention blocks).
 
-    OMP_NUM_THREADS=1 python scripts/ems_derivative_cost.py [digits|unet] [batch] [repeats]
+    OMP_NUM_THREADS=1 python scripts/ems_derivative_cost.py [digits|unet|MODEL] [batch] [repeats]
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from diffsolve.stats.ems.derivatives import JVP, PATHS
 
 
 def model_and_input(name: str, batch: int):
-    if name == "digits":
+    if name != "unet":  # a demo or any --model (e.g. examples/models/cosine-unet)
         from diffsolve.app.loader import load_model
 
-        return load_model("digits").denoiser, torch.randn(batch, 1, 8, 8)
+        model = load_model(name)
+        return model.denoiser, torch.randn(batch, *model.data_shape)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     import tiny_pipelines as tiny
     from diffsolve.integrations.diffusers import denoiser_from_pipeline

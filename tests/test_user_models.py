@@ -38,6 +38,8 @@ from tiny_folders import (
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 TEXT = ["--height", "16", "--width", "16"]
+#: ``ems`` at its cheapest: K = 2 on a 9-point grid, per point (no smoothing to resolve).
+TINY_EMS = ["--samples", "2", "--grid", "8", "--bandwidth", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +70,7 @@ def test_every_command_on_every_source(models, source, tmp_path, monkeypatch):
     assert "convention" in out
     ems = tmp_path / "ems.safetensors"
     small = [
-        "--samples",
-        "2",
-        "--grid",
-        "8",
-        "--bandwidth",
-        "0",
+        *TINY_EMS,
         "--data-samples",
         "4",
         "--out",
@@ -167,7 +164,7 @@ def test_image_folders_and_guided_statistics(models, tmp_path):
         colour = (40 * i, 200 - 50 * i, 90)
         Image.new("RGB", (24 + i, 20), colour).save(images / f"{i}.png")
     (images / "notes.txt").write_text("not an image")
-    small = ["--samples", "2", "--grid", "8", "--bandwidth", "0", "--data", images, "--no-check"]
+    small = [*TINY_EMS, "--data", images, "--no-check"]
     for source in ("ddpm", "sd"):
         out = tmp_path / f"{source}.safetensors"
         run("ems", "--model", *models[source], *small, "--scale", "3" if source == "sd" else "1",
@@ -440,12 +437,7 @@ def test_a_clearly_wrong_declaration_is_refused_before_a_long_command(tmp_path):
     out = run(
         "ems",
         *model,
-        "--samples",
-        "2",
-        "--grid",
-        "8",
-        "--bandwidth",
-        "0",
+        *TINY_EMS,
         "--out",
         tmp_path / "e",
         code=2,
