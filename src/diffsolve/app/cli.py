@@ -974,7 +974,9 @@ CONFIRM_ABOVE_S = 3600.0
     "--jvp",
     default="auto",
     type=click.Choice(list(get_args(JVPMode))),
-    help="How the JVPs are taken (auto: the first path that works, reported).",
+    help="How the JVPs are taken (auto: the first path that works, reported; "
+    "step_difference: time derivatives across one training step, for a network whose time "
+    "embedding takes integer timesteps, which is refused otherwise).",
 )
 @click.option(
     "--checkpoint",
