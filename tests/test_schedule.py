@@ -105,3 +105,25 @@ def test_zero_terminal_snr_rescale_stays_monotone_for_every_beta_schedule(
     assert bool((ac[1:] < ac[:-1]).all()) and float(ac[-1]) > 0
     assert float(ac[-1]) <= 2.0**-24
     assert math.isfinite(float(schedule.lambda_(1.0)))
+
+
+def test_noise_prediction_on_cosine_betas_starts_where_lambda_is_minus_5_1():
+    """Cosine betas end at λ = -9.9, where x̂₀ = (x - σε̂)/α amplifies ε̂'s error 2·10⁴-fold:
+    a noise-predicting model samples from λ = -5.1 instead; other predictions, and betas
+    that end above it (DDPM's linear, λ = -5.06), keep t = 1."""
+    from diffsolve.ode.schedule import EPSILON_LAMBDA_MIN
+
+    cosine = VPDiscrete.from_diffusers("squaredcos_cap_v2")
+    clipped = cosine.for_prediction("epsilon")
+    assert clipped.t_max < 1.0
+    assert float(clipped.lambda_(clipped.t_max)) == pytest.approx(EPSILON_LAMBDA_MIN, abs=1e-6)
+    assert cosine.for_prediction("v_prediction") is cosine
+    assert clipped.for_prediction("epsilon") is clipped
+    linear = VPDiscrete.from_diffusers("linear")
+    assert linear.for_prediction("epsilon") is linear
+    # the start travels with the config, and the process is the same one
+    again = schedule_from_config(clipped.to_config())
+    assert again.t_max == pytest.approx(clipped.t_max)
+    assert torch.equal(again.alphas_cumprod, cosine.alphas_cumprod)
+    with pytest.raises(ValueError, match="t_max"):
+        VPDiscrete(cosine.alphas_cumprod, t_max=1.5)

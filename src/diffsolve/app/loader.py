@@ -356,6 +356,8 @@ def _load_folder(
         raise ConfigError(f"{folder / 'config.json'}: key 'schedule': {err}") from None
     if options.prediction is not None:
         config = {**config, "prediction": normalize_prediction(options.prediction)}
+    if isinstance(schedule, VPDiscrete):
+        schedule = schedule.for_prediction(normalize_prediction(config["prediction"]))
     # the fingerprint of the weights as stored, before a cast to half precision rounds them
     wrapper = ModelWrapper(
         network,

@@ -84,6 +84,7 @@ CONDITIONING_KEYS = (
 VP_ARRAYS = (
     Key("alphas_cumprod", "a list of numbers", _is_number_list),
     Key("betas", "a list of numbers", _is_number_list),
+    Key("t_max", "a number", _is_number),
 )
 
 

@@ -38,6 +38,9 @@ TimeLike = Tensor | Number | Sequence[Number]
 
 _F64 = torch.float64
 _MIN_TERMINAL_ALPHABAR = 2.0**-24
+#: The lowest λ a noise- or score-predicting discrete model samples from
+#: (:meth:`VPDiscrete.for_prediction`): just below DDPM's linear betas (λ = -5.06 at t = 1).
+EPSILON_LAMBDA_MIN = -5.1
 
 
 def _as_f64(t: TimeLike) -> Tensor:
@@ -176,11 +179,14 @@ class VPDiscrete(NoiseSchedule):
 
     Args:
         alphas_cumprod: :math:`\bar\alpha_i`, strictly decreasing in ``(0, 1]``.
+        t_max: Where sampling starts (default 1, the last training step): below it where
+            the last steps' :math:`\bar\alpha` are too small for the model's prediction
+            (:meth:`for_prediction`). Not part of the process (:meth:`same_process`).
     """
 
     kind = "vp_discrete"
 
-    def __init__(self, alphas_cumprod: Tensor | Sequence[float]) -> None:
+    def __init__(self, alphas_cumprod: Tensor | Sequence[float], t_max: float = 1.0) -> None:
         ac = _as_f64(alphas_cumprod).flatten().clone()
         if ac.numel() < 2:
             raise ValueError("alphas_cumprod: need at least 2 training steps")
@@ -195,15 +201,34 @@ class VPDiscrete(NoiseSchedule):
         n = self.num_train_timesteps
         self._knots_t = torch.cat([torch.zeros(1, dtype=_F64), torch.arange(1, n + 1) / n])
         self._knots_log_alpha = torch.cat([torch.zeros(1, dtype=_F64), 0.5 * torch.log(ac)])
-        self.t_range = (1.0, 1.0 / n)
+        if not 1.0 / n < t_max <= 1.0:
+            raise ValueError(f"VPDiscrete: t_max must lie in (1/N, 1], got {t_max!r}")
+        self.t_range = (float(t_max), 1.0 / n)
 
     @classmethod
-    def from_betas(cls, betas: Tensor | Sequence[float]) -> VPDiscrete:
+    def from_betas(cls, betas: Tensor | Sequence[float], t_max: float = 1.0) -> VPDiscrete:
         """Build from :math:`\\beta_i`: :math:`\\bar\\alpha_i = \\prod_{j \\le i}(1-\\beta_j)`."""
         b = _as_f64(betas).flatten()
         if (b <= 0).any() or (b >= 1).any():
             raise ValueError("betas: values must lie in (0, 1)")
-        return cls(torch.cumprod(1.0 - b, dim=0))
+        return cls(torch.cumprod(1.0 - b, dim=0), t_max)
+
+    def for_prediction(self, prediction: str) -> VPDiscrete:
+        r"""This schedule as a model predicting ``prediction`` samples it: noise and score
+        predictions give :math:`\hat x_0 = (x - \sigma\hat\epsilon)/\alpha`, which
+        amplifies the network's error by :math:`1/\alpha`; where the last training step's
+        λ lies below :data:`EPSILON_LAMBDA_MIN` (cosine betas: λ = -9.9, an amplification
+        of 2·10⁴) sampling starts where λ reaches it instead, as DPM-Solver clips its
+        continuous cosine schedule (DDPM's linear betas end at λ = -5.06 and keep t = 1)."""
+        if prediction not in ("epsilon", "score") or self.t_max < 1.0:
+            return self
+        if float(self.lambda_(1.0)) >= EPSILON_LAMBDA_MIN:
+            return self
+        start = float(self.t_of_lambda(torch.tensor(EPSILON_LAMBDA_MIN, dtype=_F64)))
+        clipped = VPDiscrete(self.alphas_cumprod, start)
+        if getattr(self, "_config", None) is not None:
+            clipped._config = {**self._config, "t_max": start}
+        return clipped
 
     @classmethod
     def from_diffusers(
@@ -212,6 +237,7 @@ class VPDiscrete(NoiseSchedule):
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
         num_train_timesteps: int = 1000,
+        t_max: float = 1.0,
     ) -> VPDiscrete:
         """The beta schedules of diffusers' ``DDPMScheduler`` family, computed in float64."""
         n = num_train_timesteps
@@ -232,7 +258,7 @@ class VPDiscrete(NoiseSchedule):
                 f"beta_schedule must be one of 'linear', 'scaled_linear', 'squaredcos_cap_v2'; "
                 f"got {beta_schedule!r}"
             )
-        schedule = cls.from_betas(betas)
+        schedule = cls.from_betas(betas, t_max)
         schedule._config = {
             "kind": cls.kind,
             "beta_schedule": beta_schedule,
@@ -240,6 +266,8 @@ class VPDiscrete(NoiseSchedule):
             "beta_end": beta_end,
             "num_train_timesteps": n,
         }
+        if t_max != 1.0:
+            schedule._config["t_max"] = t_max
         return schedule
 
     def log_alpha_sigma(self, t: TimeLike) -> tuple[Tensor, Tensor]:
@@ -272,7 +300,8 @@ class VPDiscrete(NoiseSchedule):
         config = getattr(self, "_config", None)
         if config is not None:
             return dict(config)
-        return {"kind": self.kind, "alphas_cumprod": self.alphas_cumprod.tolist()}
+        config = {"kind": self.kind, "alphas_cumprod": self.alphas_cumprod.tolist()}
+        return config if self.t_max == 1.0 else {**config, "t_max": self.t_max}
 
 
 class VPLinear(NoiseSchedule):
@@ -419,11 +448,12 @@ def schedule_from_config(config: dict[str, Any]) -> NoiseSchedule:
     if kind not in SCHEDULES:
         raise ValueError(f"schedule kind must be one of {sorted(SCHEDULES)}, got {kind!r}")
     if kind == VPDiscrete.kind:
+        t_max = float(config.pop("t_max", 1.0))
         if "alphas_cumprod" in config:
-            return VPDiscrete(config["alphas_cumprod"])
+            return VPDiscrete(config["alphas_cumprod"], t_max)
         if "betas" in config:
-            return VPDiscrete.from_betas(config["betas"])
-        return VPDiscrete.from_diffusers(**config)
+            return VPDiscrete.from_betas(config["betas"], t_max)
+        return VPDiscrete.from_diffusers(**config, t_max=t_max)
     try:
         return SCHEDULES[kind](**config)
     except TypeError as err:

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diffsolve.ode.schedule import NoiseSchedule, RectifiedFlow
+from diffsolve.ode.model import normalize_prediction
+from diffsolve.ode.schedule import NoiseSchedule, RectifiedFlow, VPDiscrete
 
 __all__ = [
     "ARCHITECTURES",
@@ -277,7 +278,9 @@ def scheduler_conventions(
     kept = {k: v for k, v in config.items() if k in SCHEDULE_KEYS | FLOW_MATCH_MARKS}
     adapter = adapter_cls.from_config(kept)
     schedule = adapter.schedule
-    predicted = prediction or str(adapter.config.prediction_type)
+    predicted = normalize_prediction(prediction or str(adapter.config.prediction_type))
+    if isinstance(schedule, VPDiscrete):
+        schedule = schedule.for_prediction(predicted)  # cosine betas + epsilon: from λ = -5.1
     if isinstance(schedule, RectifiedFlow):
         shift = float(config.get("shift", config.get("flow_shift", 1.0)))
         if config.get("use_dynamic_shifting"):
@@ -285,6 +288,4 @@ def scheduler_conventions(
                 raise ValueError("a dynamic-shifting flow config needs the image size")
             shift = flux_shift(config, image_seq_len)
         schedule = RectifiedFlow(shift=shift)  # clipped where λ is finite, as digits-flow
-    from diffsolve.ode.model import normalize_prediction
-
-    return Conventions(schedule, normalize_prediction(predicted))
+    return Conventions(schedule, predicted)
