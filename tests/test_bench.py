@@ -249,7 +249,7 @@ def test_same_grid_json_from_the_cli_on_digits_flow(tmp_path):
     assert section["contestant"] == "dpm-solver-v3"
     assert {r["solver"] for r in section["runs"]} == {DEGENERATE, *RIVALS}
     (ratio,) = section["ratios"]
-    assert ratio["grid"] == "time_uniform" and ratio["times"][-1] == 0  # the schedule's rule
+    assert ratio["grid"] == "time_shifted" and ratio["times"][-1] == 0  # its declared shift
     for key in ("same_grid_ratio", "degenerate_ratio", "diffusers_ratio", "median_ratio"):
         assert math.isfinite(ratio[key]) and ratio[key] > 0
     assert ratio["best_rival"] in RIVALS and ratio["best_diffusers"] == "diffusers:unipc-bh2"

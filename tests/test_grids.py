@@ -112,6 +112,7 @@ def test_time_shifted_is_flow_matchs_spacing(shift):
         ("zero terminal SNR", lambda: _zero_snr(), "time_quadratic"),
         ("cosine (discrete)", lambda: _cosine(), "time_uniform"),
         ("cosine (continuous)", lambda: _schedule("VPCosine"), "time_uniform"),
+        ("cosine, ε from λ -5.1", lambda: _cosine().for_prediction("epsilon"), "karras"),
         ("rectified flow", lambda: _schedule("RectifiedFlow"), "time_uniform"),
         ("flow, shift 3", lambda: _schedule("RectifiedFlow", shift=3.0), "time_shifted"),
         ("EDM", lambda: _schedule("EDM"), "karras"),

@@ -9,7 +9,7 @@ time range (default: the schedule's :attr:`~diffsolve.ode.schedule.NoiseSchedule
 * :func:`karras` — Karras et al.'s :math:`\rho`-spacing of the EDM noise level
   :math:`\sigma/\alpha`;
 * :func:`time_shifted` — uniform in ``t`` warped by SD3's time shift;
-  :func:`flow_shifted`, with the shift measured for rectified-flow models (their default);
+  :func:`flow_shifted`, with the shift measured on ``digits-flow`` (which declares it);
 * :func:`custom` — a user's list, validated.
 * :func:`align_your_steps` — the published Align Your Steps schedules (SD 1.5, SDXL, SVD).
 
@@ -140,19 +140,20 @@ def time_shifted(
     return _finish(schedule, unit * shift * u / (1 + (shift - 1) * u), t_start, t_end)
 
 
-#: The shift of :func:`flow_shifted`, rectified-flow models' default grid. Measured on
-#: ``digits-flow`` (BENCHMARKS.md §12): DPM-Solver-v3 on it beats diffusers' best scheduler
-#: at every NFE 5–20 on two disjoint seed sets, as no other shift in 0.5–3 or the time-uniform,
-#: time-quadratic and logSNR grids did. A fitted value: refit it for another model
-#: (``diffsolve bench --model M --solvers dpm-solver-v3@time_shifted``, or a tuned schedule).
+#: The shift of :func:`flow_shifted`, measured on ``digits-flow`` (BENCHMARKS.md §12):
+#: DPM-Solver-v3 on it beat diffusers' best scheduler at every NFE 5–20 on two disjoint seed
+#: sets. A fitted value, which ``digits-flow`` declares as its own ``shift``; a flow model
+#: without one defaults to time-uniform (BENCHMARKS.md §14: this shift was 1.2-2x worse on
+#: another flow model). Refit it for yours with
+#: ``diffsolve bench --model M --solvers dpm-solver-v3@time_shifted`` or a tuned schedule.
 FLOW_SHIFT = 0.7
 
 
 def flow_shifted(
     schedule: NoiseSchedule, steps: int, t_start: float | None = None, t_end: float | None = None
 ) -> Tensor:
-    """:func:`time_shifted` with :data:`FLOW_SHIFT`: the default grid of rectified-flow
-    models (slightly more steps near the data than time-uniform)."""
+    """:func:`time_shifted` with :data:`FLOW_SHIFT` (slightly more steps near the data
+    than time-uniform)."""
     return time_shifted(schedule, steps, t_start, t_end, shift=FLOW_SHIFT)
 
 

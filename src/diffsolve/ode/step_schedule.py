@@ -98,7 +98,7 @@ class StepSchedule:
     def check(self, schedule: NoiseSchedule, fingerprint: str | None = None) -> None:
         """Raise a one-line ``ValueError`` when this schedule was fitted to another noise
         schedule or (``fingerprint`` given and recorded) to another model."""
-        if schedule.to_config() != self.noise_schedule:
+        if _process(schedule.to_config()) != _process(self.noise_schedule):
             raise ValueError(
                 f"step schedule for {self.model or 'another model'} was fitted under the noise "
                 f"schedule {self.noise_schedule}, not this model's {schedule.to_config()}; "
@@ -115,3 +115,9 @@ class StepSchedule:
         """The grid as a validated float64 tensor, after :meth:`check`."""
         self.check(schedule, fingerprint)
         return validate_grid(schedule, self.times)
+
+
+def _process(config: dict[str, Any]) -> dict[str, Any]:
+    """A schedule config without a flow's sampling ``shift``: the shift places default
+    grids, not the process, and a fitted schedule lists its own times."""
+    return {k: v for k, v in config.items() if k != "shift"}
