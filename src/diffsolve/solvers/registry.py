@@ -321,7 +321,7 @@ def schedule_grid_kind(schedule: NoiseSchedule, order: int = 2) -> str:
       amplifies (1.2x diffusers' DPM-Solver++(3M) there), so ``logsnr`` from order 3;
     * a discrete schedule whose start was clipped for a noise-predicting model
       (:meth:`~diffsolve.ode.schedule.VPDiscrete.for_prediction`: cosine betas, from
-      λ = -5.1): the same as EDM. There :math:`\hat x_0 = (x - \sigma\hat\epsilon)/\alpha`
+      λ = -5.1): the same as EDM. There x̂₀ = (x − σε̂)/α
       amplifies the network's error up to 164-fold, which a time grid's first step
       (λ -5.1 → -2.5) integrates in one piece: 10-20x the error of a σ-spaced grid at
       10-20 NFE on a cosine ε-prediction UNet;
