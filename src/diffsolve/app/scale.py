@@ -526,7 +526,8 @@ class SeedSampler:
             x = noise_for_seeds(batch, self.model.data_shape, self.scale, self.device)
             denoiser = self.guidance.build(self.model, self.labels(batch))
             with torch.inference_mode():
-                y = sample(denoiser, x, self.solver, plan=self.plan).x
+                # a stochastic solver's fresh noise: per sample, from its seed (SeededNoise)
+                y = sample(denoiser, x, self.solver, plan=self.plan, noise=batch).x
             out.append(y.float().cpu())
             if on_batch is not None:
                 on_batch(len(batch))

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from diffsolve.ode.model import ModelWrapper
+from diffsolve.ode.noise import NoiseSource
 from diffsolve.ode.plan import Solver
 from diffsolve.ode.sampling import StepInfo, sample
 from diffsolve.ode.schedule import EDM, schedule_from_config
@@ -109,8 +110,10 @@ def sample_denoiser(
     solver: Solver | str | None = None,
     context: SolverContext | None = None,
     grad: bool = False,
+    noise_sampler: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> Tensor:
-    r"""Solve the probability-flow ODE of a k-diffusion denoiser with a diffsolve solver.
+    r"""Solve the probability-flow ODE (or, with a stochastic solver, the reverse SDE) of a
+    k-diffusion denoiser with a diffsolve solver.
 
     Args:
         model: ``model(x, sigma, **extra_args) -> x0`` with ``sigma`` of shape ``(B,)``.
@@ -126,6 +129,9 @@ def sample_denoiser(
             for diffsolve's EDM schedule).
         grad: Record autograd graphs (default: sample under ``no_grad``, as k-diffusion's
             samplers do).
+        noise_sampler: A stochastic solver's noise, k-diffusion's
+            ``noise_sampler(sigma, sigma_next)`` (default: ``torch.randn_like``, the global
+            generator, as k-diffusion).
 
     Returns:
         The sample at ``sigmas[-1]``, in ``x``'s dtype.
@@ -136,7 +142,21 @@ def sample_denoiser(
     denoiser = ModelWrapper(model, schedule, "x0", "sigma", model_kwargs=extra_args)
     step_callback = None if callback is None else _k_callback(callback, s)
     progress = disable is False
-    return sample(denoiser, x, method, s, callback=step_callback, progress=progress, grad=grad).x
+    noise = None if noise_sampler is None else _noise_source(noise_sampler, s)
+    return sample(
+        denoiser, x, method, s, callback=step_callback, progress=progress, grad=grad, noise=noise
+    ).x
+
+
+def _noise_source(
+    noise_sampler: Callable[[Tensor, Tensor], Tensor], sigmas: Tensor
+) -> NoiseSource:
+    """k-diffusion's ``noise_sampler(sigma, sigma_next)`` as a :class:`NoiseSource`."""
+
+    def source(step: int, like: Tensor, draw: int = 0) -> Tensor:
+        return noise_sampler(sigmas[step], sigmas[step + 1]).to(like.device, like.dtype)
+
+    return source
 
 
 def _k_callback(callback: KCallback, sigmas: Tensor) -> Callable[[StepInfo], None]:
@@ -152,8 +172,8 @@ def _k_callback(callback: KCallback, sigmas: Tensor) -> Callable[[StepInfo], Non
 
 def make_sampler(solver: Solver | str, context: SolverContext | None = None) -> KSampler:
     """A function with k-diffusion's sampler signature
-    ``(model, x, sigmas, extra_args=None, callback=None, disable=None)`` running ``solver``
-    (for tools that accept a k-diffusion sampler function)."""
+    ``(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None)``
+    running ``solver`` (for tools that accept a k-diffusion sampler function)."""
 
     def sampler(
         model: Callable[..., Tensor],
@@ -162,9 +182,18 @@ def make_sampler(solver: Solver | str, context: SolverContext | None = None) -> 
         extra_args: Mapping[str, Any] | None = None,
         callback: KCallback | None = None,
         disable: bool | None = None,
+        noise_sampler: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> Tensor:
         return sample_denoiser(
-            model, x, sigmas, extra_args, callback, disable, solver=solver, context=context
+            model,
+            x,
+            sigmas,
+            extra_args,
+            callback,
+            disable,
+            solver=solver,
+            context=context,
+            noise_sampler=noise_sampler,
         )
 
     name = solver if isinstance(solver, str) else type(solver).__name__

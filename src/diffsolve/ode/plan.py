@@ -19,6 +19,7 @@ from torch import Tensor
 
 from diffsolve.ode.grids import validate_grid
 from diffsolve.ode.model import Denoiser, Prediction
+from diffsolve.ode.noise import NoiseSource
 from diffsolve.ode.schedule import NoiseSchedule
 
 
@@ -38,6 +39,9 @@ class State:
         x_prev: The state before the last step: a corrector's base, BDIA's second memory.
         owns_x_prev: :attr:`x_prev` was made by the plan (a corrector's output, never handed
             out) and may be overwritten by the next corrector.
+        noise: Where a stochastic step draws its fresh noise (:mod:`diffsolve.ode.noise`;
+            set by :func:`diffsolve.sample`, carried from step to step); ``None``: torch's
+            global generator.
     """
 
     x: Tensor
@@ -48,6 +52,7 @@ class State:
     history: tuple[Any, ...] = ()
     x_prev: Tensor | None = None
     owns_x_prev: bool = False
+    noise: NoiseSource | None = None
 
     @property
     def denoised(self) -> Tensor | None:
@@ -98,6 +103,9 @@ class Solver(ABC):
     #: Constructor arguments taken from the model (e.g. ``"ems"``), which callers supply
     #: through :class:`diffsolve.solvers.registry.SolverContext`.
     needs: ClassVar[tuple[str, ...]] = ()
+    #: Whether the method draws fresh noise (an SDE sampler): its result depends on
+    #: :func:`diffsolve.sample`'s ``noise=`` as well as on ``x_start``.
+    stochastic: ClassVar[bool] = False
     order: int
 
     @property

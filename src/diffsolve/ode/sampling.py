@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from diffsolve.ode.model import Denoiser, Prediction
+from diffsolve.ode.noise import NoiseSource, as_noise_source
 from diffsolve.ode.plan import Plan, Solver, State
 from diffsolve.ode.schedule import NoiseSchedule
 
@@ -161,8 +162,10 @@ def sample(
     check_finite: bool = True,
     initial_state: State | None = None,
     grad: bool = False,
+    noise: NoiseSource | torch.Generator | Sequence[int] | None = None,
 ) -> SampleOutput:
-    """Integrate the probability-flow ODE from ``x_start`` along ``grid`` with ``solver``.
+    """Integrate the probability-flow ODE (or, with a stochastic solver, the reverse SDE)
+    from ``x_start`` along ``grid`` with ``solver``.
 
     Args:
         model: A :class:`~diffsolve.ode.model.Denoiser` (e.g. a
@@ -188,6 +191,10 @@ def sample(
             loop runs under ``torch.no_grad()``, as diffusers' pipelines and k-diffusion's
             samplers do, so a network's activations are not kept across steps; classifier
             guidance enables gradients locally where it needs them.
+        noise: Where a stochastic solver draws its fresh noise (:mod:`diffsolve.ode.noise`):
+            one seed per sample (each sample's noise then depends on its seed only), a
+            ``torch.Generator``, a :class:`~diffsolve.ode.noise.NoiseSource`, or ``None``
+            for torch's global generator. Deterministic solvers draw none.
 
     Returns:
         A :class:`SampleOutput` with the samples and the exact number of model evaluations.
@@ -209,6 +216,11 @@ def sample(
     reset = getattr(model, "reset", None)
     if callable(reset):  # stateful model wrappers (e.g. APG momentum) start every run afresh
         reset()
+    if noise is not None:
+        initial_state = replace(
+            initial_state or plan.init(x_start.to(state_dtype(x_start.dtype))),
+            noise=as_noise_source(noise),
+        )
     with contextlib.nullcontext() if grad else torch.no_grad():
         return _run(
             plan,

@@ -2,19 +2,24 @@ r"""The plan engine: every solver of diffsolve is data over these few records.
 
 Every update in diffsolve has the form
 
-.. math:: x_{new} = a \odot x_{base} + \sum_k w_k \odot D_k \;(+\, a_{prev}\, x_{prev} + c),
+.. math:: x_{new} = a \odot x_{base} + \sum_k w_k \odot D_k \;(+\, a_{prev}\, x_{prev} + c
+    + g\,z),
 
 an :class:`Update`: the coefficients are Python floats or per-dimension tensors (DPM-Solver-v3),
 and the :math:`D_k` are one *feature* of earlier model evaluations — the data prediction
 :math:`\hat x_0` (``"data"``), the noise prediction :math:`\hat\epsilon` (``"noise"``) or
-DPM-Solver-v3's :math:`f = -\hat x_0 + f_x \odot x` (``"f"``). A step record says when to
-evaluate the model and which updates to apply:
+DPM-Solver-v3's :math:`f = -\hat x_0 + f_x \odot x` (``"f"``); a stochastic sampler's update
+adds fresh noise :math:`g\,z`, :math:`z \sim \mathcal N(0, I)` from the state's
+:mod:`~diffsolve.ode.noise` source. A step record says when to evaluate the model and which
+updates to apply:
 
 * :class:`MultistepStep` — one evaluation, appended to the history; then an optional
   corrector recomputes the current point from the previous one with the new evaluation
   (UniC, v3's corrector; no extra evaluation), and the predictor gives the next point;
 * :class:`StageStep` — a single-step (Runge–Kutta-like) interval: stage ``j`` evaluates the
-  model, update ``j`` gives the next stage point; the last update gives the next point.
+  model, update ``j`` gives the next stage point; the last update gives the next point. An
+  optional ``start`` update first moves the step's base (EDM's churn: noise added, to a
+  noisier time).
 
 A :class:`StepPlan` is a tuple of such records on a grid. :func:`multistep_plan` and
 :func:`stage_plan` build one from a solver's per-step rule and give every step that ends at
@@ -37,6 +42,7 @@ from torch import Tensor
 
 from diffsolve.numerics.expint import ExpStep, Space
 from diffsolve.ode.model import Denoiser, Prediction
+from diffsolve.ode.noise import GeneratorNoise
 from diffsolve.ode.plan import Plan, State
 from diffsolve.ode.schedule import NoiseSchedule
 
@@ -72,7 +78,8 @@ def _to(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
 
 @dataclass(frozen=True, eq=False)
 class Update:
-    r""":math:`x_{new} = a \odot x_{base} + \sum_k w_k \odot D_k + a_{prev}\,x_{prev} + c`.
+    r""":math:`x_{new} = a \odot x_{base} + \sum_k w_k \odot D_k + a_{prev}\,x_{prev} + c
+    + g\,z`.
 
     Attributes:
         a: Coefficient of the base point.
@@ -82,6 +89,8 @@ class Update:
             history, newest first, or a step's stages, oldest first); default ``0, 1, …``.
         prev: Coefficient of the state before the last step (BDIA's two-step recurrence).
         c: A constant term (v3), or ``None``.
+        noise: :math:`g`, the standard deviation of the fresh Gaussian noise the update adds
+            (stochastic samplers; 0: none).
     """
 
     a: Coef
@@ -90,6 +99,7 @@ class Update:
     points: tuple[int, ...] = ()
     prev: float = 0.0
     c: Tensor | None = None
+    noise: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.points:
@@ -111,6 +121,7 @@ class Update:
             self.points,
             self.prev,
             _to(self.c, device, dtype),
+            self.noise,
         )
 
     def apply(
@@ -120,9 +131,11 @@ class Update:
         x_prev: Tensor | None = None,
         *,
         in_place: bool = False,
+        z: Tensor | None = None,
     ) -> Tensor:
         """Evaluate the combination on base point ``x`` (into ``x`` itself with
-        ``in_place``, which must then be a buffer nothing else reads)."""
+        ``in_place``, which must then be a buffer nothing else reads); ``z`` is the fresh
+        noise of a stochastic update (:attr:`noise` ≠ 0)."""
         if in_place:
             out: Tensor | None = self._base_in_place(x)
         elif isinstance(self.a, Tensor):
@@ -143,6 +156,10 @@ class Update:
             if x_prev is None:
                 raise RuntimeError("an update reads the previous state, but there is none")
             out = out.add_(x_prev, alpha=self.prev)
+        if self.noise != 0.0:
+            if z is None:
+                raise RuntimeError("a stochastic update needs its noise z")
+            out = out.add_(z, alpha=self.noise)
         return out
 
     def _base_in_place(self, x: Tensor) -> Tensor:
@@ -237,8 +254,9 @@ class MultistepStep:
         x, corrected = state.x, self.corrector is not None and state.x_prev is not None
         if corrected:  # into the previous corrector's output where that is the base
             x = self.corrector.apply(state.x_prev, history, in_place=state.owns_x_prev)  # type: ignore[union-attr]
+        z = draw_noise(self.predictor, state, x)
         return State(
-            x=self.predictor.apply(x, history, state.x_prev),
+            x=self.predictor.apply(x, history, state.x_prev, z=z),
             t=self.t_next,
             step=state.step + 1,
             latest=prediction,
@@ -246,6 +264,7 @@ class MultistepStep:
             history=history,
             x_prev=x,
             owns_x_prev=corrected,
+            noise=state.noise,
         )
 
 
@@ -254,15 +273,18 @@ class StageStep:
     """One interval of a single-step (Runge–Kutta-like) method.
 
     Stage ``j`` evaluates the model at time ``times[j]`` on the current stage point (the
-    step's start for ``j = 0``); then ``updates[j]`` — applied to the step's start ``x`` and
-    the stage evaluations so far, oldest first — gives the next stage point, and the last
-    update gives ``x_next``.
+    step's base for ``j = 0``); then ``updates[j]`` — applied to the base and the stage
+    evaluations so far, oldest first — gives the next stage point, and the last update gives
+    ``x_next``. The base is the step's start ``x``, or ``start.apply(x)`` where a ``start``
+    update is given (EDM's churn: :math:`x` moved to the noisier ``times[0]`` with fresh
+    noise).
     """
 
     t: float
     t_next: float
     times: tuple[float, ...]
     updates: tuple[Update, ...]
+    start: Update | None = None
 
     @property
     def evals(self) -> int:
@@ -272,23 +294,45 @@ class StageStep:
     def to(self, device: torch.device, dtype: torch.dtype) -> StageStep:
         """The step with its tensor coefficients on ``device`` in ``dtype``."""
         return StageStep(
-            self.t, self.t_next, self.times, tuple(u.to(device, dtype) for u in self.updates)
+            self.t,
+            self.t_next,
+            self.times,
+            tuple(u.to(device, dtype) for u in self.updates),
+            None if self.start is None else self.start.to(device, dtype),
         )
 
-    def run(self, model: Denoiser, x: Tensor) -> tuple[Tensor, list[Point]]:
-        """The stages from ``x``: the step's result and every stage evaluation."""
+    def run(
+        self, model: Denoiser, x: Tensor, state: State | None = None
+    ) -> tuple[Tensor, list[Point]]:
+        """The stages from ``x``: the step's result and every stage evaluation (``state``:
+        where stochastic updates draw their noise)."""
+        first = 0  # draws are numbered in order: the start's, then the stages'
+        if self.start is not None:
+            x = self.start.apply(x, (), z=draw_noise(self.start, state, x))
+            first = 1
         points: list[Point] = []
         y = x
-        for t_eval, update in zip(self.times, self.updates, strict=True):
+        for j, (t_eval, update) in enumerate(zip(self.times, self.updates, strict=True)):
             points.append(Point(model(y, t_eval)))
-            y = update.apply(x, points)
+            y = update.apply(x, points, z=draw_noise(update, state, x, first + j))
         return y, points
 
     def advance(self, model: Denoiser, state: State, memory: int, done: bool) -> State:
         """Take the step from ``state`` (single-step methods keep no history)."""
-        y, points = self.run(model, state.x)
+        y, points = self.run(model, state.x, state)
         latest = points[0].prediction
-        return State(x=y, t=self.t_next, step=state.step + 1, latest=latest, done=done)
+        return State(
+            x=y, t=self.t_next, step=state.step + 1, latest=latest, done=done, noise=state.noise
+        )
+
+
+def draw_noise(update: Update, state: State | None, like: Tensor, draw: int = 0) -> Tensor | None:
+    """The fresh noise of a stochastic ``update`` at ``state``'s step (``None`` for a
+    deterministic one): from the state's source, else torch's global generator."""
+    if update.noise == 0.0:
+        return None
+    source = GeneratorNoise() if state is None or state.noise is None else state.noise
+    return source(0 if state is None else state.step, like, draw)
 
 
 Step = MultistepStep | StageStep
@@ -323,6 +367,12 @@ class StepPlan(Plan[State]):
     @property
     def num_steps(self) -> int:
         return len(self.steps)
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether any update draws fresh noise."""
+        updates = [u for s in self.steps for u in (*s.updates, getattr(s, "start", None)) if u]
+        return any(u.noise != 0.0 for u in updates)
 
     @property
     def nfe(self) -> int:
@@ -489,6 +539,16 @@ def check_order(order: int, allowed: Sequence[int], solver: str) -> None:
     """Raise a clear error when ``order`` is not one a solver implements."""
     if not isinstance(order, int) or isinstance(order, bool) or order not in allowed:
         raise ValueError(f"{solver}: order must be one of {list(allowed)}, got {order!r}")
+
+
+def check_not_inverse(grid: Tensor, solver: str) -> None:
+    """Refuse an increasing (inversion) grid for a stochastic sampler, which integrates
+    toward data only."""
+    if grid.numel() > 1 and bool(grid[-1] > grid[0]):
+        raise ValueError(
+            f"{solver} is a stochastic sampler: it cannot invert (integrate toward noise); "
+            "invert with a deterministic solver (e.g. ddim)"
+        )
 
 
 def check_choice(value: object, allowed: Sequence[object], argument: str) -> None:

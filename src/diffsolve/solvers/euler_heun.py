@@ -28,24 +28,35 @@ from diffsolve.solvers.engine import (
 from diffsolve.solvers.registry import Preset, register
 
 
-def _euler_update(at: GridValues, i: int) -> Update:
-    """Euler step (Alg. 1 lines 4–5): :math:`d_i = (y_i - D_i)/\\rho_i,\\ y' = y_i +
-    (\\rho_{i+1} - \\rho_i) d_i`, written on :math:`x = \\alpha y`."""
-    a_i, a_n = at.alpha[i], at.alpha[i + 1]
-    rho_i, rho_n = at.sigma[i] / a_i, at.sigma[i + 1] / a_n
+def euler_update(a_i: float, rho_i: float, a_n: float, rho_n: float) -> Update:
+    """Euler step (Alg. 1 lines 4–5) from :math:`(\\alpha_i, \\rho_i)` to
+    :math:`(\\alpha_n, \\rho_n)`: :math:`d_i = (y_i - D_i)/\\rho_i,\\ y' = y_i +
+    (\\rho_n - \\rho_i) d_i`, written on :math:`x = \\alpha y`."""
     return Update(a_n / a_i * rho_n / rho_i, (a_n * (1.0 - rho_n / rho_i),), "data")
 
 
-def _heun_update(at: GridValues, i: int) -> Update:
-    """Heun step (Alg. 1 lines 6–8): :math:`y_{i+1} = y_i + \\tfrac{\\Delta}{2}(d_i + d')`,
-    :math:`d' = (y' - D')/\\rho_{i+1}`, :math:`\\Delta = \\rho_{i+1} - \\rho_i`, expanded into
-    weights on :math:`x_i`, :math:`D_i` and :math:`D' = D(y'; \\rho_{i+1})`."""
-    a_i, a_n = at.alpha[i], at.alpha[i + 1]
-    rho_i, rho_n = at.sigma[i] / a_i, at.sigma[i + 1] / a_n
+def heun_update(a_i: float, rho_i: float, a_n: float, rho_n: float) -> Update:
+    """Heun step (Alg. 1 lines 6–8): :math:`y_n = y_i + \\tfrac{\\Delta}{2}(d_i + d')`,
+    :math:`d' = (y' - D')/\\rho_n`, :math:`\\Delta = \\rho_n - \\rho_i`, expanded into
+    weights on :math:`x_i`, :math:`D_i` and :math:`D' = D(y'; \\rho_n)`."""
     delta = rho_n - rho_i
     w_d = -a_n * 0.5 * delta * (rho_n + delta) / (rho_i * rho_n)
     w_d_prime = -a_n * 0.5 * delta / rho_n
     return Update(a_n / a_i * rho_n / rho_i, (w_d, w_d_prime), "data")
+
+
+def edm_values(at: GridValues, i: int) -> tuple[float, float, float, float]:
+    """:math:`(\\alpha_i, \\rho_i, \\alpha_{i+1}, \\rho_{i+1})` of grid step ``i``."""
+    a_i, a_n = at.alpha[i], at.alpha[i + 1]
+    return a_i, at.sigma[i] / a_i, a_n, at.sigma[i + 1] / a_n
+
+
+def _euler_update(at: GridValues, i: int) -> Update:
+    return euler_update(*edm_values(at, i))
+
+
+def _heun_update(at: GridValues, i: int) -> Update:
+    return heun_update(*edm_values(at, i))
 
 
 @register

@@ -28,7 +28,7 @@ given NFE.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -36,6 +36,7 @@ from torch import Tensor
 
 from diffsolve.ode.grids import validate_grid
 from diffsolve.ode.model import Denoiser
+from diffsolve.ode.noise import NoiseSource
 from diffsolve.ode.plan import Plan, Solver, State
 from diffsolve.ode.schedule import NoiseSchedule
 from diffsolve.solvers.registry import (
@@ -155,7 +156,7 @@ class TeleportPlan(Plan[TeleportState]):
 
     def step(self, model: Denoiser, state: TeleportState) -> TeleportState:
         if not state.teleported:
-            return self._jump(state.x)
+            return self._jump(state.x, state.noise)
         assert state.inner is not None and self.inner is not None
         inner = self.inner.step(model, state.inner)
         return TeleportState(
@@ -166,9 +167,10 @@ class TeleportPlan(Plan[TeleportState]):
             done=inner.done,
             teleported=True,
             inner=inner,
+            noise=state.noise,
         )
 
-    def _jump(self, x: Tensor) -> TeleportState:
+    def _jump(self, x: Tensor, noise: NoiseSource | None = None) -> TeleportState:
         t_skip = self.t_skip
         x_skip = teleport(self.gaussian, x, self.t_start, t_skip, self.schedule)
         if t_skip > 0.0:  # the Gaussian's own x0 estimate there (free; for callbacks)
@@ -176,7 +178,7 @@ class TeleportPlan(Plan[TeleportState]):
             denoised = self.gaussian.denoise(x_skip, alpha, sigma)
         else:
             denoised = x_skip
-        inner = None if self.inner is None else self.inner.init(x_skip)
+        inner = None if self.inner is None else replace(self.inner.init(x_skip), noise=noise)
         return TeleportState(
             x=x_skip,
             t=t_skip,
@@ -185,6 +187,7 @@ class TeleportPlan(Plan[TeleportState]):
             done=inner is None,
             teleported=True,
             inner=inner,
+            noise=noise,
         )
 
 
