@@ -236,3 +236,25 @@ def test_the_cli_samples_with_a_stochastic_solver_per_seed(tmp_path):
     whole = run("0-7", "a")
     part = run("4-7", "b", "--batch-size", "2")
     np.testing.assert_allclose(part, whole[4:], atol=1e-5)
+
+
+def test_the_bench_measures_stochastic_samplers_by_fd(tmp_path):
+    """Stochastic contestants (ours and diffusers') get an FD to the reference ODE's samples
+    beside the FD to held-out data; deterministic ones do not."""
+    import json
+
+    from click.testing import CliRunner
+
+    from diffsolve.app.cli import main
+
+    out = tmp_path / "bench.json"
+    args = ["bench", "--model", "digits", "--nfe", "6", "--samples", "16", "--no-overhead"]
+    args += ["--reference-steps", "50", "--json", str(out), "--no-check"]
+    args += ["--solvers", "dpm-solver++-2m,dpm-solver++-2m-sde,diffusers:dpm-2m-sde"]
+    run = CliRunner().invoke(main, args)
+    assert run.exit_code == 0, run.output
+    assert "FD to the reference ODE's samples" in run.output
+    rows = {r["solver"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows["dpm-solver++-2m"]["fd_ode"] is None
+    for name in ("dpm-solver++-2m-sde", "diffusers:dpm-2m-sde"):
+        assert rows[name]["fd_ode"] > 0 and math.isfinite(rows[name]["fd"])

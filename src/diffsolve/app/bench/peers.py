@@ -9,6 +9,7 @@ schedule, prediction type, timestep spacing and flow shift); others' from the sc
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -108,11 +109,16 @@ class Peer:
         times = self.solver_times(scheduler, model.schedule)
         x = x_start * getattr(scheduler, "init_noise_sigma", 1.0)  # flow schedulers: none
         scale_input = getattr(scheduler, "scale_model_input", lambda x, _: x)
+        # a stochastic scheduler's noise: one generator for the batch, seeded by the first seed
+        seeds = getattr(model, "seeds", None) or [0]
+        options = {}
+        if "generator" in inspect.signature(scheduler.step).parameters:
+            options["generator"] = torch.Generator(x.device).manual_seed(seeds[0] + 1)
         start = time.perf_counter()
         for i, timestep in enumerate(scheduler.timesteps):
             model_input = scale_input(x, timestep)
             out = model.raw(model_input, times[i])
-            x = scheduler.step(out, timestep, x).prev_sample
+            x = scheduler.step(out, timestep, x, **options).prev_sample
         synchronize(x)
         return x, len(scheduler.timesteps), time.perf_counter() - start
 
@@ -168,6 +174,28 @@ def default_peers(
         ),
         Peer("diffusers:deis", "DEISMultistepScheduler", {"solver_order": order}),
     ]
+    return [replace(p, model_config=model_config) for p in peers]
+
+
+def stochastic_peers(
+    schedule: NoiseSchedule, conditional: bool, model_config: dict[str, Any] | None = None
+) -> list[Peer]:
+    """diffusers' stochastic schedulers (not in the default line-up; by name): DPM-Solver++
+    2M/3M SDE, SDE-DPM-Solver 2M, Euler ancestral (VP only in diffusers) and SA-Solver
+    (data prediction, τ = 1, its defaults), each stepped with one ``torch.Generator``."""
+    if model_config is None and not isinstance(schedule, (VPDiscrete, RectifiedFlow)):
+        return []
+    sde = {"algorithm_type": "sde-dpmsolver++"}
+    peers = [
+        Peer("diffusers:dpm-2m-sde", "DPMSolverMultistepScheduler", {**sde, "solver_order": 2},
+             twin="dpm-solver++-2m-sde"),
+        Peer("diffusers:dpm-3m-sde", "DPMSolverMultistepScheduler", {**sde, "solver_order": 3}),
+        Peer("diffusers:sde-dpm-2m", "DPMSolverMultistepScheduler",
+             {"algorithm_type": "sde-dpmsolver", "solver_order": 2}, twin="sde-dpm-solver-2m"),
+        Peer("diffusers:sa-solver", "SASolverScheduler"),
+    ]  # fmt: skip
+    if not isinstance(schedule, RectifiedFlow):
+        peers.append(Peer("diffusers:euler-ancestral", "EulerAncestralDiscreteScheduler"))
     return [replace(p, model_config=model_config) for p in peers]
 
 

@@ -40,6 +40,11 @@ def format_table(result: BenchResult) -> str:
     for metric, fmt in metrics:
         lines.append("")
         lines.append(_table(metric, fmt, nfes, by_solver, requested))
+    stochastic = {r.solver for r in result.results if r.fd_ode is not None}
+    if stochastic:
+        lines += ["", "stochastic samplers: FD to the reference ODE's samples (same seeds)"]
+        chosen = {k: v for k, v in requested.items() if k in stochastic}
+        lines.append(_table("fd_ode", "{:.3f}", nfes, by_solver, chosen))
     lines.append("(* spent one evaluation less than the budget: Heun at even NFE)")
     for section in result.same_grid:
         lines.append("")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
 
-from diffsolve.app.bench.peers import Peer, default_peers, null_overhead
+from diffsolve.app.bench.peers import Peer, default_peers, null_overhead, stochastic_peers
 from diffsolve.app.bench.timing import TimedModel, synchronize
 from diffsolve.app.loader import LoadedModel, LoadOptions
 from diffsolve.app.metrics import frechet_distance
@@ -40,6 +40,7 @@ class Row:
     rmse: float | None = None
     median: float | None = None
     fd: float | None = None
+    fd_ode: float | None = None
     seconds: float | None = None
     overhead_us: float | None = None
     failed: bool = False
@@ -102,6 +103,9 @@ class Contestant:
     name: str
     source: Literal["diffsolve", "diffusers"]
     run: Callable[[TimedModel, Tensor, int], tuple[Tensor, int, float]]
+    #: Draws fresh noise (an SDE sampler): also measured by its FD to the reference ODE's
+    #: samples, where per-sample RMSE does not apply.
+    stochastic: bool = False
 
 
 def _ours(name: str, context: SolverContext, grid_kind: str | None = None) -> Contestant:
@@ -110,7 +114,12 @@ def _ours(name: str, context: SolverContext, grid_kind: str | None = None) -> Co
         return run_solver(solver, grid, model, x)
 
     label = name if grid_kind is None else f"{name}@{grid_kind}"
-    return Contestant(label, "diffsolve", run)
+    return Contestant(label, "diffsolve", run, _is_stochastic(name))
+
+
+def _is_stochastic(name: str) -> bool:
+    solver = SOLVERS[name].solver
+    return bool(solver is not None and solver.stochastic)
 
 
 def _twin(peer: Peer, context: SolverContext) -> Contestant:
@@ -120,7 +129,7 @@ def _twin(peer: Peer, context: SolverContext) -> Contestant:
     def run(model: TimedModel, x: Tensor, nfe: int) -> tuple[Tensor, int, float]:
         return run_solver(twin.build(nfe, context), peer.grid(model.schedule, nfe), model, x)
 
-    return Contestant(f"{twin.name}@diffusers-grid", "diffsolve", run)
+    return Contestant(f"{twin.name}@diffusers-grid", "diffsolve", run, _is_stochastic(twin.name))
 
 
 def run_solver(
@@ -129,7 +138,8 @@ def run_solver(
     """Sample with ``solver`` on ``grid``; return ``(x, steps, loop seconds)``."""
     plan = solver.plan(model.schedule, grid)
     start = time.perf_counter()
-    out = sample(model, x, solver, plan=plan)
+    # a stochastic solver's noise: per sample, from the bench's seeds
+    out = sample(model, x, solver, plan=plan, noise=getattr(model, "seeds", None))
     synchronize(out.x)
     return out.x, plan.num_steps or out.nfe, time.perf_counter() - start
 
@@ -143,14 +153,16 @@ def contestants(
     DPM-Solver-v3 where the model ships EMS), every diffusers peer, and the twins. ``context``
     holds what solvers need from the model (default: every file the model folder ships)."""
     context = context or loaded.solver_context(loaded.available())
-    peers = {
-        p.name: p
-        for p in default_peers(loaded.schedule, bool(loaded.num_classes), loaded.scheduler_config)
-    }
+    found = (loaded.schedule, bool(loaded.num_classes), loaded.scheduler_config)
+    peers = {p.name: p for p in default_peers(*found)}
     twins = {p.twin: p for p in peers.values() if p.twin}
     if names is None:
         names = [*lineup(context.provides()), *peers, *(f"{t}@diffusers-grid" for t in twins)]
-    return [_contestant(name, peers, twins, context) for name in names]
+    extra = {p.name: p for p in stochastic_peers(*found)}
+    peers |= extra
+    twins |= {p.twin: p for p in extra.values() if p.twin}
+    made = [_contestant(name, peers, twins, context) for name in names]
+    return [replace(c, stochastic=c.stochastic or c.name in extra) for c in made]
 
 
 def _contestant(
@@ -217,6 +229,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
         labels = torch.tensor(seeds, device=config.device) % loaded.num_classes
         denoiser = loaded.conditional(labels)
     model = TimedModel(denoiser)
+    model.seeds = seeds
     test, train = _held_out(loaded, config.data)
     say = progress or (lambda message: None)
     if config.check:
@@ -298,6 +311,8 @@ def measure(
     row.rmse = rmse(out, reference)
     row.median = median_error(out, reference)
     row.fd = None if test is None else frechet_distance(out.float().cpu(), test)
+    if contestant.stochastic and test is not None:
+        row.fd_ode = frechet_distance(out.float().cpu(), reference.float().cpu())
     row.seconds = seconds / x.shape[0]
     row.overhead_us = 1e6 * max(seconds - model.seconds, 0.0) / max(steps, 1)
     if not math.isfinite(row.rmse):

@@ -29,6 +29,8 @@ class TimedModel:
         self.seconds = 0.0
         self.calls = 0
         self.prediction = model.prediction if isinstance(model, ModelWrapper) else "x0"
+        #: The samples' seeds, where a stochastic sampler draws its noise from them.
+        self.seeds: list[int] | None = None
 
     def reset(self) -> None:
         """Zero the counters before a run."""
