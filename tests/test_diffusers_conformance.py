@@ -21,7 +21,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from diffsolve import DPMSolverV3, GaussianModel, ModelWrapper, sample  # noqa: E402
+from diffsolve import DDIM, DPMSolverV3, GaussianModel, ModelWrapper, sample  # noqa: E402
 from diffsolve.app.loader import load_model  # noqa: E402
 from diffsolve.integrations.diffusers import scheduler_classes  # noqa: E402
 
@@ -395,6 +395,12 @@ VP_VARIANTS: dict[str, list[dict]] = {
         {"use_beta_sigmas": True},
         {"final_sigmas_type": "sigma_min"},
         {"lower_order_final": False, "final_sigmas_type": "sigma_min"},  # "zero": NaN there
+        # a repeated last sigma: UniC corrects the last step with the evaluation there
+        {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min"},
+        {"use_exponential_sigmas": True, "final_sigmas_type": "sigma_min"},
+        {"use_beta_sigmas": True, "final_sigmas_type": "sigma_min"},
+        {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min", "solver_type": "bh1"},
+        {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min", "predict_x0": False},
         {"timestep_spacing": "trailing"},
         {"prediction_type": "v_prediction"},
     ],
@@ -590,6 +596,117 @@ def test_dpm_solver_v3_equals_sample_on_its_grid_at_every_key():
         expected = sample(model, noise(), solver, scheduler.grid).x
         assert rel(loop(scheduler, vp_net(scheduler), noise()), expected) <= 1e-5
         passed("DPMSolverV3Scheduler", f"= sample() [{', '.join(options) or 'defaults'}]")
+
+
+# ---------------------------------------------------------------------------------------
+# Where a step is: the timestep it is called with
+def off_list_timestep(scheduler) -> float:
+    """A timestep halfway between the loop's second and third (more than 1% from both)."""
+    ts = scheduler.timesteps.double()
+    return float((ts[1] + ts[2]) / 2)
+
+
+@pytest.mark.parametrize("name", [n for n in ADAPTERS if n != "DiffsolveDDIMScheduler"])
+def test_an_unknown_first_timestep_is_the_last_step(name):
+    """As in diffusers' multistep schedulers: a loop's first step at a timestep that is not
+    in ``timesteps`` is its last step (= ``set_begin_index(n - 1)``), equal to the sibling
+    called the same way."""
+    steps = 6
+    ours, again = make(name), make(name)
+    for scheduler in (ours, again):
+        scheduler.set_timesteps(steps)
+    t, x = off_list_timestep(ours), noise()
+    out = vp_net(ours)(x, ours.timesteps[-1])
+    first = ours.step(out, t, x).prev_sample
+    assert ours.step_index == steps
+    again.set_begin_index(steps - 1)
+    assert torch.equal(first, again.step(out, again.timesteps[-1], x).prev_sample)
+    if name != "DPMSolverV3Scheduler":
+        theirs = SIBLING[name]()
+        theirs.set_timesteps(steps)
+        assert rel(first, theirs.step(out, t, x).prev_sample) <= 1e-5
+    passed(name, "unknown first timestep = last step")
+
+
+def test_ddim_steps_from_any_timestep():
+    """As diffusers' DDIM, which is stateless: listed timesteps in any order step to the next
+    one (equal to DDIMScheduler, whose ``N // n`` step is that one with its default spacing);
+    any other timestep steps from its own time to the first grid point below (equal to
+    ``sample()`` with DDIM on those two points)."""
+    ours, theirs = make("DiffsolveDDIMScheduler"), diffusers.DDIMScheduler()
+    for scheduler in (ours, theirs):
+        scheduler.set_timesteps(10)
+    x = noise()
+    for k in (3, 1, 7, 7, 9):
+        t = ours.timesteps[k]
+        out = vp_net(ours)(x, t)
+        assert rel(ours.step(out, t, x).prev_sample, theirs.step(out, t, x).prev_sample) <= 1e-5
+        assert ours.step_index == k + 1
+    plain = make("DiffsolveDDIMScheduler", clip_sample=False)
+    plain.set_timesteps(10)  # timesteps 900, 800, ..., 0
+    out = vp_net(plain)(x, 455)
+    y = plain.step(out, 455, x).prev_sample
+    assert plain.step_index == 5 and int(plain.timesteps[5]) == 400
+    model = ModelWrapper(vp_net(plain), plain.schedule, "epsilon", "timestep")
+    two_points = torch.tensor([456, 401], dtype=torch.float64) / 1000
+    assert rel(y, sample(model, x, DDIM(), two_points).x) <= 1e-5
+    with pytest.raises(ValueError, match="outside the schedule"):
+        plain.step(out, 1500, x)
+    passed("DiffsolveDDIMScheduler", "step from any timestep (stateless)")
+
+
+@pytest.mark.parametrize(
+    "name", ["DiffsolveDPMSolverPPScheduler", "DiffsolveUniPCScheduler", "DiffsolveDEISScheduler"]
+)
+def test_a_repeated_first_timestep_starts_the_loop(name):
+    """Cosine betas with Karras sigmas repeat the first timestep (``[998, 998, 998, …]``):
+    a loop over ``timesteps`` runs in order, equal to the sibling told
+    ``set_begin_index(0)`` (without it diffusers' own schedulers skip a step and fail at the
+    end)."""
+    options = {"beta_schedule": "squaredcos_cap_v2", "use_karras_sigmas": True}
+    theirs = SIBLING[name](**options)
+    ours = swap(name, theirs.config)
+    for scheduler in (ours, theirs):
+        scheduler.set_timesteps(10)
+    assert int(ours.timesteps[0]) == int(ours.timesteps[1])
+    theirs.set_begin_index(0)
+    net = vp_net(theirs)
+    assert rel(loop(ours, net, noise()), loop(theirs, net, noise())) <= 1e-5
+    passed(name, "repeated first timestep")
+
+
+def test_ddim_get_variance_equals_diffusers():
+    ours, theirs = make("DiffsolveDDIMScheduler"), diffusers.DDIMScheduler()
+    for t, prev in ((0, 0), (420, 400), (980, 960), (999, 998), (10, -90)):
+        assert torch.allclose(ours._get_variance(t, prev), theirs._get_variance(t, prev))
+    passed("DiffsolveDDIMScheduler", "_get_variance")
+
+
+@pytest.mark.parametrize("steps", [10, 25])
+@pytest.mark.parametrize(
+    "options", [{}, {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min"}]
+)
+def test_unipc_solver_p_predicts_and_unic_corrects(options, steps):
+    """UniPC's ``solver_p`` (a diffusers scheduler predicting in UniP's place; UniC still
+    corrects) is honoured by the constructor and ``from_config``: equal to diffusers."""
+    theirs = diffusers.UniPCMultistepScheduler(
+        solver_p=diffusers.DPMSolverMultistepScheduler(), **options
+    )
+    ours = swap(
+        "DiffsolveUniPCScheduler", theirs.config, solver_p=diffusers.DPMSolverMultistepScheduler()
+    )
+    direct = make(
+        "DiffsolveUniPCScheduler", solver_p=diffusers.DPMSolverMultistepScheduler(), **options
+    )
+    net = vp_net(theirs)
+    for scheduler in (theirs, ours, direct):
+        scheduler.set_timesteps(steps)
+    expected = loop(theirs, net, noise())
+    assert rel(loop(ours, net, noise()), expected) <= 1e-5
+    assert rel(loop(direct, net, noise()), expected) <= 1e-5
+    with pytest.raises(ValueError, match="solver_p must be a diffusers scheduler"):
+        make("DiffsolveUniPCScheduler", solver_p="dpmsolver++")
+    passed("DiffsolveUniPCScheduler", f"= UniPCMultistep [solver_p, {', '.join(options)}]")
 
 
 # ---------------------------------------------------------------------------------------

@@ -193,8 +193,14 @@ def test_steps_follow_the_counter_and_errors_are_clear():
         scheduler.set_timesteps(5, timesteps=[999, 500])
     scheduler.set_timesteps(4)
     t0, t1, t2 = scheduler.timesteps[:3]
-    with pytest.raises(ValueError, match="is not one of this loop's timesteps"):
-        scheduler.step(vp_eps(x, 998), 998, x)
+    # a first timestep that is not in the loop is its last step, as in diffusers' multistep
+    # schedulers
+    last = scheduler.step(vp_eps(x, 620), 620, x).prev_sample
+    assert scheduler.step_index == 4
+    scheduler.set_timesteps(4)
+    scheduler.set_begin_index(3)
+    assert torch.equal(last, scheduler.step(vp_eps(x, 620), scheduler.timesteps[3], x)[0])
+    scheduler.set_timesteps(4)
     scheduler.step(vp_eps(x, t0), t0, x)
     with pytest.raises(ValueError, match=f"expected timestep {int(t1)}"):
         scheduler.step(vp_eps(x, t2), t2, x)

@@ -13,6 +13,7 @@ Every key an adapter takes is **honoured** or **refused** with a ``ValueError`` 
   a grid key that scheduler does not have must keep its default;
 * *output keys* (``thresholding``, ``dynamic_thresholding_ratio``, ``sample_max_value``,
   ``clip_sample``, ``clip_sample_range``) act on :math:`\hat x_0` as the sibling does;
+* *step keys* (:data:`STEP_KEYS`: UniPC's ``solver_p``) act on the step as the sibling's do;
 * *solver keys* (``solver_order``, ``solver_type``, ``algorithm_type``, …) become the solver's
   options through its :class:`~diffsolve.solvers.registry.DiffusersMapping`.
 
@@ -94,6 +95,9 @@ OUTPUT_KEYS = frozenset(
         "clip_sample_range",
     }
 )
+#: Keys the adapter applies at each step itself: UniPC's ``solver_p`` (a diffusers scheduler
+#: that predicts in UniP's place; UniC still corrects).
+STEP_KEYS = frozenset({"solver_p"})
 #: Values refused, with the reason.
 REFUSED: dict[str, dict[Any, str]] = {
     "algorithm_type": {
@@ -136,7 +140,8 @@ def adapter_keys(mapping: DiffusersMapping, needs: Sequence[str]) -> dict[str, A
     where the mapping names algorithms, the solver's keys, ``<need>_path`` per statistic
     the solver needs, and diffsolve's ``grid`` and ``timestep_source``."""
     sibling = init_defaults(sibling_class(mapping.sibling))
-    keys = {k: v for k, v in sibling.items() if k in SCHEDULE_KEYS | GRID_KEYS | OUTPUT_KEYS}
+    ours = SCHEDULE_KEYS | GRID_KEYS | OUTPUT_KEYS | STEP_KEYS
+    keys = {k: v for k, v in sibling.items() if k in ours}
     for k, v in init_defaults(sibling_class(FLOW_MATCH)).items():
         keys.setdefault(k, v)
     keys.setdefault("prediction_type", "epsilon")

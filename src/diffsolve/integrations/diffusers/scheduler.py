@@ -9,7 +9,7 @@ import math
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -25,6 +25,7 @@ from diffusers.schedulers.scheduling_utils import (
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
+from diffsolve.integrations.diffusers import position
 from diffsolve.integrations.diffusers.config import (
     FLOW_MATCH,
     SIBLINGS,
@@ -112,6 +113,32 @@ def _check_decreasing(**custom: Sequence[float] | Tensor | None) -> None:
             )
 
 
+def _fit(solver: Solver, steps: int, trailing: int) -> Solver:
+    """The solver for a plan of ``steps`` steps: its order at most ``steps`` (a loop started
+    near its end: img2img, an unknown first timestep), and, before a repeated last point, its
+    last step corrected with the evaluation there where it can (``final_corrector``)."""
+    names = {f.name for f in fields(solver)} if is_dataclass(solver) else set()
+    changes: dict[str, Any] = {}
+    if "order" in names and solver.order > steps:
+        changes["order"] = steps
+    if trailing and "final_corrector" in names and getattr(solver, "corrector", True):
+        changes["final_corrector"] = True
+    return replace(solver, **changes) if changes else solver  # type: ignore[type-var]
+
+
+def _predictor(solver_p: Any) -> Any:
+    """UniPC's ``solver_p``: a diffusers scheduler that takes UniP's place as the predictor
+    (UniC still corrects), or ``None``."""
+    if solver_p is not None and not all(
+        callable(getattr(solver_p, name, None)) for name in ("set_timesteps", "step")
+    ):
+        raise ValueError(
+            f"solver_p must be a diffusers scheduler (with set_timesteps and step) or None, "
+            f"got {type(solver_p).__name__}"
+        )
+    return solver_p
+
+
 def _no_network(*args: Any, **kwargs: Any) -> Tensor:
     raise RuntimeError("the scheduler adapter never calls a network")
 
@@ -177,6 +204,7 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
             _no_network, self.schedule, normalize_prediction(c.prediction_type)
         )
         self._clipping = Clipping.from_config(c)
+        self._solver_p = _predictor(c.get("solver_p"))
         self._solver_cls = self._algorithm()
         self._needs = {need: self._load_need(need) for need in self._solver_cls.needs}
         self._reset()
@@ -262,6 +290,9 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         self._start = 0
         self._index: int | None = None
         self._begin_index: int | None = None
+        #: Zero-length steps (a repeated grid point) the plan leaves out: they return their
+        #: sample.
+        self._skipped: frozenset[int] = frozenset()
 
     def build_solver(self, num_steps: int, trailing: int = 0) -> Solver:
         """The solver for a loop of ``num_steps`` steps: the config's options, the order
@@ -316,20 +347,14 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
     def index_for_timestep(
         self, timestep: float | Tensor, schedule_timesteps: Tensor | None = None
     ) -> int:
-        """Index of ``timestep`` in :attr:`timesteps` (the second match when it repeats, as
-        diffusers does, so that an img2img start never skips a step)."""
+        """Index of ``timestep`` in :attr:`timesteps`, as diffusers' multistep schedulers find
+        it: the second match when it repeats (so that an img2img start never skips a step),
+        the last index when it is not there."""
         schedule = self.timesteps if schedule_timesteps is None else schedule_timesteps
-        value = torch.as_tensor(timestep).detach().flatten()[0].to("cpu", schedule.dtype)
-        matches = (schedule.cpu() == value).nonzero().flatten()
-        if matches.numel() == 0:
-            near = torch.isclose(schedule.cpu().double(), value.double(), rtol=1e-4, atol=1e-3)
-            matches = near.nonzero().flatten()
-        if matches.numel() == 0:
-            raise ValueError(
-                f"timestep {value.item():g} is not one of this loop's timesteps "
-                f"{schedule.tolist()}; call set_timesteps() and pass one of them"
-            )
-        return int(matches[1 if matches.numel() > 1 else 0])
+        found = position.matches(schedule, timestep, rtol=1e-4, atol=1e-3)
+        if not found:
+            return len(schedule) - 1
+        return found[1 if len(found) > 1 else 0]
 
     # ---- timesteps ---------------------------------------------------------------------
     def set_timesteps(
@@ -364,6 +389,8 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = steps.timesteps.to(device)
         self.sigmas = steps.sigmas.to(device)
         self.num_inference_steps = len(steps.timesteps)
+        if self._solver_p is not None:  # as diffusers' UniPC sets its solver_p's steps
+            self._solver_p.set_timesteps(self.num_inference_steps, device=device)
 
     def _make_steps(
         self,
@@ -420,22 +447,32 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
 
     def _build(self, start: int) -> None:
         """The plan from pipeline step ``start`` on. A timestep the sibling repeats (DPM-Solver's
-        ``linspace`` placement at 1000 steps) is a zero-length step: it is left out of the
-        plan, and :meth:`step` returns its sample unchanged."""
+        ``linspace`` placement at 1000 steps, a repeated last sigma) is a zero-length step: it
+        is left out of the plan, and :meth:`step` returns its sample unchanged — except at a
+        repeated last point, where a solver that can correct its last step with one more
+        evaluation (UniPC's ``final_corrector``) does so with the evaluation there, as
+        diffusers' UniPC applies its corrector there."""
         assert self._steps is not None
         grid = self._steps.grid[start:]
-        moving = torch.cat([grid[:1], grid[1:][grid[1:] != grid[:-1]]])
-        trailing = int(grid.numel() > 1 and bool(grid[-1] == grid[-2]))
-        solver = self.build_solver(len(self._steps.timesteps), trailing)
-        plan = solver.plan(self.schedule, moving)
-        if plan.num_steps is None or plan.nfe != plan.num_steps:
-            raise ValueError(
-                f"{type(self).__name__}: the solver must take one model evaluation per step "
-                f"(a multistep method) to run as a diffusers scheduler; its plan "
-                f"{type(plan).__name__} takes {plan.nfe} for {plan.num_steps} steps"
-            )
+        same = grid[1:] == grid[:-1]
+        moving = torch.cat([grid[:1], grid[1:][~same]])
+        zero = [start + int(j) for j in same.nonzero().flatten()]
+        trailing = int(grid.numel() > 1 and bool(same[-1]))
+        plan = None
+        if moving.numel() > 1:  # else every step left is zero-length
+            solver = self.build_solver(len(self._steps.timesteps), trailing)
+            solver = _fit(solver, moving.numel() - 1, trailing)
+            plan = solver.plan(self.schedule, moving)
+            if plan.num_steps is None or plan.nfe != plan.num_steps:
+                raise ValueError(
+                    f"{type(self).__name__}: the solver must take one model evaluation per "
+                    f"step (a multistep method) to run as a diffusers scheduler; its plan "
+                    f"{type(plan).__name__} takes {plan.nfe} for {plan.num_steps} steps"
+                )
+            if getattr(solver, "final_corrector", False):
+                zero = zero[:-1]
         self._plan, self._state, self._last_output, self._start = plan, None, None, start
-        self._index = None
+        self._index, self._skipped = None, frozenset(zero)
 
     @property
     def grid(self) -> Tensor | None:
@@ -477,7 +514,10 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
                 channels when ``variance_type`` is ``learned``/``learned_range``).
             timestep: The timestep the network was called with. The first step of a loop
                 without :meth:`set_begin_index` starts where this timestep is (img2img, as
-                diffusers); later ones must follow :attr:`timesteps`.
+                diffusers; a timestep not in :attr:`timesteps` is the last step, as in
+                diffusers' multistep schedulers); later ones must follow :attr:`timesteps`.
+                DDIM adapters step from any timestep, as diffusers' DDIM: from its grid
+                point to the next (a listed one), or to the first grid point below it.
             sample: The current sample. When it is the tensor the previous step returned,
                 the scheduler continues from its own float32 copy.
             eta: DDIM's stochasticity (DDIM adapters; 0 elsewhere).
@@ -491,20 +531,27 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         """
         self._check_step_options(eta, use_clipped_model_output)
         i, state = self._current_state(timestep, sample)
-        assert self._plan is not None and self._steps is not None
-        t = float(self._steps.grid[i])
+        s, t_next = self._interval(i, state)
         output = self._model_output(model_output, sample).to(state.x.dtype)
-        raw = Prediction(state.x, output, self._wrapper.conversion(t), t)
+        raw = Prediction(state.x, output, self._wrapper.conversion(s), s)
         used = self._clipping.apply(raw)
-        if float(self._steps.grid[i + 1]) != t:
-            with contextlib.nullcontext() if self.differentiable else torch.no_grad():
+        with contextlib.nullcontext() if self.differentiable else torch.no_grad():
+            base = state.x
+            if i is not None and i not in self._skipped:
+                assert self._plan is not None
                 state = self._plan.step(_ReplayModel(self.schedule, used), state)
+                base = state.x_prev if state.x_prev is not None else base
+            if self.mapping.sibling == "DDIMScheduler":
+                noise = self._ddim_noise(eta, model_output, generator, variance_noise)
                 mixed = self._clipping.active and not use_clipped_model_output
-                if eta or (mixed and self.mapping.sibling == "DDIMScheduler"):
-                    noise = self._ddim_noise(eta, model_output, generator, variance_noise)
-                    eps = raw.eps if mixed else used.eps
-                    state = replace(state, x=self._ddim(used.x0, eps, i, eta, noise))
-        self._state, self._index = state, i + 1
+                state = self._ddim_update(
+                    state, i is None, raw, used, (s, t_next), eta, mixed, noise
+                )
+            if self._solver_p is not None:  # UniPC's solver_p: it predicts, UniC corrects
+                prev = self._solver_p.step(model_output, timestep, base.clone()).prev_sample
+                state = replace(state, x=prev.to(state.x.dtype))
+        self._index = i + 1 if i is not None else position.ddim_target(self._steps.grid, s)
+        self._state = state if i is not None else None
         prev = state.x.to(sample.dtype)
         self._last_output = prev
         if not return_dict:
@@ -528,11 +575,14 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
                 "use_clipped_model_output applies to DDIM's step (DiffsolveDDIMScheduler)"
             )
 
-    def _current_state(self, timestep: float | Tensor, sample: Tensor) -> tuple[int, State]:
+    def _current_state(self, timestep: float | Tensor, sample: Tensor) -> tuple[int | None, State]:
         """This step's index into :attr:`timesteps` and the state it starts from (the first
-        step finds its index from ``timestep`` when no begin index was set)."""
-        if self._plan is None:
+        step finds its index from ``timestep`` when no begin index was set; ``None``: a DDIM
+        step from a timestep off the grid)."""
+        if self._steps is None:
             raise ValueError(f"{type(self).__name__}.step: call set_timesteps() before step()")
+        if self.mapping.sibling == "DDIMScheduler":
+            return self._ddim_state(timestep, sample)
         if self._index == len(self.timesteps):
             raise ValueError(
                 f"{type(self).__name__}.step: all {len(self.timesteps)} steps are done; call "
@@ -540,25 +590,86 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
             )
         state, i = self._state, self._index
         if i is None:
+            i, known = self._start, True
             if self._begin_index is None:
-                start = self.index_for_timestep(timestep)
-                if start != self._start:
-                    self._build(start)
-            state, i = self._plan.init(sample.to(state_dtype(sample.dtype))), self._start
+                i, known = position.first_index(self.timesteps, timestep)
+                if i != self._start:
+                    self._build(i)
+            state = self._init_state(sample)
+            if not known:  # diffusers' multistep schedulers: the last step
+                return i, state
         elif sample is not self._last_output:  # the pipeline changed the sample (e.g. masks)
-            state = replace(state, x=sample.to(state.x.dtype))  # type: ignore[arg-type]
+            state = replace(state, x=sample.to(state.x.dtype))  # type: ignore[union-attr]
         self._check_timestep(timestep, i)
         return i, state  # type: ignore[return-value]
 
-    def _ddim(self, x0: Tensor, eps: Tensor, i: int, eta: float, noise: Tensor | None) -> Tensor:
+    def _ddim_state(self, timestep: float | Tensor, sample: Tensor) -> tuple[int | None, State]:
+        """DDIM steps from any timestep, as diffusers' DDIM: a listed one from its grid point
+        (the plan restarts there unless it is the next step), another one from its own
+        solver time (index ``None``)."""
+        found = position.matches(self.timesteps, timestep)
+        if not found:
+            t = float(self.solver_time(position.timestep_value(timestep)).flatten()[0])
+            if not 0.0 < t <= self.schedule.t_max * (1 + 1e-12):
+                raise ValueError(
+                    f"step: timestep {position.timestep_value(timestep):g} lies outside the "
+                    f"schedule (solver time {t:g} not in (0, {self.schedule.t_max:g}]); pass "
+                    "one of scheduler.timesteps"
+                )
+            return None, State(x=sample.to(state_dtype(sample.dtype)), t=t)
+        k = found[0]
+        if k == self._index and self._state is not None:
+            state = self._state
+            if sample is not self._last_output:
+                state = replace(state, x=sample.to(state.x.dtype))
+            return k, state
+        if self._index is not None or k != self._start:
+            self._build(k)
+        return k, self._init_state(sample)
+
+    def _init_state(self, sample: Tensor) -> State:
+        """The state a loop starts from at step :attr:`_start`."""
+        x = sample.to(state_dtype(sample.dtype))
+        if self._plan is not None:
+            return self._plan.init(x)
         assert self._steps is not None
-        a_s, s_s, a_t, s_t = (
-            float(v)
-            for v in (
-                *(torch.exp(x) for x in self.schedule.log_alpha_sigma(self._steps.grid[i])),
-                *(torch.exp(x) for x in self.schedule.log_alpha_sigma(self._steps.grid[i + 1])),
-            )
-        )
+        return State(x=x, t=float(self._steps.grid[self._start]))
+
+    def _interval(self, i: int | None, state: State) -> tuple[float, float]:
+        """Solver times this step goes from and to (a DDIM step off the grid: from its own
+        time to the first grid point below)."""
+        assert self._steps is not None
+        grid = self._steps.grid
+        if i is None:
+            return state.t, float(grid[position.ddim_target(grid, state.t)])
+        return float(grid[i]), float(grid[i + 1])
+
+    def _ddim_update(
+        self,
+        state: State,
+        off_grid: bool,
+        raw: Prediction,
+        used: Prediction,
+        interval: tuple[float, float],
+        eta: float,
+        mixed: bool,
+        noise: Tensor | None,
+    ) -> State:
+        """diffusers' DDIM step where it is not the plan's ODE step: off the grid, with
+        ``eta > 0``, or with a clipped :math:`\\hat x_0` and the unclipped
+        :math:`\\hat\\epsilon` (``mixed``: clipping without ``use_clipped_model_output``),
+        zero-length steps included (``set_alpha_to_one=False`` with ``steps_offset=0``)."""
+        if not (off_grid or eta or mixed):
+            return state
+        eps = raw.eps if mixed else used.eps
+        return replace(state, x=self._ddim(used.x0, eps, *interval, eta, noise))
+
+    def _ddim(
+        self, x0: Tensor, eps: Tensor, s: float, t: float, eta: float, noise: Tensor | None
+    ) -> Tensor:
+        log_s = self.schedule.log_alpha_sigma(torch.tensor(s, dtype=torch.float64))
+        log_t = self.schedule.log_alpha_sigma(torch.tensor(t, dtype=torch.float64))
+        a_s, s_s, a_t, s_t = (float(torch.exp(v)) for v in (*log_s, *log_t))
         return ddim_step(x0, eps, a_s, s_s, a_t, s_t, float(eta), noise)
 
     @staticmethod
@@ -570,6 +681,19 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         if variance_noise is not None:
             return variance_noise
         return randn_tensor(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+
+    def _get_variance(self, timestep: int | Tensor, prev_timestep: int | Tensor) -> Tensor:
+        """diffusers' ``DDIMScheduler._get_variance``: the variance of DDIM's step from
+        ``timestep`` to ``prev_timestep`` at :math:`\\eta = 1` (Song et al. 2021, eq. 16),
+        :math:`(1 - \\bar\\alpha_{prev})/(1 - \\bar\\alpha_t)\\,(1 - \\bar\\alpha_t/
+        \\bar\\alpha_{prev})`, on the config's float32 :math:`\\bar\\alpha` (a negative
+        ``prev_timestep``: the final :math:`\\bar\\alpha` of ``set_alpha_to_one``)."""
+        tables = self._tables()
+        ac = tables.alphas_cumprod
+        final = getattr(tables, "final_alpha_cumprod", torch.tensor(1.0))
+        a_t = ac[timestep]
+        a_prev = ac[prev_timestep] if int(prev_timestep) >= 0 else final
+        return (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
 
     def _model_output(self, model_output: Tensor, sample: Tensor) -> Tensor:
         if (
@@ -593,7 +717,8 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         if ts.numel() == 0:
             raise ValueError("step: timestep is empty")
         # 1% covers timesteps rounded to bfloat16/float16 by a pipeline.
-        if not torch.allclose(ts, torch.full_like(ts, expected), rtol=1e-2, atol=0.5):
+        close = torch.full_like(ts, expected)
+        if not torch.allclose(ts, close, rtol=position.RTOL, atol=position.ATOL):
             raise ValueError(
                 f"{type(self).__name__}.step: expected timestep {expected:g} (step "
                 f"{i} of {len(self.timesteps)}), got "
@@ -614,8 +739,9 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         t = self.solver_time(ts)
         if self._steps is not None and self.timesteps.numel():
             for j, value in enumerate(ts):
-                with contextlib.suppress(ValueError):
-                    t[j] = self._steps.grid[self.index_for_timestep(value)]
+                found = position.matches(self.timesteps, value, rtol=1e-4, atol=1e-3)
+                if found:  # this loop's own grid point (the second of repeated ones)
+                    t[j] = self._steps.grid[found[1 if len(found) > 1 else 0]]
         if (t <= 0).any() or (t > self.schedule.t_max * (1 + 1e-12)).any():
             raise ValueError(
                 f"timesteps map outside the schedule's range (0, {self.schedule.t_max}]"
