@@ -348,6 +348,7 @@ VP_VARIANTS: dict[str, list[dict]] = {
         {"clip_sample": False},
         {"clip_sample_range": 0.5},
         {"thresholding": True, "dynamic_thresholding_ratio": 0.9, "sample_max_value": 1.5},
+        {"thresholding": True, "dynamic_thresholding_ratio": 0.0, "sample_max_value": 0.5},
         {"set_alpha_to_one": False, "steps_offset": 1},
         {"timestep_spacing": "trailing"},
         {"prediction_type": "v_prediction", "clip_sample": False},
@@ -362,6 +363,7 @@ VP_VARIANTS: dict[str, list[dict]] = {
         {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"},
         {"algorithm_type": "dpmsolver", "solver_type": "heun", "final_sigmas_type": "sigma_min"},
         {"thresholding": True, "dynamic_thresholding_ratio": 0.9, "sample_max_value": 1.5},
+        {"thresholding": True, "dynamic_thresholding_ratio": 0.0, "sample_max_value": 0.5},
         {"use_karras_sigmas": True},
         {"use_exponential_sigmas": True},
         {"use_beta_sigmas": True},
@@ -390,6 +392,7 @@ VP_VARIANTS: dict[str, list[dict]] = {
         {"predict_x0": False, "final_sigmas_type": "sigma_min"},  # "zero": NaN in diffusers
         {"disable_corrector": [0, 2]},
         {"thresholding": True, "dynamic_thresholding_ratio": 0.9, "sample_max_value": 1.5},
+        {"thresholding": True, "dynamic_thresholding_ratio": 0.0, "sample_max_value": 0.5},
         {"use_karras_sigmas": True},
         {"use_exponential_sigmas": True},
         {"use_beta_sigmas": True},
@@ -409,6 +412,7 @@ VP_VARIANTS: dict[str, list[dict]] = {
         {"solver_order": 1},
         {"solver_order": 3},
         {"thresholding": True, "dynamic_thresholding_ratio": 0.9, "sample_max_value": 1.5},
+        {"thresholding": True, "dynamic_thresholding_ratio": 0.0, "sample_max_value": 0.5},
         {"use_karras_sigmas": True},
         {"lower_order_final": False},
         {"timestep_spacing": "trailing"},
@@ -709,6 +713,26 @@ def test_unipc_solver_p_predicts_and_unic_corrects(options, steps):
     passed("DiffsolveUniPCScheduler", f"= UniPCMultistep [solver_p, {', '.join(options)}]")
 
 
+@pytest.mark.parametrize("name", list(ADAPTERS))
+@pytest.mark.parametrize(("ratio", "max_value"), [(0.0, 1.0), (0.87, 0.5), (0.995, 2.0)])
+def test_thresholding_takes_every_value_diffusers_takes(name, ratio, max_value):
+    """diffusers' dynamic thresholding of x0, q = min(max(quantile(|x0|, ratio), 1),
+    sample_max_value) and x0 <- clamp(x0, -q, q) / q, for a ratio of 0 (clipping to [-1, 1]
+    unless every |x0| exceeds 1) and a sample_max_value below 1 (the threshold itself)."""
+    plain = make(name, clip_sample=False) if "DDIM" in name else make(name)
+    options = {"dynamic_thresholding_ratio": ratio, "sample_max_value": max_value}
+    thresholded = make(name, thresholding=True, **options)
+    x, out = noise(), 3 * noise().flip(0)
+    x0 = []
+    for scheduler in (plain, thresholded):
+        scheduler.set_timesteps(5)
+        x0.append(scheduler.step(out, scheduler.timesteps[0], x).pred_original_sample)
+    q = torch.quantile(x0[0].flatten(1).abs(), ratio, dim=1).clamp(min=1, max=max_value)
+    q = q.view(-1, 1, 1, 1)
+    assert torch.allclose(x0[1], torch.maximum(torch.minimum(x0[0], q), -q) / q, atol=1e-6)
+    passed(name, f"thresholding [ratio {ratio}, sample_max_value {max_value}]")
+
+
 # ---------------------------------------------------------------------------------------
 # Refusals
 REFUSALS = [
@@ -720,7 +744,12 @@ REFUSALS = [
     ({"use_karras_sigmas": True}, "use_karras_sigmas", ["DiffsolveDDIMScheduler"]),
     ({"solver_type": "bh3"}, "solver_type", ["DiffsolveUniPCScheduler"]),
     ({"solver_order": 4}, "order", ["DiffsolveDPMSolverPPScheduler", "DiffsolveUniPCScheduler"]),
-    ({"thresholding": True, "sample_max_value": 0.5}, "sample_max_value", list(ADAPTERS)),
+    ({"thresholding": True, "sample_max_value": 0.0}, "sample_max_value", list(ADAPTERS)),
+    (
+        {"thresholding": True, "dynamic_thresholding_ratio": 1.5},
+        "dynamic_thresholding_ratio",
+        list(ADAPTERS),
+    ),
     ({"beta_schedule": "sigmoid"}, "beta_schedule", list(ADAPTERS)),
     ({"ems_path": None}, "ems_path", ["DPMSolverV3Scheduler"]),
 ]

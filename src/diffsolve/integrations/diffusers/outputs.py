@@ -1,7 +1,9 @@
 r"""What diffusers' schedulers do to a model output beyond the ODE step, reproduced.
 
 * :class:`Clipping` — ``thresholding`` (dynamic thresholding of :math:`\hat x_0`, with
-  diffusers' bounds: :math:`q \in [1, \text{sample\_max\_value}]`) or DDIM's ``clip_sample``.
+  diffusers' bounds: :math:`q = \min(\max(\text{quantile}, 1), \text{sample\_max\_value})`,
+  so a ``sample_max_value`` below 1 is the threshold itself and a ratio of 0 clips to
+  :math:`[-1, 1]` unless every :math:`|\hat x_0|` exceeds 1) or DDIM's ``clip_sample``.
   The clipped :math:`\hat x_0` replaces the prediction, with the noise prediction recomputed
   from it (what DPM-Solver, UniPC and DEIS do).
 * :func:`ddim_step` — DDIM's generalised step (Song et al. 2021, "Denoising Diffusion
@@ -53,12 +55,16 @@ class Clipping:
             bool(config.get("clip_sample", False)),
             float(config.get("clip_sample_range", 1.0)),
         )
-        if clipping.thresholding and not 0.0 < clipping.ratio <= 1.0:
+        if clipping.thresholding and not 0.0 <= clipping.ratio <= 1.0:
             raise ValueError(
-                f"dynamic_thresholding_ratio must lie in (0, 1], got {clipping.ratio!r}"
+                f"dynamic_thresholding_ratio is a quantile level and must lie in [0, 1], got "
+                f"{clipping.ratio!r}"
             )
-        if clipping.thresholding and not clipping.max_value >= 1.0:
-            raise ValueError(f"sample_max_value must be >= 1, got {clipping.max_value!r}")
+        if clipping.thresholding and not 0.0 < clipping.max_value < math.inf:
+            raise ValueError(
+                f"sample_max_value must be a finite number > 0 (x0 is divided by it), got "
+                f"{clipping.max_value!r}"
+            )
         if clipping.clip and not clipping.clip_range > 0.0:
             raise ValueError(f"clip_sample_range must be > 0, got {clipping.clip_range!r}")
         return clipping
