@@ -15,7 +15,9 @@ the total in the test summary.
 from __future__ import annotations
 
 import collections
+import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -350,6 +352,8 @@ VP_VARIANTS: dict[str, list[dict]] = {
         {"thresholding": True, "dynamic_thresholding_ratio": 0.9, "sample_max_value": 1.5},
         {"thresholding": True, "dynamic_thresholding_ratio": 0.0, "sample_max_value": 0.5},
         {"set_alpha_to_one": False, "steps_offset": 1},
+        {"set_alpha_to_one": False},  # a zero-length last step (clip_sample: not the sample)
+        {"set_alpha_to_one": False, "clip_sample": False},
         {"timestep_spacing": "trailing"},
         {"prediction_type": "v_prediction", "clip_sample": False},
         {"prediction_type": "sample"},
@@ -603,6 +607,77 @@ def test_dpm_solver_v3_equals_sample_on_its_grid_at_every_key():
 
 
 # ---------------------------------------------------------------------------------------
+# Schedules and placements diffusers takes
+@pytest.mark.parametrize("name", list(ADAPTERS))
+def test_trained_betas_of_any_length(name, tmp_path):
+    """diffusers takes ``trained_betas`` whose length differs from ``num_train_timesteps``
+    (its tables have their length): so do the adapters, until a placement reaches past the
+    betas, which ``set_timesteps`` refuses naming both keys; betas of the config's length run
+    equal to the sibling. (v3: betas other than its EMS' are refused by the EMS check.)"""
+    short = np.linspace(0.01, 0.3, 20)
+    if name == "DPMSolverV3Scheduler":
+        with pytest.raises(ValueError, match="EMS were computed for"):
+            make(name, trained_betas=short)
+        passed(name, "trained_betas of any length")
+        return
+    scheduler = make(name, trained_betas=np.array([0.1, 0.3]))
+    scheduler.save_pretrained(tmp_path)
+    again = type(scheduler).from_pretrained(tmp_path)
+    expected = SIBLING[name](trained_betas=np.array([0.1, 0.3])).betas.tolist()
+    assert scheduler.betas.tolist() == again.betas.tolist() == expected
+    with pytest.raises(ValueError, match="trained_betas has 2 values but num_train_timesteps"):
+        scheduler.set_timesteps(5)
+    options = {"trained_betas": short, "num_train_timesteps": 20}
+    theirs = SIBLING[name](**options)
+    assert_matches(swap(name, theirs.config), lambda: SIBLING[name](**options), vp_net(theirs), 4)
+    passed(name, "trained_betas of any length")
+
+
+@pytest.mark.parametrize("name", [n for n in ADAPTERS if n != "DPMSolverV3Scheduler"])
+def test_betas_whose_float32_alphas_cumprod_underflows(name):
+    """Linear betas from 0.01 to 0.2 take alphas_cumprod to 1e-49, 0 in diffusers' float32
+    (its sigmas there are infinite, its loops NaN): the adapters keep diffusers' values down to
+    1e-30, continue them with diffsolve's float64 ones, and sample finite, equal to
+    ``sample()`` on their grid."""
+    options = {"beta_start": 0.01, "beta_end": 0.2}
+    scheduler = (
+        make(name, clip_sample=False, **options) if "DDIM" in name else make(name, **options)
+    )
+    ac32 = SIBLING[name](**options).alphas_cumprod.double()
+    ours, kept = scheduler.schedule.alphas_cumprod, ac32 >= 1e-30
+    assert (ac32 == 0).any() and torch.equal(ours[kept], ac32[kept])
+    assert bool((ours > 0).all()) and bool((ours[1:] < ours[:-1]).all())
+    scheduler.set_timesteps(10)
+    net = vp_net(scheduler)
+    model = ModelWrapper(net, scheduler.schedule, "epsilon", "timestep")
+    expected = sample(model, noise(), scheduler.build_solver(10), scheduler.grid).x
+    result = loop(scheduler, net, noise())
+    assert torch.isfinite(result).all() and rel(result, expected) <= 1e-5
+    passed(name, "betas whose float32 alphas_cumprod underflows")
+
+
+@pytest.mark.parametrize("name", list(ADAPTERS))
+def test_sd_placements_past_the_trained_steps_are_refused_with_the_fix(name):
+    """SD 1.5 / SDXL configs (``leading`` spacing, ``steps_offset=1``) at 999 or 1000 steps
+    place timestep 1000 or every step at timestep 1 (diffusers: NaN or IndexError): refused,
+    naming the keys and the largest step count that works, which does."""
+    config = {"timestep_spacing": "leading", "steps_offset": 1, **betas(name)}
+    scheduler = make(name, **config)
+    for steps in (999, 1000):
+        try:
+            scheduler.set_timesteps(steps)
+        except ValueError as err:
+            found = re.search(r"steps_offset=1\).*use at most (\d+) steps", str(err))
+            assert found, err
+            steps = int(found.group(1))
+            scheduler.set_timesteps(steps)
+        else:
+            assert steps == 999 and "DDIM" in name  # DDIM's leading placement fits 999
+        assert len(scheduler.timesteps) == steps and int(scheduler.timesteps.max()) <= 999
+    passed(name, "SD placements at 999/1000 steps")
+
+
+# ---------------------------------------------------------------------------------------
 # Where a step is: the timestep it is called with
 def off_list_timestep(scheduler) -> float:
     """A timestep halfway between the loop's second and third (more than 1% from both)."""
@@ -751,6 +826,7 @@ REFUSALS = [
         list(ADAPTERS),
     ),
     ({"beta_schedule": "sigmoid"}, "beta_schedule", list(ADAPTERS)),
+    ({"beta_start": 0.1, "beta_end": 2.0}, "beta_end", list(ADAPTERS)),
     ({"ems_path": None}, "ems_path", ["DPMSolverV3Scheduler"]),
 ]
 

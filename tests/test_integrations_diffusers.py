@@ -265,7 +265,6 @@ def test_config_round_trip_and_ddpm_keys(tmp_path):
         ({"grid": "weird"}, "grid must be one of"),
         ({"solver_order": 4}, "order must be one of"),
         ({"beta_schedule": "sigmoid"}, "beta_schedule must be one of"),
-        ({"trained_betas": [0.1, 0.2]}, "trained_betas has 2 values"),
     ],
 )
 def test_bad_options_are_value_errors(options, message):

@@ -24,7 +24,7 @@ Refused: the SDE variants of ``algorithm_type`` and FlowMatch's ``stochastic_sam
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import diffusers
@@ -226,17 +226,34 @@ def diffusers_schedule(
                 f"trained_betas has {betas.numel()} values but num_train_timesteps is "
                 f"{num_train_timesteps}; they must match"
             )
-        schedule = VPDiscrete.from_betas(betas)
+        schedule = _betas_checked(lambda: VPDiscrete.from_betas(betas), "trained_betas")
     else:
-        schedule = VPDiscrete.from_diffusers(
-            beta_schedule,  # type: ignore[arg-type]
-            beta_start,
-            beta_end,
-            num_train_timesteps,
+        schedule = _betas_checked(
+            lambda: VPDiscrete.from_diffusers(
+                beta_schedule,  # type: ignore[arg-type]
+                beta_start,
+                beta_end,
+                num_train_timesteps,
+            ),
+            f"beta_start={beta_start!r}, beta_end={beta_end!r}",
         )
     if rescale_betas_zero_snr:
         schedule = VPDiscrete(rescale_zero_terminal_snr(schedule.alphas_cumprod))
     return schedule
+
+
+def _betas_checked(build: Callable[[], VPDiscrete], keys: str) -> VPDiscrete:
+    """``build()``, with betas outside (0, 1) refused naming the config keys."""
+    try:
+        return build()
+    except ValueError as err:
+        if not str(err).startswith("betas"):
+            raise
+        raise ValueError(
+            f"{keys}: every beta must lie in (0, 1) (1 - beta is the signal a training step "
+            "keeps; diffusers' alphas_cumprod turns negative beyond, and its sigmas NaN); "
+            "pick betas below 1"
+        ) from None
 
 
 def shift_flow_times(t: Tensor, shift: float, t_max: float) -> Tensor:

@@ -139,6 +139,24 @@ def _predictor(solver_p: Any) -> Any:
     return solver_p
 
 
+#: Below this, diffusers' float32 :math:`\\bar\\alpha` is taken to have underflowed.
+UNDERFLOW = 1e-30
+
+
+def _exact_tail(ac: Tensor, exact: Tensor) -> Tensor:
+    """diffusers' float32 :math:`\\bar\\alpha` (``ac``, in float64), continued by diffsolve's
+    float64 values (``exact``) from the first one that underflowed (below
+    :data:`UNDERFLOW` or no longer decreasing: linear betas from 0.01 to 0.2 reach 1e-49,
+    0 in float32)."""
+    ok = ac >= UNDERFLOW
+    ok[1:] &= ac[1:] < ac[:-1]
+    bad = (~ok).nonzero().flatten()
+    if bad.numel() == 0 or exact.numel() != ac.numel():
+        return ac
+    j = int(bad[0])
+    return torch.cat([ac[:j], exact[j:].to(ac)])
+
+
 def _no_network(*args: Any, **kwargs: Any) -> Tensor:
     raise RuntimeError("the scheduler adapter never calls a network")
 
@@ -189,15 +207,7 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
             check_choice(c.grid, GRID_KINDS, "grid")
         check_grid_keys(c, self._source, self._key_defaults())
         self._flow = bool(c.use_flow_sigmas) or self._source == FLOW_MATCH
-        checked = diffusers_schedule(
-            c.num_train_timesteps,
-            c.beta_start,
-            c.beta_end,
-            c.beta_schedule,
-            c.trained_betas,
-            c.get("rescale_betas_zero_snr", False),
-            self._flow,
-        )
+        checked = self._checked_schedule()
         self._sibling = build_sibling(self._source, c)
         self.schedule: NoiseSchedule = self._make_schedule(checked)
         self._wrapper = ModelWrapper(
@@ -227,10 +237,27 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
             return "DPMSolverMultistepScheduler"  # DDIM has no flow sigmas
         return sibling
 
+    def _checked_schedule(self) -> NoiseSchedule:
+        """diffsolve's float64 schedule of the config (built first, for clear errors).
+        ``trained_betas`` define it whatever their number: diffusers takes betas whose
+        length differs from ``num_train_timesteps``, and so do the adapters, until a
+        placement reaches past them (:func:`~.timesteps.sibling_steps`)."""
+        c = self.config
+        n = c.num_train_timesteps if c.trained_betas is None else len(c.trained_betas)
+        return diffusers_schedule(
+            n,
+            c.beta_start,
+            c.beta_end,
+            c.beta_schedule,
+            c.trained_betas,
+            c.get("rescale_betas_zero_snr", False),
+            self._flow,
+        )
+
     def _make_schedule(self, checked: NoiseSchedule) -> NoiseSchedule:
         """Rectified flow up to ``t = 1``, or the VP schedule of the sibling's own
-        :math:`\\bar\\alpha` (what the model was trained with; ``checked``: diffsolve's
-        float64 version, built first for clear errors)."""
+        :math:`\\bar\\alpha` (what the model was trained with) — continued by ``checked``'s
+        float64 values where diffusers' float32 ones underflow."""
         c = self.config
         ac = getattr(self._sibling, "alphas_cumprod", None)
         if self._flow or ac is None:
@@ -238,7 +265,9 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         ac = ac.detach().to("cpu", torch.float64).clone()
         if c.get("rescale_betas_zero_snr", False):
             ac[-1] = 0.0  # diffsolve's monotone stand-in replaces diffusers' 2^-24
-        return VPDiscrete(ac)
+            return VPDiscrete(ac)
+        assert isinstance(checked, VPDiscrete)
+        return VPDiscrete(_exact_tail(ac, checked.alphas_cumprod))
 
     def _adopt_solver_keys(self) -> None:
         """Check the solver's keys with a list of choices. A value that belongs to a sibling

@@ -17,6 +17,7 @@ the timesteps are the fractional network times of its points.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -82,6 +83,8 @@ def sibling_steps(
     except (NotImplementedError, ValueError, TypeError) as err:
         raise ValueError(f"set_timesteps: {type(sibling).__name__} refuses: {err}") from None
     timesteps = sibling.timesteps.detach().cpu()
+    if isinstance(schedule, VPDiscrete):
+        check_placement(sibling, schedule, num_inference_steps, custom)
     if type(sibling).__name__ == "DDIMScheduler":
         return _ddim_steps(sibling, schedule, timesteps)
     sigmas = sibling.sigmas.detach().to("cpu", torch.float32)
@@ -92,9 +95,63 @@ def sibling_steps(
     return Steps(_vp_times(schedule, sigmas.to(_F64), timesteps, ac), timesteps, sigmas)
 
 
+def _placement_problem(timesteps: Tensor, n_trained: int) -> str | None:
+    """What is wrong with a VP placement: a timestep past the trained ones, or every step at
+    one timestep (``leading`` spacing with more steps than training steps per step)."""
+    top = int(timesteps.max())
+    if top >= n_trained:
+        return f"places timestep {top}, beyond the trained ones (0 to {n_trained - 1})"
+    if timesteps.numel() > 1 and bool((timesteps == timesteps[0]).all()):
+        return f"places all {timesteps.numel()} steps at timestep {int(timesteps[0])}"
+    return None
+
+
+def check_placement(
+    sibling: Any, schedule: VPDiscrete, steps: int | None, custom: Mapping[str, Any]
+) -> None:
+    """Refuse a VP placement the schedule cannot run (:func:`_placement_problem`): SD 1.5 /
+    SDXL configs (``leading`` spacing, ``steps_offset=1``) at 999 or 1000 steps, or
+    ``trained_betas`` fewer than ``num_train_timesteps`` — naming the keys and the step count
+    that works."""
+    n_trained = schedule.num_train_timesteps
+    problem = _placement_problem(sibling.timesteps.detach().cpu(), n_trained)
+    if problem is None:
+        return
+    c, name = sibling.config, type(sibling).__name__
+    if c.get("trained_betas") is not None and n_trained != c.num_train_timesteps:
+        raise ValueError(
+            f"set_timesteps: {name} {problem}: trained_betas has {n_trained} values but "
+            f"num_train_timesteps is {c.num_train_timesteps}; make them equal"
+        )
+    fewer = _fewest_fix(sibling, steps, n_trained) if not custom else None
+    fixes = [f"use at most {fewer} steps" if fewer else "use fewer steps"]
+    if "beyond" in problem and c.get("steps_offset"):
+        fixes.append("steps_offset=0")
+    fixes.append("timestep_spacing='trailing'")
+    raise ValueError(
+        f"set_timesteps({steps}): {name} {problem} (timestep_spacing="
+        f"{c.get('timestep_spacing')!r}, steps_offset={c.get('steps_offset')}); "
+        + ", ".join(fixes[:-1])
+        + f" or {fixes[-1]}"
+    )
+
+
+def _fewest_fix(sibling: Any, steps: int | None, n_trained: int) -> int | None:
+    """The largest step count below ``steps`` (up to 8 fewer) the sibling places well."""
+    if steps is None:
+        return None
+    fresh = type(sibling).from_config(sibling.config)
+    for fewer in range(steps - 1, max(steps - 9, 0), -1):
+        fresh.set_timesteps(fewer, device="cpu")
+        if _placement_problem(fresh.timesteps.detach().cpu(), n_trained) is None:
+            return fewer
+    return None
+
+
 def _vp_times(schedule: VPDiscrete, sigmas: Tensor, timesteps: Tensor, ac: Tensor) -> Tensor:
     """Solver times of diffusers' VP sigmas: the training step :math:`(i + 1)/N` where the
-    sigma is that step's own (to float32 round-off), else the time of that σ/α."""
+    sigma is that step's own (to float32 round-off; an infinite one where diffusers' float32
+    :math:`\bar\alpha` underflowed), else the time of that σ/α."""
     n = schedule.num_train_timesteps
     own = ((1.0 - ac) / ac).sqrt()
     t = torch.zeros_like(sigmas)
@@ -103,6 +160,7 @@ def _vp_times(schedule: VPDiscrete, sigmas: Tensor, timesteps: Tensor, ac: Tenso
             continue
         i = int(timesteps[j]) if j < timesteps.numel() else 0  # the final sigma_min: step 0
         close = abs(sigma - float(own[i])) <= 1e-6 * float(own[i]) + 1e-12
+        close = close or math.isinf(sigma)
         t[j] = (i + 1) / n if close else float(schedule.t_of_edm_sigma(sigma))
     return _checked(schedule, _clamp_start(schedule, t))
 
@@ -122,18 +180,15 @@ def _clamp_start(schedule: NoiseSchedule, t: Tensor) -> Tensor:
 
 def _ddim_steps(sibling: Any, schedule: NoiseSchedule, timesteps: Tensor) -> Steps:
     """DDIM steps from timestep to timestep, then to :math:`\\bar\\alpha = 1` (``t = 0``)
-    or :math:`\\bar\\alpha_0` (``t = 1/N``) as ``set_alpha_to_one`` says."""
+    or :math:`\\bar\\alpha_0` (``t = 1/N``) as ``set_alpha_to_one`` says. A last timestep
+    0 with ``set_alpha_to_one=False`` (``steps_offset=0``) is a zero-length last step, as in
+    diffusers: its sample is returned, with :math:`\\hat x_0` clipped where the config
+    clips."""
     assert isinstance(schedule, VPDiscrete)
     n = schedule.num_train_timesteps
     t = (timesteps.to(_F64) + 1.0) / n
     end = 0.0 if float(sibling.final_alpha_cumprod) == 1.0 else 1.0 / n
-    if float(t[-1]) <= end:
-        raise ValueError(
-            f"DDIMScheduler's last timestep {int(timesteps[-1])} is already at the final "
-            f"alpha_cumprod (set_alpha_to_one=False): its last step has zero length; set "
-            f"steps_offset=1 or set_alpha_to_one=True"
-        )
-    grid = grids.validate_grid(schedule, torch.cat([t, torch.tensor([end], dtype=_F64)]))
+    grid = _checked(schedule, torch.cat([t, torch.tensor([end], dtype=_F64)]))
     return Steps(grid, timesteps, diffusers_sigmas(schedule, grid, invert=False))
 
 
