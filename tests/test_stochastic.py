@@ -175,7 +175,7 @@ def test_stochastic_samplers_refuse_to_invert_and_bad_options():
     with pytest.raises(ValueError, match="s_churn"):
         EDMStochastic(s_churn=float("nan"))
     with pytest.raises(ValueError, match="solver_type"):
-        SDEDPMSolverPP(2, solver_type="taylor")  # type: ignore[arg-type]
+        SDEDPMSolverPP(2, solver_type="rk4")  # type: ignore[arg-type]
 
 
 def test_teleportation_carries_the_noise_to_the_inner_sampler():

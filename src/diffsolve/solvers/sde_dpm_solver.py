@@ -65,7 +65,7 @@ from diffsolve.solvers.engine import (
 )
 from diffsolve.solvers.registry import Preset, register
 
-SDESolverType = Literal["midpoint", "heun"]
+SDESolverType = Literal["midpoint", "heun", "taylor"]
 
 
 def sde_step(space: Space, at: GridValues, i: int) -> tuple[ExpStep, float]:
@@ -88,13 +88,16 @@ class SDEDPMSolver(Solver):
 
     Args:
         order: 1, 2 or 3 (3: exact quadratic interpolant).
-        solver_type: ``"midpoint"`` or ``"heun"`` (order 2; see the module docstring).
+        solver_type: ``"midpoint"`` or ``"heun"`` (order 2; see the module docstring;
+            ``"taylor"`` is ``"heun"``, as for the ODE solvers).
         lower_order_final: Lower the order on the last steps to ``min(order, steps_left)``.
+        euler_at_final: Take the last step at first order (diffusers' option).
     """
 
     order: int = 2
     solver_type: SDESolverType = "midpoint"
     lower_order_final: bool = True
+    euler_at_final: bool = False
 
     space: ClassVar[Space] = "noise"
     stochastic: ClassVar[bool] = True
@@ -118,7 +121,7 @@ class SDEDPMSolver(Solver):
     def build_plan(self, schedule: NoiseSchedule, grid: Tensor) -> StepPlan:
         check_not_inverse(grid, type(self).__name__)
         at = GridValues.of(schedule, grid)
-        orders = multistep_orders(at, self.order, self.lower_order_final)
+        orders = multistep_orders(at, self.order, self.lower_order_final, self.euler_at_final)
         steps = [
             MultistepStep(at.t[i], at.t[i + 1], self._update(at, i, p))
             for i, p in enumerate(orders)
@@ -132,7 +135,7 @@ class SDEDPMSolver(Solver):
         if at.alpha[i] == 0.0:  # from pure noise: x_t = alpha_t x0 + sigma_t z, exactly
             return Update(0.0, (at.alpha[i + 1],), "data", noise=at.sigma[i + 1])
         step, noise = sde_step(self.space, at, i)
-        solver_type = "taylor" if self.solver_type == "heun" else "midpoint"
+        solver_type = "midpoint" if self.solver_type == "midpoint" else "taylor"
         weights = ei_weights(step, at.nodes(i, range(i, i - order, -1)), solver_type)
         return Update(step.a, weights, self.space, noise=noise)
 
