@@ -16,6 +16,7 @@ from diffsolve.solvers import (
     DDPM,
     EDMStochastic,
     EulerAncestral,
+    SASolver,
     SDEDPMSolver,
     SDEDPMSolverPP,
 )
@@ -37,6 +38,9 @@ WEAK_ORDERS = {
     "ddpm-eta-0.5": (DDPM(0.5), 1),
     "euler-ancestral": (EulerAncestral(), 1),
     "edm-churn": (EDMStochastic(s_churn=10, s_tmin=0, s_tmax=1e9, s_noise=1.0), 1),
+    "sa-solver-2-2": (SASolver(2, 2, tau_window=(0.0, 1.0)), 2),
+    "sa-solver-3-4": (SASolver(3, 4, tau_window=(0.0, 1.0)), 2),
+    "sa-solver-default": (SASolver(), 2),
 }
 SCHEDULES = {"vp": VPDiscrete.from_diffusers, "flow": RectifiedFlow, "edm": EDM}
 
@@ -114,6 +118,32 @@ def test_ddpm_euler_ancestral_and_first_order_sde_dpm_solver_pp_are_one_method()
         ]
         torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(outs[0], outs[2], rtol=1e-10, atol=1e-10)
+
+
+def test_sa_solver_contains_the_sde_solvers():
+    """SA-Solver with τ = 1 everywhere and no corrector is SDE-DPM-Solver++ (order 1; order 2
+    is its ``heun`` form, the exact linear interpolant); τ = 0 is deterministic."""
+    schedule = VPDiscrete.from_diffusers()
+    denoiser = GaussianModel.from_covariance(MEAN, COV).denoiser(schedule)
+    grid = grids.time_uniform(schedule, 10)
+    x = torch.randn(4, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
+    seeds = [1, 2, 3, 4]
+    pairs = [
+        (SASolver(1, 0, tau_window=(0.0, 1.0)), SDEDPMSolverPP(1)),
+        (SASolver(2, 0, tau_window=(0.0, 1.0)), SDEDPMSolverPP(2, solver_type="heun")),
+    ]
+    for sa, sde in pairs:
+        torch.testing.assert_close(
+            sample(denoiser, x, sa, grid, noise=seeds).x,
+            sample(denoiser, x, sde, grid, noise=seeds).x,
+            rtol=1e-10,
+            atol=1e-10,
+        )
+    quiet = SASolver(tau=0.0)
+    torch.testing.assert_close(
+        sample(denoiser, x, quiet, grid, noise=seeds).x,
+        sample(denoiser, x, quiet, grid, noise=[9, 9, 9, 9]).x,
+    )
 
 
 def test_ddim_eta_zero_is_ddim():

@@ -42,6 +42,7 @@ class State:
         noise: Where a stochastic step draws its fresh noise (:mod:`diffsolve.ode.noise`;
             set by :func:`diffsolve.sample`, carried from step to step); ``None``: torch's
             global generator.
+        z: The fresh noise the last step added (SA-Solver's corrector reuses it).
     """
 
     x: Tensor
@@ -53,6 +54,7 @@ class State:
     x_prev: Tensor | None = None
     owns_x_prev: bool = False
     noise: NoiseSource | None = None
+    z: Tensor | None = None
 
     @property
     def denoised(self) -> Tensor | None:

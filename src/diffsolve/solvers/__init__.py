@@ -14,6 +14,7 @@ from diffsolve.solvers.edm_stochastic import EDMStochastic
 from diffsolve.solvers.engine import StepPlan, Update
 from diffsolve.solvers.euler_heun import Euler, Heun
 from diffsolve.solvers.registry import SOLVERS, Preset, SolverContext, register
+from diffsolve.solvers.sa_solver import SASolver
 from diffsolve.solvers.sde_dpm_solver import SDEDPMSolver, SDEDPMSolverPP
 from diffsolve.solvers.unipc import UniPC
 
@@ -34,6 +35,7 @@ __all__ = [
     "Heun",
     "Plan",
     "Preset",
+    "SASolver",
     "SDEDPMSolver",
     "SDEDPMSolverPP",
     "Solver",

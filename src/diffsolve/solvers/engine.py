@@ -253,7 +253,8 @@ class MultistepStep:
         history = (Point(prediction, f), *state.history[: memory - 1])
         x, corrected = state.x, self.corrector is not None and state.x_prev is not None
         if corrected:  # into the previous corrector's output where that is the base
-            x = self.corrector.apply(state.x_prev, history, in_place=state.owns_x_prev)  # type: ignore[union-attr]
+            z = state.z if self.corrector.noise != 0.0 else None  # type: ignore[union-attr]
+            x = self.corrector.apply(state.x_prev, history, in_place=state.owns_x_prev, z=z)  # type: ignore[union-attr]
         z = draw_noise(self.predictor, state, x)
         return State(
             x=self.predictor.apply(x, history, state.x_prev, z=z),
@@ -265,6 +266,7 @@ class MultistepStep:
             x_prev=x,
             owns_x_prev=corrected,
             noise=state.noise,
+            z=z,
         )
 
 
