@@ -15,6 +15,7 @@ the total in the test summary.
 from __future__ import annotations
 
 import collections
+import inspect
 import re
 
 import numpy as np
@@ -26,6 +27,7 @@ diffusers = pytest.importorskip("diffusers")
 from diffsolve import DDIM, DPMSolverV3, GaussianModel, ModelWrapper, sample  # noqa: E402
 from diffsolve.app.loader import load_model  # noqa: E402
 from diffsolve.integrations.diffusers import scheduler_classes  # noqa: E402
+from diffsolve.integrations.diffusers.config import init_defaults  # noqa: E402
 
 CHECKS: collections.Counter[tuple[str, str]] = collections.Counter()
 ADAPTERS = scheduler_classes()
@@ -604,6 +606,130 @@ def test_dpm_solver_v3_equals_sample_on_its_grid_at_every_key():
         expected = sample(model, noise(), solver, scheduler.grid).x
         assert rel(loop(scheduler, vp_net(scheduler), noise()), expected) <= 1e-5
         passed("DPMSolverV3Scheduler", f"= sample() [{', '.join(options) or 'defaults'}]")
+
+
+# ---------------------------------------------------------------------------------------
+# Configs taken over from diffusers
+@pytest.mark.parametrize("name", list(ADAPTERS))
+def test_every_key_of_the_siblings_config_is_accepted(name):
+    """An adapter takes every key of its sibling's config (the constructor too: never a
+    TypeError), honouring or refusing each by name, or accepting and ignoring it where its
+    solver has no such choice (``config.IGNORED``)."""
+    theirs = set(init_defaults(SIBLING[name]))
+    ours = set(inspect.signature(ADAPTERS[name].__init__).parameters)
+    assert theirs <= ours, theirs - ours
+    full = {k: v for k, v in SIBLING[name]().config.items() if not k.startswith("_")}
+    if name == "DPMSolverV3Scheduler":
+        full.pop("solver_order")  # v3's order 2 (the sibling's default) is its own default
+    make(name, **full).set_timesteps(4)
+    passed(name, "every key of the sibling's config")
+
+
+#: A non-default value of every DPMSolverMultistepScheduler key; the schedule keys of another
+#: model than the EMS' are refused by the EMS check.
+DPM_KEYS = {
+    "solver_order": 3,
+    "prediction_type": "v_prediction",
+    "thresholding": True,
+    "dynamic_thresholding_ratio": 0.9,
+    "sample_max_value": 2.0,
+    "algorithm_type": "sde-dpmsolver++",
+    "solver_type": "heun",
+    "lower_order_final": False,
+    "euler_at_final": True,
+    "use_karras_sigmas": True,
+    "use_exponential_sigmas": True,
+    "use_beta_sigmas": True,
+    "use_lu_lambdas": True,
+    "final_sigmas_type": "sigma_min",
+    "lambda_min_clipped": -5.0,
+    "variance_type": "learned_range",
+    "timestep_spacing": "trailing",
+    "steps_offset": 1,
+    "time_shift_type": "linear",
+    "flow_shift": 3.0,
+    "use_dynamic_shifting": True,
+    "trained_betas": diffusers.DPMSolverMultistepScheduler().betas.tolist(),
+}
+OTHER_MODEL = {
+    "num_train_timesteps": 500,
+    "beta_start": 2e-4,
+    "beta_end": 0.03,
+    "beta_schedule": "scaled_linear",
+    "rescale_betas_zero_snr": True,
+    "use_flow_sigmas": True,
+}
+
+
+@pytest.mark.parametrize("key", [*DPM_KEYS, *OTHER_MODEL])
+def test_dpm_solver_v3_takes_every_key_of_a_dpm_config(key):
+    """DPMSolverV3Scheduler accepts every DPMSolverMultistepScheduler key: the placement,
+    thresholding and order keys mean what they mean there, ``algorithm_type`` and
+    ``solver_type`` are accepted and ignored (README), and schedule keys of another model are
+    refused by the EMS check."""
+    assert set(DPM_KEYS) | set(OTHER_MODEL) == set(
+        init_defaults(diffusers.DPMSolverMultistepScheduler)
+    )
+    if key in OTHER_MODEL:
+        with pytest.raises(ValueError, match="EMS were computed for"):
+            make("DPMSolverV3Scheduler", **{key: OTHER_MODEL[key]})
+    else:
+        scheduler = make("DPMSolverV3Scheduler", **{key: DPM_KEYS[key]})
+        scheduler.set_timesteps(8)
+        x = noise()
+        out = torch.cat([x, x], 1) if key == "variance_type" else x
+        assert torch.isfinite(scheduler.step(0.1 * out, scheduler.timesteps[0], x)[0]).all()
+    passed("DPMSolverV3Scheduler", f"DPM key {key}")
+
+
+def test_dpm_solver_v3_ignores_algorithm_and_solver_type():
+    plain = make("DPMSolverV3Scheduler")
+    other = make("DPMSolverV3Scheduler", algorithm_type="dpmsolver", solver_type="heun")
+    for scheduler in (plain, other):
+        scheduler.set_timesteps(6)
+    net = vp_net(plain)
+    assert torch.equal(loop(plain, net, noise()), loop(other, net, noise()))
+    with pytest.raises(ValueError, match="algorithm_type must be one of"):
+        make("DPMSolverV3Scheduler", algorithm_type="euler")
+    passed("DPMSolverV3Scheduler", "algorithm_type / solver_type ignored")
+
+
+def sd3_recipe():
+    """diffusers' own SD3 recipe: DPM-Solver on a FlowMatch config (which carries FlowMatch's
+    ``shift`` over, ignored by DPMSolverMultistepScheduler)."""
+    flow_match = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    options = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": 3.0}
+    return diffusers.DPMSolverMultistepScheduler.from_config(flow_match.config, **options)
+
+
+@pytest.mark.parametrize("name", list(ADAPTERS))
+@pytest.mark.parametrize("saved", [False, True])
+def test_the_sd3_recipe_swaps_in_one_line(name, saved, tmp_path):
+    """``Adapter.from_config(pipe.scheduler.config)`` after diffusers' SD3 recipe: the
+    carried-over ``shift`` is ignored as diffusers ignores it (given as a keyword, it is
+    refused); the loop equals the sibling on the same config (DDIM: DPM-Solver++ of order 1,
+    which it is, with x0 unclipped in flow space); v3 runs with a flow model's EMS."""
+    dpm = sd3_recipe()
+    config = dpm.config
+    if saved:
+        dpm.save_config(tmp_path)
+        config = diffusers.DPMSolverMultistepScheduler.load_config(tmp_path)
+    extra = {"ems_path": str(load_model("digits-flow").ems_path)} if "V3" in name else {}
+    ours = ADAPTERS[name].from_config(config, **extra)
+    with pytest.raises(ValueError, match="shift"):
+        ADAPTERS[name].from_config(config, shift=2.0, **extra)
+    if name == "DPMSolverV3Scheduler":
+        ours.set_timesteps(10)
+        dpm.set_timesteps(10)
+        assert torch.equal(ours.timesteps, dpm.timesteps)
+        assert torch.isfinite(loop(ours, flow_net(), noise())).all()
+    else:
+        sibling = "DPMSolverMultistepScheduler" if "DDIM" in name else SIBLING[name].__name__
+        order = {"solver_order": 1} if "DDIM" in name else {}
+        cls = getattr(diffusers, sibling)
+        assert ours.config.get("clip_sample", False) is False
+        assert_matches(ours, lambda: cls.from_config(config, **order), flow_net(), 10)
+    passed(name, f"SD3 recipe swap{' (saved config)' if saved else ''}")
 
 
 # ---------------------------------------------------------------------------------------

@@ -13,9 +13,12 @@ Usage — one line, for any pipeline (SD, SDXL, SD3, Flux, DDPM, …)::
 ``DiffsolveDPMSolverPPScheduler`` → ``DPMSolverMultistepScheduler`` (``algorithm_type``
 ``dpmsolver++`` or ``dpmsolver``), ``DiffsolveUniPCScheduler`` → ``UniPCMultistepScheduler``,
 ``DiffsolveDEISScheduler`` → ``DEISMultistepScheduler``; ``DPMSolverV3Scheduler`` places its
-steps as ``DPMSolverMultistepScheduler``. It takes the sibling's config keys and honours each
-one or refuses it with a ``ValueError`` naming it (:mod:`.config`); the constructor and
-``from_config`` accept the same keys.
+steps as ``DPMSolverMultistepScheduler``. It takes every key of the sibling's config and
+honours each one, refuses it with a ``ValueError`` naming it, or — where its solver has no
+such choice (v3's ``algorithm_type`` and ``solver_type``) — accepts and ignores it
+(:mod:`.config`); the constructor and ``from_config`` accept the same keys. Keys a config
+only carries over from another scheduler's (FlowMatch's ``shift`` after diffusers' SD3
+recipe) are ignored where the step-placing scheduler has none, as diffusers ignores them.
 
 * **Steps.** ``set_timesteps`` builds the sibling from the same config and uses its
   ``timesteps`` and ``sigmas`` (:mod:`.timesteps`): ``timestep_spacing``, ``steps_offset``,
@@ -33,8 +36,11 @@ one or refuses it with a ``ValueError`` naming it (:mod:`.config`); the construc
   time, applies ``thresholding`` / ``clip_sample`` to :math:`\hat x_0` as the sibling does,
   and advances the solver's float64 coefficient plan (:mod:`.outputs`). DDIM's ``eta`` and
   ``use_clipped_model_output`` follow diffusers' DDIM, noise drawn from ``generator`` (or
-  ``variance_noise``). The first step of a loop without ``set_begin_index`` starts where its
-  timestep is; ``set_timesteps`` leaves no state from an earlier loop (diffusers #8711).
+  ``variance_noise``). A step finds its place as diffusers does (:mod:`.position`): the
+  first step of a loop without ``set_begin_index`` starts where its timestep is (an unknown
+  timestep is the last step, a repeated first timestep the first), later ones follow the
+  counter; DDIM steps from any timestep. ``set_timesteps`` leaves no state from an earlier
+  loop (diffusers #8711). UniPC's ``solver_p`` predicts in UniP's place.
 * **Attributes pipelines read.** ``timesteps`` (int64 for VP, as diffusers), ``sigmas``,
   ``init_noise_sigma = 1``, ``order = 1``, ``betas``, ``alphas``, ``alphas_cumprod``,
   ``index_for_timestep``, ``begin_index``, ``step_index``, ``add_noise``,
@@ -58,11 +64,17 @@ noise-space UniPC return :math:`\hat x_0` where diffusers returns NaN at a final
 small-step value :math:`\rho = 1/2` to that infinite λ-step); a timestep the sibling repeats
 (DPM-Solver's ``linspace`` placement at 1000 steps, DEIS' repeated last sigma) is a
 zero-length step that returns its sample, where diffusers divides by the zero step length
-(NaN at 1000 steps); DDIM steps to the next listed timestep where diffusers' DDIM steps
-``N // n`` back (``timestep_spacing="linspace"`` or ``"trailing"`` with ``n`` not dividing
-``N``), and keeps a positive :math:`\bar\alpha` at a zero terminal SNR where diffusers'
-DDIM uses 0; the state is kept in at least float32 between steps. Refused: the SDE
-``algorithm_type``\ s and ``stochastic_sampling``.
+(NaN at 1000 steps) — except UniPC's repeated last σ, where UniC corrects the last step with
+the evaluation there, as in diffusers; DDIM steps to the next listed timestep where
+diffusers' DDIM steps ``N // n`` back (``timestep_spacing="linspace"`` or ``"trailing"``
+with ``n`` not dividing ``N``; from a timestep that is not listed, to the first grid point
+below it), and keeps a positive :math:`\bar\alpha` at a zero terminal SNR where diffusers'
+DDIM uses 0;
+the state is kept in at least float32 between steps; diffusers' float32 :math:`\bar\alpha`
+is continued by diffsolve's float64 values where it underflows. Refused: the SDE
+``algorithm_type``\ s and ``stochastic_sampling``; betas outside (0, 1); a placement past the
+trained timesteps (``leading`` + ``steps_offset=1`` at 999–1000 steps), naming the keys
+and the step count that works.
 
 **DPM-Solver-v3's statistics for a pipeline.** :func:`ems_for_pipeline` estimates them for
 a pipeline's UNet or SD3 transformer under fixed text embeddings (:mod:`.pipelines`), and

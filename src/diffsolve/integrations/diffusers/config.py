@@ -15,7 +15,9 @@ Every key an adapter takes is **honoured** or **refused** with a ``ValueError`` 
   ``clip_sample``, ``clip_sample_range``) act on :math:`\hat x_0` as the sibling does;
 * *step keys* (:data:`STEP_KEYS`: UniPC's ``solver_p``) act on the step as the sibling's do;
 * *solver keys* (``solver_order``, ``solver_type``, ``algorithm_type``, …) become the solver's
-  options through its :class:`~diffsolve.solvers.registry.DiffusersMapping`.
+  options through its :class:`~diffsolve.solvers.registry.DiffusersMapping`; a sibling's
+  ``algorithm_type`` / ``solver_type`` that the solver has no choice of (DPM-Solver-v3) is
+  accepted and ignored (:data:`IGNORED`).
 
 Refused: the SDE variants of ``algorithm_type`` and FlowMatch's ``stochastic_sampling``
 (diffsolve's solvers are ODE solvers).
@@ -33,7 +35,7 @@ import torch
 from torch import Tensor
 
 from diffsolve.ode.schedule import NoiseSchedule, RectifiedFlow, VPDiscrete
-from diffsolve.solvers.registry import DiffusersMapping
+from diffsolve.solvers.registry import SIBLING_SOLVER_TYPES, DiffusersMapping
 
 _F64 = torch.float64
 
@@ -98,6 +100,14 @@ OUTPUT_KEYS = frozenset(
 #: Keys the adapter applies at each step itself: UniPC's ``solver_p`` (a diffusers scheduler
 #: that predicts in UniP's place; UniC still corrects).
 STEP_KEYS = frozenset({"solver_p"})
+#: Keys of a sibling's config an adapter accepts and ignores where its solver has no such
+#: choice (DPM-Solver-v3: its update is set by its statistics), with the values accepted:
+#: the sibling's own and those of the configs ``from_config`` takes over from other
+#: schedulers.
+IGNORED: dict[str, tuple[Any, ...]] = {
+    "algorithm_type": ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver", "deis"),
+    "solver_type": SIBLING_SOLVER_TYPES,
+}
 #: Values refused, with the reason.
 REFUSED: dict[str, dict[Any, str]] = {
     "algorithm_type": {
@@ -152,14 +162,35 @@ def adapter_keys(mapping: DiffusersMapping, needs: Sequence[str]) -> dict[str, A
         keys["algorithm_type"] = sibling.get("algorithm_type", next(iter(mapping.algorithms)))
     keys.update({f"{need}_path": None for need in needs})
     keys.update({k: key.default for k, key in mapping.keys.items()})
+    for key in ignored_keys(mapping):
+        keys[key] = sibling[key]
     keys.update({"grid": None, "timestep_source": None})
     return keys
 
 
-def check_refused(config: Mapping[str, Any]) -> None:
-    """Raise for a refused value (:data:`REFUSED`) or an unknown ``variance_type``."""
+def ignored_keys(mapping: DiffusersMapping) -> list[str]:
+    """The :data:`IGNORED` keys of an adapter: its sibling's that its solver's mapping does
+    not take."""
+    taken = set(mapping.keys) | ({"algorithm_type"} if mapping.algorithms else set())
+    sibling = init_defaults(sibling_class(mapping.sibling))
+    return [key for key in IGNORED if key in sibling and key not in taken]
+
+
+def check_ignored(config: Mapping[str, Any], mapping: DiffusersMapping) -> None:
+    """An ignored key (:func:`ignored_keys`) must still hold one of its accepted values."""
+    for key in ignored_keys(mapping):
+        if config.get(key) not in IGNORED[key]:
+            raise ValueError(
+                f"{key} must be one of {list(IGNORED[key])} (accepted and ignored: this "
+                f"scheduler has no {key} choice), got {config.get(key)!r}"
+            )
+
+
+def check_refused(config: Mapping[str, Any], ignored: Sequence[str] = ()) -> None:
+    """Raise for a refused value (:data:`REFUSED`; not of an ``ignored`` key) or an unknown
+    ``variance_type``."""
     for key, values in REFUSED.items():
-        value = config.get(key)
+        value = None if key in ignored else config.get(key)
         if isinstance(value, (str, bool)) and value in values:
             raise ValueError(f"{key}={value!r}: {values[value]}")
     if config.get("variance_type") not in VARIANCE_TYPES:

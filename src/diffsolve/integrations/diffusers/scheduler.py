@@ -8,7 +8,7 @@ import inspect
 import math
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,11 +28,14 @@ from torch import Tensor
 from diffsolve.integrations.diffusers import position
 from diffsolve.integrations.diffusers.config import (
     FLOW_MATCH,
+    GRID_KEYS,
     SIBLINGS,
     adapter_keys,
     check_grid_keys,
+    check_ignored,
     check_refused,
     diffusers_schedule,
+    ignored_keys,
     init_defaults,
     sibling_class,
 )
@@ -87,6 +90,26 @@ class _ReplayModel:
         if self.calls > 1:
             raise RuntimeError("a multistep plan evaluated the model twice in one step")
         return self._prediction
+
+
+def _carried_over(config: Mapping[str, Any], source: str) -> list[str]:
+    """Grid keys a scheduler config only carries over from another scheduler's (diffusers
+    keeps the keys a class does not take in its config, and ignores them) that the
+    step-placing ``source`` does not take either. The config's own class is the diffusers
+    class its ``_class_name`` names (a saved config); a VP config built in code carries
+    FlowMatch's own keys over (diffusers' SD3 recipe: the ``shift`` in
+    ``DPMSolverMultistepScheduler.from_config(flow_match.config, use_flow_sigmas=True)``)."""
+    name = config.get("_class_name")
+    origin = getattr(diffusers, str(name), None) if name else None
+    if isinstance(origin, type):
+        theirs = set(init_defaults(origin))
+    elif name or _is_flow_match(dict(config)):  # an adapter's own config, or FlowMatch's
+        return []
+    else:
+        vp = [s for s in SIBLINGS if s != FLOW_MATCH]
+        theirs = set().union(*(init_defaults(sibling_class(s)) for s in vp))
+    placing = init_defaults(sibling_class(source))
+    return sorted(k for k in GRID_KEYS & set(config) if k not in theirs and k not in placing)
 
 
 def _is_flow_match(config: dict[str, Any]) -> bool:
@@ -188,19 +211,29 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any
     ) -> Any:
         """diffusers' ``from_config``; a flow-matching scheduler's config (SD3, Flux) becomes
-        rectified flow with velocity prediction and FlowMatch's step placement."""
+        rectified flow with velocity prediction and FlowMatch's step placement. A flow config
+        without ``clip_sample`` does not clip (x0 in flow space, often latents, is not in
+        [-1, 1]), and grid keys the config only carries over from another scheduler's (the
+        ``shift`` of a FlowMatch config in the ``DPMSolverMultistepScheduler`` config of
+        diffusers' SD3 recipe) are ignored where the step-placing scheduler has none, as
+        diffusers ignores them; passed as keywords, they are checked."""
         config = dict(config or {})
         if "timestep_source" not in config and _is_flow_match(config):
             config.update(prediction_type="flow_prediction", timestep_source=FLOW_MATCH)
-            if "clip_sample" in inspect.signature(cls.__init__).parameters:
-                config.setdefault("clip_sample", False)  # FlowMatch does not clip
+        merged = {**config, **kwargs}
+        flow = _is_flow_match(config) or bool(merged.get("use_flow_sigmas"))
+        if flow and "clip_sample" in inspect.signature(cls.__init__).parameters:
+            config.setdefault("clip_sample", False)
+        for key in _carried_over(config, cls._source_of(merged)):
+            del config[key]
         return super().from_config(config, return_unused_kwargs, **kwargs)
 
     def _setup(self) -> None:
         """Check every key, build the step-placing sibling, the schedule and the solver's
         needs; no plan until :meth:`set_timesteps`."""
         c = self.config
-        check_refused(c)
+        check_refused(c, ignored_keys(self.mapping))
+        check_ignored(c, self.mapping)
         self._adopt_solver_keys()
         self._source = self._grid_source()
         if c.grid is not None:
@@ -228,12 +261,19 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
 
     def _grid_source(self) -> str:
         """The diffusers scheduler whose ``set_timesteps`` places the steps."""
-        c = self.config
-        if c.timestep_source is not None:
-            check_choice(c.timestep_source, SIBLINGS, "timestep_source")
-            return str(c.timestep_source)
-        sibling = self.mapping.sibling
-        if c.use_flow_sigmas and "use_flow_sigmas" not in init_defaults(sibling_class(sibling)):
+        return self._source_of(self.config)
+
+    @classmethod
+    def _source_of(cls, config: Mapping[str, Any]) -> str:
+        """The step-placing scheduler of a config: ``timestep_source``, else the sibling
+        (DPM-Solver's for flow sigmas where the sibling has none)."""
+        source = config.get("timestep_source")
+        if source is not None:
+            check_choice(source, SIBLINGS, "timestep_source")
+            return str(source)
+        sibling = cls.mapping.sibling
+        has_flow = "use_flow_sigmas" in init_defaults(sibling_class(sibling))
+        if config.get("use_flow_sigmas") and not has_flow:
             return "DPMSolverMultistepScheduler"  # DDIM has no flow sigmas
         return sibling
 
