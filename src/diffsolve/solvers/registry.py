@@ -323,7 +323,7 @@ def schedule_grid_kind(schedule: NoiseSchedule, order: int = 2) -> str:
       (:meth:`~diffsolve.ode.schedule.VPDiscrete.for_prediction`: cosine betas, from
       λ = -5.1): the same as EDM. There x̂₀ = (x − σε̂)/α
       amplifies the network's error up to 164-fold, which a time grid's first step
-      (λ -5.1 → -2.5) integrates in one piece: 10-20x the error of a σ-spaced grid at
+      (λ -5.1 → -2.5) integrates in one piece: 6-18x the error of a σ-spaced grid at
       10-20 NFE on a cosine ε-prediction UNet;
     * otherwise time-based: ``time_quadratic`` where SNR 1 sits in the clean 40% of the time
       range (:func:`snr_one_position`: linear-β VP, zero terminal SNR), packing steps
