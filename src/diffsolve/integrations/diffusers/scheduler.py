@@ -54,7 +54,7 @@ from diffsolve.ode.model import ModelWrapper, Prediction, normalize_prediction
 from diffsolve.ode.plan import Plan, Solver, State
 from diffsolve.ode.sampling import state_dtype
 from diffsolve.ode.schedule import NoiseSchedule, VPDiscrete
-from diffsolve.solvers.engine import check_choice
+from diffsolve.solvers.engine import MultistepStep, StepPlan, check_choice
 from diffsolve.solvers.registry import NEEDS, DiffusersMapping, solver_classes
 
 GRID_KINDS = tuple(grids.GRIDS)
@@ -147,6 +147,23 @@ def _fit(solver: Solver, steps: int, trailing: int) -> Solver:
     if trailing and "final_corrector" in names and getattr(solver, "corrector", True):
         changes["final_corrector"] = True
     return replace(solver, **changes) if changes else solver  # type: ignore[type-var]
+
+
+def _second_order_last(plan: Plan[State], solver: Solver, moving: Tensor) -> Plan[State]:
+    """Before a repeated last point, diffusers' ``lower_order_final`` lowers the last real
+    step to order 2 at most (its zero-length step counts as the last): that step's
+    predictor, and the final corrector after it, from the same solver at order 2."""
+    n = moving.numel() - 1
+    if solver.order < 3 or not isinstance(plan, StepPlan):
+        return plan
+    low = replace(solver, order=2).plan(plan.schedule, moving)  # type: ignore[type-var]
+    assert isinstance(low, StepPlan)
+    steps = list(plan.steps)
+    last, lowered = steps[n - 1], low.steps[n - 1]
+    if not (isinstance(last, MultistepStep) and isinstance(lowered, MultistepStep)):
+        return plan
+    steps[n - 1] = replace(last, predictor=lowered.predictor)
+    return StepPlan(plan.schedule, plan.grid, (*steps[:n], *low.steps[n:]))
 
 
 def _predictor(solver_p: Any) -> Any:
@@ -367,7 +384,8 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         """The solver for a loop of ``num_steps`` steps: the config's options, the order
         capped at the number of steps, diffusers' rule for ``lower_order_final``. With
         ``trailing`` zero-length last steps (DEIS repeats its last sigma), diffusers' lowered
-        last step is one of those, and the last real step keeps its order (up to 2)."""
+        last step is one of those, and the last real step keeps its order, at most 2
+        (:func:`_second_order_last`)."""
         options = self.mapping.options(self.config)
         if "order" in options:
             options["order"] = min(options["order"], num_steps)
@@ -529,9 +547,11 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         trailing = int(grid.numel() > 1 and bool(same[-1]))
         plan = None
         if moving.numel() > 1:  # else every step left is zero-length
-            solver = self.build_solver(len(self._steps.timesteps), trailing)
-            solver = _fit(solver, moving.numel() - 1, trailing)
+            n = len(self._steps.timesteps)
+            solver = _fit(self.build_solver(n, trailing), moving.numel() - 1, trailing)
             plan = solver.plan(self.schedule, moving)
+            if trailing and getattr(self.build_solver(n), "lower_order_final", False):
+                plan = _second_order_last(plan, solver, moving)
             if plan.num_steps is None or plan.nfe != plan.num_steps:
                 raise ValueError(
                     f"{type(self).__name__}: the solver must take one model evaluation per "
