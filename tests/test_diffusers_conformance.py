@@ -946,7 +946,7 @@ def test_thresholding_takes_every_value_diffusers_takes(name, ratio, max_value):
 # ---------------------------------------------------------------------------------------
 # Refusals
 REFUSALS = [
-    ({"algorithm_type": "sde-dpmsolver++"}, "algorithm_type", ["DiffsolveDPMSolverPPScheduler"]),
+    ({"algorithm_type": "sde-dpmsolver+"}, "algorithm_type", ["DiffsolveDPMSolverPPScheduler"]),
     ({"stochastic_sampling": True}, "stochastic_sampling", list(ADAPTERS)),
     ({"variance_type": "weird"}, "variance_type", list(ADAPTERS)),
     ({"timestep_source": "EulerDiscreteScheduler"}, "timestep_source", list(ADAPTERS)),

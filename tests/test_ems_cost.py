@@ -3,6 +3,8 @@ short calibration on the run's device, and a refusal without ``--yes`` beyond on
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -39,7 +41,8 @@ def test_ems_prints_its_projection_first(tmp_path):
     output = run("ems", "--samples", "4", "--grid", "4", "--bandwidth", "0", "--out", out, code=0)
     line = next(text for text in output.splitlines() if text.startswith("Projected: "))
     assert "5 λ × 4 samples × 2 JVPs = 40 JVPs" in line
-    assert "ms/JVP-sample (batch 4 on cpu) → " in line
+    # the calibration batch depends on the measured time (2 or 4 on a loaded machine)
+    assert re.search(r"ms/JVP-sample \(batch \d+ on cpu\) → ", line), line
     assert output.index("Projected: ") < output.index("EMS (K=4, N=4")
     assert out.is_file()
 

@@ -70,6 +70,11 @@ class DPMSolverPP(DPMSolver):
             "lower_order_final": ConfigKey(True, "lower_order_final"),
             "euler_at_final": ConfigKey(False, "euler_at_final"),
         },
-        algorithms={"dpmsolver++": "dpm-solver++", "dpmsolver": "dpm-solver"},
+        algorithms={
+            "dpmsolver++": "dpm-solver++",
+            "dpmsolver": "dpm-solver",
+            "sde-dpmsolver++": "sde-dpm-solver++",
+            "sde-dpmsolver": "sde-dpm-solver",
+        },
         lower_order_final_below=15,
     )

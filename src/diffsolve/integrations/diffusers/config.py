@@ -110,11 +110,6 @@ IGNORED: dict[str, tuple[Any, ...]] = {
 }
 #: Values refused, with the reason.
 REFUSED: dict[str, dict[Any, str]] = {
-    "algorithm_type": {
-        name: "the SDE variants are not implemented (diffsolve's solvers are ODE solvers); "
-        "use 'dpmsolver++' or 'dpmsolver'"
-        for name in ("sde-dpmsolver", "sde-dpmsolver++")
-    },
     "stochastic_sampling": {
         True: "stochastic sampling is not implemented (diffsolve's solvers are ODE solvers)"
     },

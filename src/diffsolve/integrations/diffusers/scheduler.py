@@ -612,8 +612,9 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
             eta: DDIM's stochasticity (DDIM adapters; 0 elsewhere).
             use_clipped_model_output: DDIM: recompute :math:`\\hat\\epsilon` from the clipped
                 :math:`\\hat x_0` (DDIM adapters; ``None``/``False`` elsewhere).
-            generator: Draws the noise of ``eta > 0``.
-            variance_noise: The noise of ``eta > 0`` itself, instead of drawing it.
+            generator: Draws the noise of ``eta > 0`` (DDIM) or of a stochastic solver's
+                step (``algorithm_type="sde-dpmsolver++"``), as diffusers draws it.
+            variance_noise: That noise itself, instead of drawing it.
             return_dict: Return a :class:`DiffsolveSchedulerOutput` (else a tuple).
 
         The step runs under ``torch.no_grad()`` unless :attr:`differentiable` is set.
@@ -628,6 +629,7 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
             base = state.x
             if i is not None and i not in self._skipped:
                 assert self._plan is not None
+                state = self._with_noise(state, model_output, generator, variance_noise)
                 state = self._plan.step(_ReplayModel(self.schedule, used), state)
                 base = state.x_prev if state.x_prev is not None else base
             if self.mapping.sibling == "DDIMScheduler":
@@ -648,6 +650,29 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         return DiffsolveSchedulerOutput(
             prev_sample=prev, pred_original_sample=used.x0.to(sample.dtype)
         )
+
+    def _with_noise(
+        self,
+        state: State,
+        model_output: Tensor,
+        generator: torch.Generator | list[torch.Generator] | None,
+        variance_noise: Tensor | None,
+    ) -> State:
+        """A stochastic solver's state with this step's noise: ``variance_noise``, or one
+        float32 draw from ``generator`` shaped like ``model_output`` — diffusers' draw, at
+        every step, so the same generator gives the same samples."""
+        if not getattr(self._plan, "stochastic", False):
+            return state
+        if variance_noise is None:
+            shape, device = model_output.shape, model_output.device
+            noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        else:
+            noise = variance_noise.to(model_output.device, torch.float32)
+
+        def source(step: int, like: Tensor, draw: int = 0) -> Tensor:
+            return noise.to(like.device, like.dtype).reshape(like.shape)
+
+        return replace(state, noise=source)
 
     def _check_step_options(self, eta: float, use_clipped: bool | None) -> None:
         if self.mapping.sibling == "DDIMScheduler":
