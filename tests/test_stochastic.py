@@ -317,3 +317,14 @@ def test_guidance_wraps_a_stochastic_sampler(tmp_path):
     first = run("a")
     assert np.isfinite(first).all()
     np.testing.assert_array_equal(run("b"), first)
+
+
+def test_tune_refuses_a_stochastic_solver(tmp_path):
+    from click.testing import CliRunner
+
+    from diffsolve.app.cli import main
+
+    args = ["tune", "--model", "digits", "--solver", "ddpm", "--nfe", "5"]
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "t.json")])
+    assert result.exit_code != 0 and "is stochastic" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "t.json").exists()

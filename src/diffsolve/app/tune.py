@@ -445,8 +445,15 @@ def schedule_fingerprint(model: Any) -> str | None:
 def _solver(
     model: Any, solver: str, nfe: int, context: SolverContext | None
 ) -> tuple[Solver, Tensor]:
+    spec = preset(solver)
+    if spec.solver is not None and spec.solver.stochastic:
+        raise ValueError(
+            f"tune fits step schedules of deterministic solvers to their ODE solution; "
+            f"{solver} is stochastic (a sample is not a function of its start): tune its "
+            "deterministic counterpart (e.g. dpm-solver++-2m) and compare FD with `bench`"
+        )
     if context is None and hasattr(model, "solver_context"):
-        context = model.solver_context(preset(solver).needs)
+        context = model.solver_context(spec.needs)
     return setup_solver(solver, model.schedule, nfe, context=context)
 
 
