@@ -290,3 +290,46 @@ def test_a_killed_stochastic_run_resumes_bit_for_bit(tmp_path):
 def merged_after(out: Path, run: RunConfig) -> np.ndarray:
     run_sampling(run)
     return merged(out)[0]
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"WORLD_SIZE": "2"}, "RANK is not set"),
+        ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not an integer"),
+        ({"WORLD_SIZE": "2", "RANK": "0"}, "MASTER_ADDR is not set"),
+        ({"WORLD_SIZE": "2", "RANK": "7", "MASTER_ADDR": "x", "MASTER_PORT": "1"}, "RANK=7"),
+        ({"WORLD_SIZE": "0"}, "must be >= 1"),
+    ],
+)
+def test_torchrun_environment_is_checked_before_any_group(monkeypatch, env, message):
+    from diffsolve.app.scale import LaunchError, distributed
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(LaunchError, match=message), distributed():
+        pass
+
+
+def test_a_missing_peer_ends_the_run_with_a_message(monkeypatch):
+    """A rank whose peers never come gives up after the join timeout (60 s; 2 s here),
+    naming what to start — not after torch's 24 h default."""
+    import socket
+    from datetime import timedelta
+
+    from diffsolve.app import scale
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(scale, "JOIN_TIMEOUT", timedelta(seconds=2))
+    with (
+        pytest.raises(scale.SamplingError, match="did not all join within 2 s"),
+        scale.distributed(),
+    ):
+        pass

@@ -298,6 +298,19 @@ def usage_errors() -> Iterator[None]:
         raise click.ClickException(f"{err.strerror or err}{where}") from None
 
 
+@contextmanager
+def joined() -> Iterator[Any]:
+    """torchrun's process group (:func:`~diffsolve.app.scale.distributed`) for a command;
+    a run that cannot start or go on ends with its one-line message."""
+    from diffsolve.app.scale import SamplingError, distributed
+
+    try:
+        with distributed() as dist:
+            yield dist
+    except SamplingError as err:
+        raise click.ClickException(str(err)) from None
+
+
 def refuse_unused(ctx: click.Context, used: set[str], mode: str) -> None:
     """Options given on the command line that ``mode`` does not use are an error, not
     silently ignored."""
@@ -1030,9 +1043,7 @@ def ems_command(
     guided model). The projected cost — JVPs and wall time, from a short calibration run on
     --device — is printed first; over one hour needs --yes.
     """
-    import os
-
-    from diffsolve.app.scale import check_device, distributed
+    from diffsolve.app.scale import check_device, torchrun_world
     from diffsolve.stats.ems import cost
     from diffsolve.stats.ems.compute import check_recipe, checkpoint_files, compute_ems
 
@@ -1054,11 +1065,11 @@ def ems_command(
             data,
             device=device,
             conditioning=conditioning,
-            processes=int(os.environ.get("WORLD_SIZE", "1")),
+            processes=torchrun_world()[1],
             **{k: options[k] for k in ("samples", "grid_size", "batch_size", "jvp")},
             **{k: options[k] for k in ("t_start", "t_end")},
         )
-    with distributed() as dist:
+    with joined() as dist:
         estimate = cost.agree(estimate)
         if dist.rank == 0:
             click.echo(f"Projected: {estimate}", err=True)

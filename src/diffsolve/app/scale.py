@@ -91,6 +91,10 @@ class SamplingError(RuntimeError):
     merge)."""
 
 
+class LaunchError(SamplingError, ValueError):
+    """torchrun's environment is not one a run can start from (a usage error)."""
+
+
 # ---------------------------------------------------------------------------------------
 # Seeds and shards
 def format_seeds(seeds: Sequence[int]) -> str:
@@ -341,11 +345,13 @@ class Distributed:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    #: The process group of the run's collectives (long timeout; ``None``: the default).
+    group: Any = None
 
     def barrier(self) -> None:
         """Wait for every process (no-op when alone)."""
         if self.world_size > 1:
-            torch.distributed.barrier()
+            torch.distributed.barrier(group=self.group)
 
     def device(self, device: str) -> str:
         """``cuda`` becomes ``cuda:<local rank>`` under torchrun; other devices unchanged."""
@@ -356,7 +362,7 @@ class Distributed:
         if self.world_size == 1:
             return ok
         flag = torch.tensor([int(ok)])
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=self.group)
         return bool(flag.item())
 
 
@@ -387,22 +393,85 @@ def run_lock(out_dir: Path, dist: Distributed) -> Iterator[None]:
             handle.close()  # closing releases the flock
 
 
+#: How long a process waits for its torchrun peers to join the group before giving up.
+JOIN_TIMEOUT = timedelta(seconds=60)
+#: How long a barrier waits: ranks wait at the final one while the slowest finishes.
+BARRIER_TIMEOUT = timedelta(hours=24)
+_LAUNCH = (
+    "launch with torchrun (it sets RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) or unset WORLD_SIZE"
+)
+
+
+def _env_int(name: str, default: str | None = None) -> int:
+    """An integer torchrun variable, or a one-line error naming it."""
+    raw = os.environ.get(name, default)
+    if raw is None:
+        raise LaunchError(
+            f"{name} is not set but WORLD_SIZE asks for several processes; {_LAUNCH}"
+        )
+    try:
+        return int(raw)
+    except ValueError:
+        raise LaunchError(f"{name}={raw!r} is not an integer; {_LAUNCH}") from None
+
+
+def _long_waits() -> Any:
+    """Let the joined group's collectives wait :data:`BARRIER_TIMEOUT` (the final barrier
+    waits for the slowest rank; EMS sums are reduced when every rank is done): the default
+    group's timeout where torch can change it, else a new group (returned) for ours."""
+    set_timeout = getattr(torch.distributed.distributed_c10d, "_set_pg_timeout", None)
+    if set_timeout is not None:
+        try:
+            set_timeout(BARRIER_TIMEOUT)
+            return None
+        except (RuntimeError, ValueError, AttributeError):
+            pass
+    return torch.distributed.new_group(timeout=BARRIER_TIMEOUT)
+
+
+def torchrun_world() -> tuple[int, int, int]:
+    """``(rank, world size, local rank)`` from torchrun's environment, checked before any
+    process group is created (``(0, 1, 0)`` without ``WORLD_SIZE``)."""
+    world = _env_int("WORLD_SIZE", "1")
+    if world < 1:
+        raise LaunchError(f"WORLD_SIZE={world} must be >= 1; {_LAUNCH}")
+    if world == 1:
+        return 0, 1, 0
+    rank = _env_int("RANK")
+    local_rank = _env_int("LOCAL_RANK", str(rank))
+    if not 0 <= rank < world:
+        raise LaunchError(
+            f"RANK={rank} must lie in 0..{world - 1} (WORLD_SIZE={world}); {_LAUNCH}"
+        )
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if not os.environ.get(name):
+            raise LaunchError(f"{name} is not set (WORLD_SIZE={world}); {_LAUNCH}")
+    return rank, world, local_rank
+
+
 @contextmanager
 def distributed() -> Iterator[Distributed]:
     """Join torchrun's process group when ``WORLD_SIZE > 1`` (gloo: the group only provides
-    barriers, so it works for CPU and GPU sampling alike); otherwise a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    barriers, so it works for CPU and GPU sampling alike); otherwise a single process. The
+    environment is checked first; peers that do not join within :data:`JOIN_TIMEOUT` end the
+    run with a message (barriers then wait up to :data:`BARRIER_TIMEOUT`)."""
+    rank, world, local_rank = torchrun_world()
+    if world == 1:
         yield Distributed()
         return
     if not torch.distributed.is_available():
         raise SamplingError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    # long timeout: ranks wait at the final barrier while the slowest finishes its shards
-    torch.distributed.init_process_group("gloo", timeout=timedelta(hours=24))
     try:
-        yield Distributed(rank, world, local_rank)
+        torch.distributed.init_process_group("gloo", timeout=JOIN_TIMEOUT)
+    except Exception as err:  # torch raises DistStoreError, RuntimeError or ValueError here
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SamplingError(
+            f"rank {rank}: the {world} torchrun processes did not all join within "
+            f"{JOIN_TIMEOUT.seconds} s ({first[:200]}); start all of them "
+            f"(torchrun --nproc_per_node {world}) with the same MASTER_ADDR and MASTER_PORT"
+        ) from None
+    try:
+        yield Distributed(rank, world, local_rank, _long_waits())
     finally:
         torch.distributed.destroy_process_group()
 
