@@ -17,6 +17,8 @@ P`` unless its source says otherwise.
 
 from __future__ import annotations
 
+import pickle
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,22 +36,59 @@ SELF_NFE = 50
 
 
 def load_array(source: str, option: str = "--data") -> Tensor:
-    """An array file ``.pt`` / ``.npy`` / ``.npz`` (its first array) as a float32 tensor."""
+    """An array file ``.pt`` / ``.npy`` / ``.npz`` (its first array) as a float32 tensor; a
+    file that is not one, holds none, or holds NaN or inf is a one-line ``ValueError``."""
     path = Path(source)
+    if path.suffix not in (".pt", ".npy", ".npz"):
+        raise ValueError(
+            f"{option}: unsupported file type {path.suffix!r} (use .pt, .npy or .npz)"
+        )
+    try:
+        array = _read_array(path, f"{option} {source}")
+    except (
+        OSError,
+        EOFError,
+        ValueError,
+        RuntimeError,
+        zipfile.BadZipFile,
+        pickle.PickleError,
+    ) as err:
+        if isinstance(err, ValueError) and str(err).startswith(option):
+            raise
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        if path.suffix == ".pt":  # torch's weights-only refusal is a paragraph
+            reason = "no tensor saved with torch.save"
+        raise ValueError(
+            f"{option} {source}: not a readable {path.suffix} array file ({reason}); save one "
+            "array of shape (N, *sample shape) with numpy.save / numpy.savez / torch.save"
+        ) from None
+    if array.ndim == 0 or array.shape[0] == 0:
+        raise ValueError(f"{option} {source}: holds no samples (shape {tuple(array.shape)})")
+    bad = int((~torch.isfinite(array)).sum())
+    if bad:
+        raise ValueError(
+            f"{option} {source}: {bad} of {array.numel()} values are NaN or inf; clean the "
+            "data (statistics of non-finite data are meaningless)"
+        )
+    return array
+
+
+def _read_array(path: Path, name: str) -> Tensor:
+    """The first array of an array file, as float32 (raises what the readers raise)."""
     if path.suffix == ".pt":
         loaded = torch.load(path, weights_only=True)
         if not isinstance(loaded, Tensor):
             raise ValueError(
-                f"{option} {source}: holds a {type(loaded).__name__}, not a tensor; save the "
-                "array itself (torch.save(tensor, path))"
+                f"{name}: holds a {type(loaded).__name__}, not a tensor; save the array "
+                "itself (torch.save(tensor, path))"
             )
         return loaded.float()
-    if path.suffix in (".npy", ".npz"):
-        array = np.load(path)
-        if path.suffix == ".npz":
-            array = array[array.files[0]]
-        return torch.from_numpy(np.asarray(array, dtype=np.float32))
-    raise ValueError(f"{option}: unsupported file type {path.suffix!r} (use .pt, .npy or .npz)")
+    array = np.load(path, allow_pickle=False)
+    if path.suffix == ".npz":
+        if not array.files:
+            raise ValueError(f"{name}: the .npz holds no array; save one (numpy.savez)")
+        array = array[array.files[0]]
+    return torch.from_numpy(np.asarray(array, dtype=np.float32))
 
 
 def model_data(

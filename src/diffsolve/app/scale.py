@@ -874,6 +874,11 @@ def check_device(device: str) -> str:
         raise ValueError(f"--device {device}: only {count} GPU(s) here")
     if parsed.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {device}: MPS is not available here; use cpu")
+    if parsed.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ValueError(
+            f"--device {device}: {parsed.type} tensors hold no values to sample with; use cpu, "
+            "cuda, cuda:N or mps"
+        )
     return device
 
 

@@ -253,6 +253,8 @@ def dp_student(
     span = max(1, math.ceil(max_jump * last / max(1, steps - 1)))
     schedule = model.schedule
     starts = starts if starts is not None else {0: teacher.x}
+    # a path needs `steps` positive candidate times: a start too late cannot complete one
+    starts = {s: x for s, x in starts.items() if s + steps - 1 <= last} or {0: teacher.x}
     frontier: dict[int, tuple[list[int], State]] = {
         s: ([s], solver.plan(schedule, _path_grid(times, [s], steps)).init(x))
         for s, x in starts.items()
@@ -457,6 +459,19 @@ def _solver(
     return setup_solver(solver, model.schedule, nfe, context=context)
 
 
+def _check_budget(solver: str, default: Tensor, nfe: int, config: TuneConfig) -> None:
+    """A one-evaluation-per-step solver, and enough candidate times for its path."""
+    steps = default.numel() - 1
+    if float(default[-1]) != 0.0 or steps != nfe:
+        raise ValueError(f"tune: {solver} is not a one-evaluation-per-step solver")
+    if config.candidates < steps:
+        raise ValueError(
+            f"tune: --candidates {config.candidates} gives {config.candidates + 1} candidate "
+            f"times, too few for a path of {steps} steps (--nfe {nfe}); use --candidates >= "
+            f"{steps} (default {TuneConfig.candidates})"
+        )
+
+
 def _noise(model: Any, seeds: Sequence[int], t_start: float) -> Tensor:
     schedule: NoiseSchedule = model.schedule
     shape = model.data_shape if hasattr(model, "data_shape") else None
@@ -594,9 +609,7 @@ def tune_schedule(
     say = progress or (lambda line: None)
     began = time.perf_counter()
     base, default = _solver(model, solver, nfe, context)
-    steps = default.numel() - 1
-    if float(default[-1]) != 0.0 or steps != nfe:
-        raise ValueError(f"tune: {solver} is not a one-evaluation-per-step solver")
+    _check_budget(solver, default, nfe, config)
     schedule: NoiseSchedule = model.schedule
     teacher = _Teachers(model, config, float(default[0]), say)
     gaussian = _gaussian(model) if config.teleport else None
