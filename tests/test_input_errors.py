@@ -57,3 +57,11 @@ def test_tune_with_few_candidates(tmp_path):
     assert few.exit_code != 0 and "--candidates >= 5" in few.output
     enough = CliRunner().invoke(main, [*base, "--candidates", "5", "--out", str(tmp_path / "b")])
     assert enough.exit_code == 0, enough.output
+
+
+def test_ems_labels_on_an_unconditional_model_are_refused(tmp_path):
+    np.save(tmp_path / "labels.npy", np.zeros(1400, dtype=np.int64))
+    args = ["ems", "--model", "digits", "--labels", str(tmp_path / "labels.npy"), "--yes"]
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "e.safetensors")])
+    assert result.exit_code == 2 and "not class-conditional" in result.output
+    assert not (tmp_path / "e.safetensors").exists()

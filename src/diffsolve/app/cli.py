@@ -1056,7 +1056,7 @@ def ems_command(
         data, labels, source = _command_data(
             model, data_source, data_samples, options["seed"], guidance_scale
         )
-        point_labels = _labels(labels_source, labels, data, guidance_scale)
+        point_labels = _labels(labels_source, labels, data, guidance_scale, model.num_classes)
         if check:
             _quick_check(model, data, point_labels, source)
         conditioning = model.label_kwargs(point_labels)
@@ -1240,12 +1240,19 @@ def _labels(
     data_labels: torch.Tensor | None,
     data: torch.Tensor,
     scale: float = 1.0,
+    classes: int | None = None,
 ) -> torch.Tensor | None:
     """``--labels``: a file, else the labels the data came with (the digits', or each own
-    sample's label or prompt); guided statistics (``--scale``) need them."""
+    sample's label or prompt); guided statistics (``--scale``) need them. A file for a
+    model without classes (``classes``) is refused, not ignored."""
     from diffsolve.app.model_data import load_array
 
     labels = data_labels
+    if source is not None and not classes:
+        raise ValueError(
+            "--labels: this model is not class-conditional, so labels would be ignored; "
+            "drop --labels"
+        )
     if source is not None:
         if not Path(source).is_file():
             raise ValueError(f"--labels: {source!r} is not an existing file")
