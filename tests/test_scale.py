@@ -139,7 +139,8 @@ class KilledError(Exception):
     pass
 
 
-def test_killed_run_resumes_with_every_seed_once(tmp_path, reference):
+def killed_after_two_shards(run: RunConfig) -> list[Path]:
+    """Run ``run`` and "kill" it once its second shard is written; the shards written."""
     written: list[Path] = []
 
     def kill_after_two(path: Path) -> None:
@@ -148,7 +149,12 @@ def test_killed_run_resumes_with_every_seed_once(tmp_path, reference):
             raise KilledError
 
     with pytest.raises(KilledError):
-        run_sampling(config(tmp_path, batch_size=3), on_shard=kill_after_two)
+        run_sampling(run, on_shard=kill_after_two)
+    return written
+
+
+def test_killed_run_resumes_with_every_seed_once(tmp_path, reference):
+    written = killed_after_two_shards(config(tmp_path, batch_size=3))
     assert not (tmp_path / "samples.npz").exists()
     # a write torn by the kill: the temporary file of the third shard
     torn = tmp_path / ".shard-00000016.npz.diffsolve-x1y2.tmp"
@@ -269,27 +275,15 @@ def test_a_killed_stochastic_run_resumes_bit_for_bit(tmp_path):
     whole_dir, resumed_dir = tmp_path / "whole", tmp_path / "resumed"
     sde = {"solver": "dpm-solver++-2m-sde"}
     run_sampling(config(whole_dir, batch_size=3, **sde))
-    written: list[Path] = []
-
-    def kill_after_two(path: Path) -> None:
-        written.append(path)
-        if len(written) == 2:
-            raise KilledError
-
-    with pytest.raises(KilledError):
-        run_sampling(config(resumed_dir, batch_size=3, **sde), on_shard=kill_after_two)
+    written = killed_after_two_shards(config(resumed_dir, batch_size=3, **sde))
     report = run_sampling(config(resumed_dir, batch_size=3, **sde))
     assert report.skipped == written
     whole, resumed = merged(whole_dir), merged(resumed_dir)
     np.testing.assert_array_equal(resumed[1], whole[1])
     np.testing.assert_array_equal(resumed[0], whole[0])  # bit for bit
-    deterministic = merged_after(tmp_path / "ode", config(tmp_path / "ode", batch_size=20))
+    run_sampling(config(tmp_path / "ode", batch_size=20))
+    deterministic = merged(tmp_path / "ode")[0]
     assert np.abs(deterministic - whole[0]).max() > 1e-3  # the noise is really drawn
-
-
-def merged_after(out: Path, run: RunConfig) -> np.ndarray:
-    run_sampling(run)
-    return merged(out)[0]
 
 
 @pytest.mark.parametrize(

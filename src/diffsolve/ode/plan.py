@@ -126,8 +126,14 @@ class Solver(ABC):
         """Validate ``grid`` once and compute this solver's float64 coefficient plan.
 
         ``inverse=True`` takes a strictly *increasing* grid (clean to noisy): the same
-        coefficients with negative λ-steps integrate the ODE backwards (inversion).
+        coefficients with negative λ-steps integrate the ODE backwards (inversion); a
+        stochastic solver refuses it.
         """
+        if inverse and self.stochastic:
+            raise ValueError(
+                f"{type(self).__name__} is a stochastic sampler: it cannot invert (integrate "
+                "toward noise); invert with a deterministic solver (e.g. ddim)"
+            )
         ts = validate_grid(schedule, grid, allow_increasing=inverse)
         if inverse and not bool(ts[-1] > ts[0]):
             raise ValueError(

@@ -216,11 +216,6 @@ def sample(
     reset = getattr(model, "reset", None)
     if callable(reset):  # stateful model wrappers (e.g. APG momentum) start every run afresh
         reset()
-    if noise is not None:
-        initial_state = replace(
-            initial_state or plan.init(x_start.to(state_dtype(x_start.dtype))),
-            noise=as_noise_source(noise),
-        )
     with contextlib.nullcontext() if grad else torch.no_grad():
         return _run(
             plan,
@@ -229,6 +224,7 @@ def sample(
             initial_state,
             denoise_to_zero,
             _Reporting(callback, progress, return_intermediates, check_finite),
+            None if noise is None else as_noise_source(noise),
         )
 
 
@@ -262,10 +258,14 @@ def _run(
     initial_state: State | None,
     denoise_to_zero: bool,
     report: _Reporting,
+    noise: NoiseSource | None = None,
 ) -> SampleOutput:
-    """The loop of :func:`sample`."""
+    """The loop of :func:`sample` (``noise``: where stochastic steps draw, carried by the
+    state)."""
     out_dtype = x_start.dtype
     state: State = initial_state or plan.init(x_start.to(state_dtype(out_dtype)))
+    if noise is not None:
+        state = replace(state, noise=noise)
     watch = FinitenessWatch(out_dtype, report.check_finite)
     result = SampleOutput(x=x_start, nfe=0)
     if report.return_intermediates:

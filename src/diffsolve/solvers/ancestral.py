@@ -42,7 +42,6 @@ from diffsolve.solvers.engine import (
     StageStep,
     StepPlan,
     Update,
-    check_not_inverse,
 )
 from diffsolve.solvers.registry import Preset, register
 
@@ -86,37 +85,45 @@ def euler_ancestral_update(at: GridValues, i: int, eta: float) -> Update:
     return Update(a_t * down / s_s, (a_t * (1.0 - down * a_s / s_s),), "data", noise=a_t * up)
 
 
+@dataclass(frozen=True)
+class _Ancestral(Solver):
+    """One evaluation per step, each taking :attr:`step_update` (fresh noise scaled by
+    ``eta``); a step to clean data returns :math:`\\hat x_0`."""
+
+    eta: float = 1.0
+    order: int = 1
+
+    stochastic: ClassVar[bool] = True
+    #: ``(grid values, step index, eta) -> Update`` of the method.
+    step_update: ClassVar[Callable[[GridValues, int, float], Update]]
+
+    def __post_init__(self) -> None:
+        _check_eta(self.eta, type(self).__name__)
+
+    def build_plan(self, schedule: NoiseSchedule, grid: Tensor) -> StepPlan:
+        update = type(self).step_update
+        return single_plan(GridValues.of(schedule, grid), lambda at, i: update(at, i, self.eta))
+
+
 @register
 @dataclass(frozen=True)
-class DDPM(Solver):
+class DDPM(_Ancestral):
     """DDPM / DDIM-η ancestral sampling; one evaluation per step.
 
     Args:
         eta: Posterior noise scale in [0, 1] (1: DDPM; 0: DDIM, deterministic).
     """
 
-    eta: float = 1.0
-    order: int = 1
-
-    stochastic: ClassVar[bool] = True
     name: ClassVar[str] = "ddpm"
     presets: ClassVar[tuple[Preset, ...]] = (
         Preset("ddpm", "DDPM ancestral sampling (DDIM with eta = 1; stochastic)"),
     )
-
-    def __post_init__(self) -> None:
-        _check_eta(self.eta, "DDPM")
-
-    def build_plan(self, schedule: NoiseSchedule, grid: Tensor) -> StepPlan:
-        check_not_inverse(grid, "DDPM")
-        return single_plan(
-            GridValues.of(schedule, grid), lambda at, i: ddpm_update(at, i, self.eta)
-        )
+    step_update = ddpm_update
 
 
 @register
 @dataclass(frozen=True)
-class EulerAncestral(Solver):
+class EulerAncestral(_Ancestral):
     """Euler ancestral (k-diffusion, diffusers' ``EulerAncestralDiscreteScheduler``); one
     evaluation per step.
 
@@ -124,19 +131,8 @@ class EulerAncestral(Solver):
         eta: Share of the step's noise that is fresh (1: k-diffusion's default).
     """
 
-    eta: float = 1.0
-    order: int = 1
-
-    stochastic: ClassVar[bool] = True
     name: ClassVar[str] = "euler-ancestral"
     presets: ClassVar[tuple[Preset, ...]] = (
         Preset("euler-ancestral", "Euler ancestral, eta = 1 (k-diffusion; stochastic)"),
     )
-
-    def __post_init__(self) -> None:
-        _check_eta(self.eta, "EulerAncestral")
-
-    def build_plan(self, schedule: NoiseSchedule, grid: Tensor) -> StepPlan:
-        check_not_inverse(grid, "EulerAncestral")
-        at = GridValues.of(schedule, grid)
-        return single_plan(at, lambda at, i: euler_ancestral_update(at, i, self.eta))
+    step_update = euler_ancestral_update

@@ -30,8 +30,8 @@ from torch import Tensor
 
 from diffsolve.ode.plan import Solver
 from diffsolve.ode.schedule import NoiseSchedule
-from diffsolve.solvers.engine import GridValues, StageStep, StepPlan, Update, check_not_inverse
-from diffsolve.solvers.euler_heun import edm_values, euler_update, heun_update
+from diffsolve.solvers.engine import GridValues, StageStep, StepPlan, Update
+from diffsolve.solvers.euler_heun import edm_values, euler_update, heun_steps, heun_update
 from diffsolve.solvers.registry import Preset, register
 
 
@@ -58,7 +58,7 @@ class EDMStochastic(Solver):
         Preset(
             "edm-sde",
             "EDM Algorithm 2: churn (S_churn 40, ImageNet-64 settings) + Heun; stochastic",
-            steps=lambda nfe: (nfe + 1) // 2,
+            steps=heun_steps,
             grid="karras",
         ),
     )
@@ -72,7 +72,6 @@ class EDMStochastic(Solver):
             )
 
     def build_plan(self, schedule: NoiseSchedule, grid: Tensor) -> StepPlan:
-        check_not_inverse(grid, "EDMStochastic")
         at = GridValues.of(schedule, grid)
         rho_max = float(schedule.edm_sigma(schedule.t_max))
         steps = tuple(self._step(at, i, rho_max) for i in range(at.num_steps))

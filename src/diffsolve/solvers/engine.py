@@ -253,8 +253,8 @@ class MultistepStep:
         history = (Point(prediction, f), *state.history[: memory - 1])
         x, corrected = state.x, self.corrector is not None and state.x_prev is not None
         if corrected:  # into the previous corrector's output where that is the base
-            z = state.z if self.corrector.noise != 0.0 else None  # type: ignore[union-attr]
-            x = self.corrector.apply(state.x_prev, history, in_place=state.owns_x_prev, z=z)  # type: ignore[union-attr]
+            # a stochastic corrector (SA-Solver's) reuses its predictor's noise
+            x = self.corrector.apply(state.x_prev, history, in_place=state.owns_x_prev, z=state.z)  # type: ignore[union-attr]
         z = draw_noise(self.predictor, state, x)
         return State(
             x=self.predictor.apply(x, history, state.x_prev, z=z),
@@ -541,16 +541,6 @@ def check_order(order: int, allowed: Sequence[int], solver: str) -> None:
     """Raise a clear error when ``order`` is not one a solver implements."""
     if not isinstance(order, int) or isinstance(order, bool) or order not in allowed:
         raise ValueError(f"{solver}: order must be one of {list(allowed)}, got {order!r}")
-
-
-def check_not_inverse(grid: Tensor, solver: str) -> None:
-    """Refuse an increasing (inversion) grid for a stochastic sampler, which integrates
-    toward data only."""
-    if grid.numel() > 1 and bool(grid[-1] > grid[0]):
-        raise ValueError(
-            f"{solver} is a stochastic sampler: it cannot invert (integrate toward noise); "
-            "invert with a deterministic solver (e.g. ddim)"
-        )
 
 
 def check_choice(value: object, allowed: Sequence[object], argument: str) -> None:

@@ -45,6 +45,12 @@ def heun_update(a_i: float, rho_i: float, a_n: float, rho_n: float) -> Update:
     return Update(a_n / a_i * rho_n / rho_i, (w_d, w_d_prime), "data")
 
 
+def heun_steps(nfe: int) -> int:
+    """Grid steps for a budget of ``nfe`` evaluations of a Heun-type method: two per step,
+    one on the last (the Euler step to t = 0); an even budget leaves one unspent."""
+    return (nfe + 1) // 2
+
+
 def edm_values(at: GridValues, i: int) -> tuple[float, float, float, float]:
     """:math:`(\\alpha_i, \\rho_i, \\alpha_{i+1}, \\rho_{i+1})` of grid step ``i``."""
     a_i, a_n = at.alpha[i], at.alpha[i + 1]
@@ -93,7 +99,7 @@ class Heun(Solver):
         Preset(
             "heun",
             "Heun, EDM Algorithm 1, 2 NFE per step, Karras grid",
-            steps=lambda nfe: (nfe + 1) // 2,
+            steps=heun_steps,
             grid="karras",
             lineup=True,
         ),

@@ -33,29 +33,19 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from diffsolve.numerics.expint import ExpStep, taylor_weights
+from diffsolve.numerics.expint import taylor_weights
 from diffsolve.ode.plan import Solver
 from diffsolve.ode.schedule import NoiseSchedule
 from diffsolve.solvers.engine import (
     GridValues,
     StepPlan,
     Update,
-    check_not_inverse,
     check_order,
     multistep_orders,
     multistep_plan,
 )
 from diffsolve.solvers.registry import Preset, register
-
-
-def sa_step(at: GridValues, i: int, tau: float) -> tuple[ExpStep, float]:
-    """The step ``i → i+1`` of the τ-SDE as an :class:`ExpStep` (its ``coef(n)`` weight the
-    normalised derivatives), and the noise's standard deviation."""
-    s_s, a_t, s_t = at.sigma[i], at.alpha[i + 1], at.sigma[i + 1]
-    h = at.lam[i + 1] - at.lam[i]
-    big = (1.0 + tau * tau) * h
-    step = ExpStep(a=s_t / s_s * math.exp(-tau * tau * h), c=a_t, h=big, z=-big, space="data")
-    return step, s_t * math.sqrt(-math.expm1(-2.0 * tau * tau * h))
+from diffsolve.solvers.sde_dpm_solver import tau_sde_step
 
 
 @register
@@ -106,12 +96,11 @@ class SASolver(Solver):
         return self.tau if low <= t / schedule.t_max <= high else 0.0
 
     def build_plan(self, schedule: NoiseSchedule, grid: Tensor) -> StepPlan:
-        check_not_inverse(grid, "SASolver")
         at = GridValues.of(schedule, grid)
         orders = multistep_orders(at, self.order, self.lower_order_final)
 
         def predictor(i: int, p: int) -> Update:
-            step, noise = sa_step(at, i, self.tau_at(schedule, at.t[i]))
+            step, noise = tau_sde_step(at, i, self.tau_at(schedule, at.t[i]))
             weights = taylor_weights(step, at.nodes(i, range(i, i - p, -1)))
             return Update(step.a, weights, "data", noise=noise)
 
@@ -121,7 +110,7 @@ class SASolver(Solver):
             q = min(self.corrector_order, n + 1 - at.first_usable)
             if i < at.first_usable or q < 1 or at.is_final(i):
                 return None
-            step, noise = sa_step(at, i, self.tau_at(schedule, at.t[i]))
+            step, noise = tau_sde_step(at, i, self.tau_at(schedule, at.t[i]))
             if q == 1:  # the new prediction alone (implicit first order)
                 return Update(step.a, (step.coef(0),), "data", noise=noise)
             # nodes: the start (0), the new point (1), then earlier points; the history is

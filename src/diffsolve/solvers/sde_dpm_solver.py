@@ -58,7 +58,6 @@ from diffsolve.solvers.engine import (
     MultistepStep,
     StepPlan,
     Update,
-    check_not_inverse,
     check_options,
     check_order,
     multistep_orders,
@@ -68,15 +67,26 @@ from diffsolve.solvers.registry import Preset, register
 SDESolverType = Literal["midpoint", "heun", "taylor"]
 
 
+def tau_sde_step(at: GridValues, i: int, tau: float = 1.0) -> tuple[ExpStep, float]:
+    """The data-prediction step ``i → i+1`` of the τ-SDE family (SA-Solver's; τ = 1 is the
+    reverse SDE, τ = 0 the ODE) as an :class:`ExpStep` whose ``coef(n)`` weight the
+    normalised derivatives — the ODE's integral at H = (1 + τ²) h — and the noise's
+    standard deviation σ_t √(1 − exp(−2τ² h))."""
+    s_s, a_t, s_t = at.sigma[i], at.alpha[i + 1], at.sigma[i + 1]
+    h = at.lam[i + 1] - at.lam[i]
+    big = (1.0 + tau * tau) * h
+    step = ExpStep(a=s_t / s_s * math.exp(-tau * tau * h), c=a_t, h=big, z=-big, space="data")
+    return step, s_t * math.sqrt(-math.expm1(-2.0 * tau * tau * h))
+
+
 def sde_step(space: Space, at: GridValues, i: int) -> tuple[ExpStep, float]:
     """The SDE step ``i → i+1`` as an :class:`ExpStep` whose ``coef(n)`` are the weights of
     the normalised derivatives (see the module docstring), and the noise's standard
     deviation."""
-    a_s, s_s, a_t, s_t = at.alpha[i], at.sigma[i], at.alpha[i + 1], at.sigma[i + 1]
-    h = at.lam[i + 1] - at.lam[i]
     if space == "data":
-        step = ExpStep(a=s_t / s_s * math.exp(-h), c=a_t, h=2 * h, z=-2 * h, space="data")
-        return step, s_t * math.sqrt(-math.expm1(-2 * h))
+        return tau_sde_step(at, i)
+    a_s, a_t, s_t = at.alpha[i], at.alpha[i + 1], at.sigma[i + 1]
+    h = at.lam[i + 1] - at.lam[i]
     step = ExpStep(a=a_t / a_s, c=-2 * s_t, h=h, z=h, space="noise")
     return step, s_t * math.sqrt(math.expm1(2 * h))
 
@@ -119,7 +129,6 @@ class SDEDPMSolver(Solver):
         return self.order
 
     def build_plan(self, schedule: NoiseSchedule, grid: Tensor) -> StepPlan:
-        check_not_inverse(grid, type(self).__name__)
         at = GridValues.of(schedule, grid)
         orders = multistep_orders(at, self.order, self.lower_order_final, self.euler_at_final)
         steps = [

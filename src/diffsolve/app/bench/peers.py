@@ -38,12 +38,14 @@ class Peer:
         scheduler: Class name in ``diffusers``.
         options: Extra constructor arguments (beyond the schedule and prediction type).
         twin: The diffsolve configuration that implements the same method, if any.
+        stochastic: The scheduler draws fresh noise (:func:`stochastic_peers`).
     """
 
     name: str
     scheduler: str
     options: dict[str, Any] = field(default_factory=dict)
     twin: str | None = None
+    stochastic: bool = False
     model_config: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     def build(self, schedule: NoiseSchedule, prediction: str) -> Any:
@@ -196,7 +198,7 @@ def stochastic_peers(
     ]  # fmt: skip
     if not isinstance(schedule, RectifiedFlow):
         peers.append(Peer("diffusers:euler-ancestral", "EulerAncestralDiscreteScheduler"))
-    return [replace(p, model_config=model_config) for p in peers]
+    return [replace(p, model_config=model_config, stochastic=True) for p in peers]
 
 
 def null_overhead(batch: int, steps: int = 20, repeats: int = 5) -> dict[str, float]:

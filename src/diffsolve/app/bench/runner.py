@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -161,8 +161,7 @@ def contestants(
     extra = {p.name: p for p in stochastic_peers(*found)}
     peers |= extra
     twins |= {p.twin: p for p in extra.values() if p.twin}
-    made = [_contestant(name, peers, twins, context) for name in names]
-    return [replace(c, stochastic=c.stochastic or c.name in extra) for c in made]
+    return [_contestant(name, peers, twins, context) for name in names]
 
 
 def _contestant(
@@ -170,7 +169,7 @@ def _contestant(
 ) -> Contestant:
     base, _, grid_kind = name.partition("@")
     if name in peers:
-        return Contestant(name, "diffusers", peers[name].run)
+        return Contestant(name, "diffusers", peers[name].run, peers[name].stochastic)
     if grid_kind == "diffusers-grid":
         if base not in twins:
             raise ValueError(f"{name}: no diffusers twin for {base!r}; twins: {sorted(twins)}")
