@@ -16,6 +16,7 @@ from diffsolve.solvers.euler_heun import Euler, Heun
 from diffsolve.solvers.registry import SOLVERS, Preset, SolverContext, register
 from diffsolve.solvers.sa_solver import SASolver
 from diffsolve.solvers.sde_dpm_solver import SDEDPMSolver, SDEDPMSolverPP
+from diffsolve.solvers.solver_schedule import ScheduledSolver, SolverSchedule, StepChoice
 from diffsolve.solvers.unipc import UniPC
 
 __all__ = [
@@ -38,9 +39,12 @@ __all__ = [
     "SASolver",
     "SDEDPMSolver",
     "SDEDPMSolverPP",
+    "ScheduledSolver",
     "Solver",
     "SolverContext",
+    "SolverSchedule",
     "State",
+    "StepChoice",
     "StepPlan",
     "UniPC",
     "Update",

@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field, fields, replace
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -189,15 +189,13 @@ class DPMSolverV3(Solver):
         return plan
 
     def _build_plan(self, schedule: NoiseSchedule, grid: Tensor) -> EMSPlan:
-        at = self._grid_values(schedule, grid)
-        finite = [lam for lam in at.lam[at.first_usable :] if math.isfinite(lam)]
-        self.ems.check_range(finite)
-        table = EMSTable(self.ems, finite, self.order, offset=at.first_usable)
+        at = ems_grid_values(self.ems, schedule, grid)
+        table = ems_table(self.ems, at, self.order)
         orders = multistep_orders(at, self.order, self.lower_order_final, self.euler_at_final)
 
         def predictor(i: int, p: int) -> Update:
             extras = [(i - j, j) for j in range(1, p)]  # (grid point, history index)
-            return _update(table, at, i, 0, extras, self.predictor_pseudo)
+            return ems_update(table, at, i, 0, extras, self.predictor_pseudo)
 
         def f_x(i: int) -> Tensor:
             """:math:`f = -\\hat x_0 + f_x x` with :math:`f_x = (1 - l)/\\alpha`."""
@@ -207,22 +205,6 @@ class DPMSolverV3(Solver):
             at, orders, predictor, lambda i: self._corrector(table, at, i, orders), f_x
         )
         return EMSPlan(plan.schedule, plan.grid, plan.steps, ems=self.ems)
-
-    def _grid_values(self, schedule: NoiseSchedule, grid: Tensor) -> GridValues:
-        """The grid's values, with the points noisier than the EMS range (a flow grid's
-        first points near σ = 1, at hundreds of steps) left out of every history: their
-        steps are the exact first-order step, which needs no statistics."""
-        self.ems.check_compatible(schedule)
-        at = GridValues.of(schedule, grid)
-        lowest = self.ems.lambda_range[0] - 1e-6
-        first = at.first_usable
-        while (
-            first < at.num_steps - 1
-            and at.lam[first] < lowest
-            and at.lam[first + 1] > at.lam[first]
-        ):
-            first += 1
-        return replace(at, first_usable=first)
 
     def _corrector(
         self, table: EMSTable, at: GridValues, i: int, orders: list[int]
@@ -240,24 +222,51 @@ class DPMSolverV3(Solver):
             return None
         # base: point i-1 (history index 1); extras: the new point i, then i-2, i-3, ...
         extras = [(i, 0)] + [(i - 1 - j, j + 1) for j in range(1, c_order - 1)]
-        return _update(table, at, i - 1, 1, extras, self.corrector_pseudo)
+        return ems_update(table, at, i - 1, 1, extras, self.corrector_pseudo)
 
 
-def _update(
-    table: EMSTable,
+def ems_grid_values(ems: EMS, schedule: NoiseSchedule, grid: Tensor) -> GridValues:
+    """The grid's values for a plan on the EMS's feature ``f``, with the points noisier than
+    the EMS range (a flow grid's first points near σ = 1, at hundreds of steps) left out of
+    every history: their steps are the exact first-order step, which needs no statistics."""
+    ems.check_compatible(schedule)
+    at = GridValues.of(schedule, grid)
+    lowest = ems.lambda_range[0] - 1e-6
+    first = at.first_usable
+    while (
+        first < at.num_steps - 1 and at.lam[first] < lowest and at.lam[first + 1] > at.lam[first]
+    ):
+        first += 1
+    return replace(at, first_usable=first)
+
+
+def ems_table(ems: EMS, at: GridValues, max_moment: int) -> EMSTable:
+    """The step integrals of the EMS on the grid's usable points (range checked)."""
+    finite = [lam for lam in at.lam[at.first_usable :] if math.isfinite(lam)]
+    ems.check_range(finite)
+    return EMSTable(ems, finite, max_moment, offset=at.first_usable)
+
+
+def ems_update(
+    table: Any,
     at: GridValues,
     s: int,
     base: int,
     extras: list[tuple[int, int]],
     pseudo: bool,
+    relax: float = 1.0,
 ) -> Update:
     """The step from grid point ``s`` to ``s + 1`` on the feature ``f``: the evaluation at
     ``s`` (history index ``base``) and ``extras`` (grid point, history index) estimate the
-    derivatives of :math:`g` (module docstring)."""
+    derivatives of :math:`g` (module docstring); ``relax`` scales every derivative estimate
+    (USF's relaxation; 1: the method as published). ``table`` is an :class:`EMSTable` or
+    anything with its ``point``/``step`` methods."""
     t = s + 1
     lam_s, start = at.lam[s], table.point(s)
     integrals = table.step(s)
     weights = derivative_weights([0.0] + [at.lam[p] - lam_s for p, _ in extras], pseudo)
+    if relax != 1.0:
+        weights = [[relax * w for w in row] for row in weights]
     q = (
         [
             sum(integrals.moments[k] * row[j] for k, row in enumerate(weights))

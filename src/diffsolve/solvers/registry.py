@@ -66,6 +66,10 @@ class Preset:
         grid: Default grid kind (see :data:`diffsolve.ode.grids.GRIDS`), or ``nfe -> kind``.
         lineup: Run in the bench's default line-up.
         lineup_grids: Grid kinds the line-up also runs it on (``NAME@GRID``).
+        requires: What this configuration takes from the model, where it is not the
+            solver class's ``needs`` (a solver-schedule file: its EMS and teleport).
+        times: The grid itself, where the configuration comes with one (a fitted schedule
+            file); ``grid`` is then not used.
     """
 
     name: str
@@ -76,6 +80,8 @@ class Preset:
     lineup: bool = False
     lineup_grids: tuple[str, ...] = ()
     solver: type[Solver] | None = field(default=None, compare=False)
+    requires: tuple[str, ...] | None = None
+    times: tuple[float, ...] | None = None
 
     def grid_kind(self, nfe: int) -> str:
         """The default grid kind at this budget (:attr:`grid` may depend on ``nfe``)."""
@@ -88,6 +94,8 @@ class Preset:
     @property
     def needs(self) -> tuple[str, ...]:
         """What the solver takes from the model (see :class:`SolverContext`)."""
+        if self.requires is not None:
+            return self.requires
         return () if self.solver is None else self.solver.needs
 
     def build(self, nfe: int, context: SolverContext | None = None) -> Solver:
@@ -245,8 +253,22 @@ def solver_classes() -> tuple[type[Solver], ...]:
     return tuple(_CLASSES)
 
 
+#: Registry names ``PREFIX:ARGUMENT`` resolved by a function of the argument (a solver
+#: schedule file: ``schedule:FILE``), registered by the solver file that reads them.
+PREFIXES: dict[str, Callable[[str], Preset]] = {}
+
+
+def register_prefix(prefix: str, resolve: Callable[[str], Preset]) -> None:
+    """Resolve registry names ``prefix:ARGUMENT`` with ``resolve(ARGUMENT)``."""
+    PREFIXES[prefix] = resolve
+
+
 def preset(name: str) -> Preset:
-    """The preset ``name``, or a clear error listing the names."""
+    """The preset ``name`` (or ``PREFIX:ARGUMENT``, :data:`PREFIXES`), or a clear error
+    listing the names."""
+    prefix, _, argument = name.partition(":") if isinstance(name, str) else ("", "", "")
+    if argument and prefix in PREFIXES:
+        return PREFIXES[prefix](argument)
     if name not in SOLVERS:
         raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {name!r}")
     return SOLVERS[name]
@@ -292,8 +314,26 @@ def setup_solver(
     if not isinstance(nfe, int) or nfe < 2:
         raise ValueError(f"nfe must be an integer >= 2, got {nfe!r}")
     solver = spec.build(nfe, context)
+    if spec.times is not None:
+        return solver, _fixed_grid(spec, schedule, nfe, grid, solver)
     kind = grid or default_grid_kind(spec, schedule, nfe)
     return solver, nfe_grid(schedule, spec.steps(nfe), kind, t_start, t_end)
+
+
+def _fixed_grid(
+    spec: Preset, schedule: NoiseSchedule, nfe: int, grid: str | None, solver: Solver
+) -> Tensor:
+    """The grid a configuration comes with (a fitted schedule file), checked against the
+    budget asked for; a grid kind cannot replace it."""
+    assert spec.times is not None
+    spent = getattr(solver, "nfe", None)
+    if spent is not None and spent != nfe:
+        raise ValueError(
+            f"{spec.name} spends {spent} model evaluations, not {nfe}; use nfe {spent}"
+        )
+    if grid is not None:
+        raise ValueError(f"{spec.name} comes with its own times: it takes no grid ({grid!r})")
+    return grids.custom(schedule, list(spec.times))
 
 
 #: Where the signal-to-noise ratio 1 (λ = 0) sits in a schedule's sampling range (0: the
