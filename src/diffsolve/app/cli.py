@@ -16,6 +16,7 @@ from typing import Any, TypeVar, get_args
 
 import click
 import torch
+from click.core import ParameterSource
 
 from diffsolve.app.conditioning import GUIDANCE
 from diffsolve.ode.grids import GRIDS
@@ -309,6 +310,10 @@ def joined() -> Iterator[Any]:
             yield dist
     except SamplingError as err:
         raise click.ClickException(str(err)) from None
+
+
+#: How an option given on the command line is marked (``ctx.get_parameter_source``).
+_GIVEN = ParameterSource.COMMANDLINE
 
 
 def refuse_unused(ctx: click.Context, used: set[str], mode: str) -> None:
@@ -611,6 +616,12 @@ def tune_command(
 
     with usage_errors():
         out = _out_path(out_path, "schedule.json", force)
+        if method == "dp" and options["budget"] is not None:
+            raise ValueError(
+                f"--budget {options['budget']} limits --method search only (dp's cost is "
+                "fixed by --candidates and --trajectories); pass --method search, or drop "
+                "--budget"
+            )
         load = load_options(options)
         model = load_model(model_name, device=check_device(device), options=load)
         if check:
@@ -743,6 +754,11 @@ def merge_command(out_dir: str) -> None:
 @int_option("--reference-steps", 500, 50, "Steps of the two reference solves.")
 @file_option("--json", "json_path", "Write all results as JSON.")
 @file_option("--plot", "plot_path", "Write a PNG plot of RMSE against NFE.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace a --json/--plot file that diffsolve did not make (its own are replaced).",
+)
 @device_option()
 @check_option()
 @click.option("--no-overhead", is_flag=True, help="Skip the null-model overhead measurement.")
@@ -751,8 +767,9 @@ def merge_command(out_dir: str) -> None:
     default=None,
     type=click.Choice(["teleport", "guidance", "inversion"]),
     help="Instead of the solver comparison: RMSE/FD against the teleportation skip fraction "
-    "(--skips); accuracy/FD/saturation against the guidance scale (--methods, --scales); or "
-    "the image → noise → image round-trip error against the steps (--nfe) on held-out digits.",
+    "(--skips); accuracy/FD/saturation against the guidance scale (--methods, --scales), for "
+    "every --solvers × --nfe (default: dpm-solver++-2m at 10 NFE); or the image → noise → "
+    "image round-trip error against the steps (--nfe) on held-out digits.",
 )
 @click.option(
     "--profile",
@@ -793,6 +810,7 @@ def bench_command(
     solvers: str | None,
     json_path: str | None,
     plot_path: str | None,
+    force: bool,
     device: str,
     no_overhead: bool,
     sweep: str | None,
@@ -814,7 +832,10 @@ def bench_command(
         from diffsolve.app.scale import check_device
 
         check_device(device)
+        _bench_outputs(json_path, plot_path, force)
     nfes = _nfe_list(nfe_list)
+    if sweep == "guidance" and ctx.get_parameter_source("nfe_list") is not _GIVEN:
+        nfes = [10]  # one table by default, not one per NFE of the solver comparison
     names = [s.strip() for s in solvers.split(",")] if solvers else None
     load, data = load_options(options), options.pop("data_source")  # refused above but here
     check = options.pop("check")
@@ -846,7 +867,22 @@ def bench_command(
         plot(result, plot_path)
 
 
-_COMMON = {"sweep", "profile"}
+def _bench_outputs(json_path: str | None, plot_path: str | None, force: bool) -> None:
+    """``bench --json/--plot``, checked before the bench runs
+    (:func:`~diffsolve.app.files.check_output`: a file diffsolve did not make only with
+    ``--force``, never inside the package)."""
+    from diffsolve.app.files import check_output
+
+    if force and not (json_path or plot_path):
+        raise ValueError("--force replaces --json/--plot files; give one, or drop --force")
+    if json_path and plot_path and Path(json_path).resolve() == Path(plot_path).resolve():
+        raise ValueError(f"--json and --plot both name {json_path}; give two files")
+    for option, path in (("--json", json_path), ("--plot", plot_path)):
+        if path:
+            check_output(path, option, force=force)
+
+
+_COMMON = {"sweep", "profile", "force"}
 #: The ``bench`` options each mode uses (others given on the command line are refused).
 BENCH_OPTIONS: dict[str, set[str]] = {
     "scale": _COMMON | {"device", "shapes", "end_to_end", "json_path", "plot_path"},
@@ -915,9 +951,8 @@ def _run_sweep(
     scales: str,
 ) -> None:
     """The accelerations' sweeps of ``diffsolve bench --sweep``."""
-    import json
-
     from diffsolve.app.bench import sweeps
+    from diffsolve.app.bench.report import write_json
 
     with usage_errors():
         if sweep == "teleport":
@@ -935,19 +970,25 @@ def _run_sweep(
             result = sweeps.inversion_sweep(model_name, names, nfes, min(samples, 397))
             text = sweeps.format_inversion(result)
         else:
-            result = sweeps.guidance_sweep(
-                model_name,
-                (names or ["dpm-solver++-2m"])[0],
-                nfes[0],
-                methods.split(","),
-                _csv(scales, float, "--scales", "numbers like 1,2,3"),
-                samples,
-                seed,
-            )
-            text = sweeps.format_guidance(result)
+            runs = [
+                sweeps.guidance_sweep(
+                    model_name,
+                    name,
+                    nfe,
+                    methods.split(","),
+                    _csv(scales, float, "--scales", "numbers like 1,2,3"),
+                    samples,
+                    seed,
+                )
+                for name in names or ["dpm-solver++-2m"]
+                for nfe in nfes
+            ]
+            result = runs[0] if len(runs) == 1 else {"sweep": "guidance", "runs": runs}
+            text = "\n\n".join(sweeps.format_guidance(run) for run in runs)
     click.echo(text)
     if json_path:
-        Path(json_path).write_text(json.dumps(result, indent=2))
+        with usage_errors():
+            write_json(result, json_path)
 
 
 #: ``diffsolve ems`` asks for ``--yes`` when its projected time exceeds this (seconds).
@@ -1049,6 +1090,7 @@ def ems_command(
 
     with usage_errors():  # before joining the ranks: each calibrates on its own
         out = _out_path(out_path, "ems.safetensors", force)
+        progress_file = _progress_file(checkpoint, out)
         model = _load(model_name, options, check_device(device))
         denoiser = _guided_for_estimation(model, guidance_scale)
         recipe = ("grid_size", "bandwidth", "t_start", "t_end")
@@ -1080,7 +1122,6 @@ def ems_command(
                 "faster --device"
             )
         with usage_errors():
-            progress_file = Path(checkpoint or f"{out}.partial")
             ems = compute_ems(
                 denoiser,
                 data,
@@ -1102,6 +1143,28 @@ def ems_command(
                 f"EMS (K={options['samples']}, N={options['grid_size']}, "
                 f"{dist.world_size} process(es)) → {out}"
             )
+
+
+def _progress_file(checkpoint: str | None, out: Path) -> Path:
+    """``ems --checkpoint`` (default ``<out>.partial``): never the result file (the run
+    removes its checkpoint when done) and never inside the installed package; a file there
+    that is not a diffsolve checkpoint is refused by the estimator, never overwritten."""
+    from diffsolve.app.files import inside_package
+    from diffsolve.app.scale import torchrun_world
+    from diffsolve.stats.ems.compute import checkpoint_files
+
+    path = Path(checkpoint) if checkpoint else Path(f"{out}.partial")
+    if inside_package(path):
+        raise ValueError(
+            f"--checkpoint {path} is inside the installed diffsolve package; give a path "
+            f"elsewhere (default: {out}.partial)"
+        )
+    if out.resolve() in {p.resolve() for p in checkpoint_files(path, torchrun_world()[1])}:
+        raise ValueError(
+            f"--checkpoint {path} is the --out file: the run removes its checkpoint when done, "
+            f"and the result with it; give another --checkpoint (default: {out}.partial)"
+        )
+    return path
 
 
 def _validate(ems: Any, model: Any, scale: float) -> None:
@@ -1217,22 +1280,13 @@ def gaussian_stats_command(
 # ---------------------------------------------------------------------------------------
 # Inputs of the statistics commands
 def _out_path(out_path: str | None, name: str, force: bool) -> Path:
-    """``--out`` (default ``./<name>``): never inside the installed package, and an existing
-    file only with ``--force``."""
-    import diffsolve
+    """``--out`` (default ``./<name>``) of a statistics or tune command
+    (:func:`~diffsolve.app.files.check_output`): never inside the installed package, and an
+    existing file only with ``--force`` (a rerun does not replace an earlier result)."""
+    from diffsolve.app.files import check_output
 
     out = Path(out_path) if out_path else Path.cwd() / name
-    package = Path(diffsolve.__file__).resolve().parent
-    if out.resolve().is_relative_to(package):
-        raise ValueError(
-            f"--out {out} is inside the installed diffsolve package (its shipped files are "
-            f"never replaced); write elsewhere, e.g. --out ./{name}"
-        )
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a folder; give a file name, e.g. {out / name}")
-    if out.exists() and not force:
-        raise ValueError(f"--out {out} exists; pass --force to replace it, or another --out")
-    return out
+    return check_output(out, "--out", force=force, replace_own=False, example=name)
 
 
 def _labels(

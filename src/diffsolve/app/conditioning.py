@@ -110,6 +110,25 @@ def guided_network(loaded: LoadedModel, scale: float) -> ModelWrapper:
     )
 
 
+def check_classifier_schedule(config: dict | None, loaded: LoadedModel) -> None:
+    """Refuse a classifier trained under another noise schedule than the model's (its
+    ``config["schedule"]``): it reads the noise level from the time input, so on another
+    schedule its gradient steers the wrong levels and the samples leave the data range."""
+    from diffsolve.ode.schedule import schedule_from_config
+
+    recorded = (config or {}).get("schedule")
+    if recorded is None:
+        return
+    trained = schedule_from_config(recorded)
+    if not trained.same_process(loaded.schedule):
+        raise ValueError(
+            f"--guidance classifier: the classifier was trained on noisy digits of the noise "
+            f"schedule {trained!r}, not this model's {loaded.schedule!r}, so its gradients "
+            "would steer the wrong noise levels; use a model of its schedule (digits, "
+            "digits-cond), or cfg/apg with a class-conditional model"
+        )
+
+
 def _classifier(loaded: LoadedModel, labels: Tensor | None, scale: float) -> Denoiser:
     """Classifier guidance with the shipped digits classifier."""
     from diffsolve.app.classifier import load_classifier
@@ -117,6 +136,7 @@ def _classifier(loaded: LoadedModel, labels: Tensor | None, scale: float) -> Den
     if labels is None:
         raise ValueError("classifier guidance needs target labels")
     classifier = load_classifier(device=str(labels.device))
+    check_classifier_schedule(classifier.config, loaded)
     base = loaded.conditional(labels) if loaded.num_classes else loaded.denoiser
     return ClassifierGuidance(base, classifier, labels, scale)
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffsolve.app.files import write_atomic
+from diffsolve.app.files import PNG_SOFTWARE, write_atomic
 
 
 def image_samples(samples: Tensor) -> Tensor | None:
@@ -29,8 +29,10 @@ def to_uint8(samples: Tensor) -> np.ndarray:
 def save_grid(
     samples: Tensor, path: str | Path, nrow: int | None = None, scale: int = 4, pad: int = 1
 ) -> Path:
-    """Save ``samples`` ``(N, C, H, W)`` in ``[-1, 1]`` as one PNG grid (nearest upscaling)."""
+    """Save ``samples`` ``(N, C, H, W)`` in ``[-1, 1]`` as one PNG grid (nearest upscaling),
+    marked as diffsolve's (its ``Software`` text chunk)."""
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
     images = to_uint8(samples)
     n, h, w, c = images.shape
@@ -47,4 +49,6 @@ def save_grid(
         ] = big
     mode = "L" if c == 1 else "RGB"
     picture = Image.fromarray(canvas[..., 0] if c == 1 else canvas, mode=mode)
-    return write_atomic(path, lambda f: picture.save(f, format="PNG"))
+    info = PngInfo()
+    info.add_text("Software", PNG_SOFTWARE)
+    return write_atomic(path, lambda f: picture.save(f, format="PNG", pnginfo=info))

@@ -30,13 +30,18 @@ A run samples a list of seeds (``--seeds 0-49999``) into an output folder:
   for its whole life (released however the process ends); a second run into the same folder
   is refused with a message. Temporary files are named ``.<file>.diffsolve-<random>.tmp``, and
   only such files, left by a killed run, are ever removed.
+* **Only its own files.** The manifest lists the files of its run (:meth:`RunManifest.files`:
+  itself, ``samples.npz``, ``grid.png``, the shards of its seeds); only those are ever
+  replaced. A folder without a manifest that already holds files a run would write, and a
+  folder whose shard files its manifest does not list (or that another run made), are refused
+  before anything is computed, naming the files (:func:`check_folder`); nothing is written
+  inside the installed package.
 * **Merge.** :func:`merge_shards` checks that the shards cover every seed of the manifest
   exactly once and writes ``samples.npz`` with all seeds sorted.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -54,7 +59,13 @@ import torch
 from torch import Tensor
 
 from diffsolve.app.conditioning import GuidanceSpec
-from diffsolve.app.files import file_sha256, save_npz_atomic, stale_temp_files, write_text_atomic
+from diffsolve.app.files import (
+    file_sha256,
+    inside_package,
+    save_npz_atomic,
+    stale_temp_files,
+    write_text_atomic,
+)
 from diffsolve.app.images import image_samples
 from diffsolve.app.loader import LoadedModel, LoadOptions
 from diffsolve.app.seeds import noise_for_seeds, parse_seeds
@@ -69,6 +80,7 @@ __all__ = [
     "RunManifest",
     "RunReport",
     "SamplingError",
+    "check_folder",
     "check_shard",
     "distributed",
     "format_seeds",
@@ -245,6 +257,15 @@ class RunManifest:
             return cls(**data)
         except (TypeError, KeyError) as err:
             raise ValueError(f"malformed run manifest: {err}") from None
+
+    def files(self) -> list[str]:
+        """The files of this run in its folder, the only ones a rerun may replace: the
+        manifest, the merged samples, the overview grid, and each shard's ``.npz`` and
+        ``.png``."""
+        names = [MANIFEST_NAME, MERGED_NAME, GRID_NAME]
+        for shard in seed_shards(parse_seeds(self.seeds), self.shard_size):
+            names += [shard_path("", shard[0]).name, shard_path("", shard[0], ".png").name]
+        return names
 
     def fingerprint(self) -> str:
         """SHA-256 of every setting but the seeds (stored in each shard: a shard made under
@@ -788,7 +809,7 @@ def run_sampling(
     )
     sampler.check(seeds)
     out_dir = Path(config.out_dir)
-    check_resume(out_dir, manifest)  # every rank: they all fail alike, none hangs
+    check_folder(out_dir, manifest)  # every rank: they all fail alike, none hangs
     report = RunReport(manifest)
     with run_lock(out_dir, dist):
         _prepare_folder(out_dir, manifest, dist)
@@ -823,6 +844,11 @@ def _checked_run(
     out_dir = Path(config.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir} exists and is not a folder")
+    if inside_package(out_dir):
+        raise ValueError(
+            f"--out {out_dir} is inside the installed diffsolve package (its shipped files are "
+            "never replaced); sample elsewhere, e.g. --out ./samples"
+        )
     device = check_device(dist.device(config.device))
     model = load_model(config.model, device=device, options=config.load)
     spec = config.guidance
@@ -1122,32 +1148,93 @@ def _solver_repr(method: Solver | None) -> str:
 
 
 def _prepare_folder(out_dir: Path, manifest: RunManifest, dist: Distributed) -> None:
-    """Under the writer lock: re-check the manifest (another run may have just written
-    one), write or extend it, drop this run's shards of an earlier seed partition, and
-    remove temporary files left by a killed run (only diffsolve's)."""
-    existing = check_resume(out_dir, manifest)
+    """Under the writer lock: re-check the folder (another run may have just written a
+    manifest), write or extend the manifest, drop this run's shards of an earlier seed
+    partition, and remove temporary files left by a killed run (only diffsolve's)."""
+    existing = check_folder(out_dir, manifest)
     if dist.rank == 0:
         for stale in stale_temp_files(out_dir):
             stale.unlink(missing_ok=True)
         if existing is None or existing.seeds != manifest.seeds:
             if existing is not None:
-                _drop_other_partition(out_dir, manifest)
+                _drop_other_partition(out_dir, existing, manifest)
             write_text_atomic(out_dir / MANIFEST_NAME, manifest.to_json())
     dist.barrier()
 
 
-def _drop_other_partition(out_dir: Path, manifest: RunManifest) -> None:
-    """Shards of this run's settings whose first seed is not a shard start of the extended
-    seed list (their seeds are recomputed in the new partition)."""
-    shards = seed_shards(parse_seeds(manifest.seeds), manifest.shard_size)
-    expected = {shard_path(out_dir, s[0]).name for s in shards}
+def _drop_other_partition(out_dir: Path, existing: RunManifest, manifest: RunManifest) -> None:
+    """Shards the folder's manifest lists whose first seed is not a shard start of the
+    extended seed list (their seeds are recomputed in the new partition)."""
+    keep = _shard_names(manifest)
+    for name in sorted(_shard_names(existing) - keep):
+        path = out_dir / name
+        if path.is_file() and _shard_fingerprint(path) == manifest.fingerprint():
+            path.unlink()
+            path.with_suffix(".png").unlink(missing_ok=True)
+
+
+def _shard_names(manifest: RunManifest) -> set[str]:
+    """The shard files (``.npz``) a manifest lists."""
+    return {n for n in manifest.files() if n.startswith("shard-") and n.endswith(".npz")}
+
+
+def _shard_fingerprint(path: Path) -> str | None:
+    """The fingerprint a shard file records (``None``: unreadable, or none)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return str(data["fingerprint"])
+    except Exception:  # any failure to read: not a shard we can attribute
+        return None
+
+
+#: At most this many file names in a refusal (then "and N more").
+_LISTED = 8
+
+
+def _names(paths: Sequence[str]) -> str:
+    names = sorted(paths)
+    more = f" and {len(names) - _LISTED} more" if len(names) > _LISTED else ""
+    return ", ".join(names[:_LISTED]) + more
+
+
+def _run_file(name: str) -> bool:
+    """Whether a run writes files named ``name`` (merged samples, overview, shards)."""
+    shard = name.startswith("shard-") and name.endswith((".npz", ".png"))
+    return shard or name in (MERGED_NAME, GRID_NAME)
+
+
+def check_folder(out_dir: Path, manifest: RunManifest) -> RunManifest | None:
+    """The folder's manifest (:func:`check_resume`), after refusing a folder holding files
+    this run would write or trip over that it cannot tell it made: without a manifest, any
+    ``samples.npz``, ``grid.png`` or ``shard-*`` file; with one, a shard file that neither
+    the folder's manifest nor this run lists, or that records another run's fingerprint.
+    Such files are never replaced, moved or deleted."""
+    existing = check_resume(out_dir, manifest)
+    if not out_dir.is_dir():
+        return existing
+    if existing is None:
+        taken = [p.name for p in out_dir.iterdir() if _run_file(p.name)]
+        if taken:
+            raise ValueError(
+                f"--out {out_dir} has no {MANIFEST_NAME} but holds files a run writes, which "
+                f"diffsolve did not make there: {_names(taken)}; they are left untouched: "
+                "move them away, or pass another --out (an empty or new folder)"
+            )
+        return existing
+    listed = _shard_names(manifest) | _shard_names(existing)
+    fingerprint = manifest.fingerprint()
+    foreign = []
     for path in out_dir.glob("shard-*.npz"):
-        if path.name in expected:
-            continue
-        with contextlib.suppress(Exception), np.load(path, allow_pickle=False) as data:
-            if str(data["fingerprint"]) == manifest.fingerprint():
-                path.unlink()
-                path.with_suffix(".png").unlink(missing_ok=True)
+        made = _shard_fingerprint(path)
+        if path.name not in listed or made not in (None, fingerprint):
+            foreign.append(path.name)
+    if foreign:
+        raise ValueError(
+            f"--out {out_dir} holds shard files its run did not make ({_names(foreign)}: not "
+            f"listed by its {MANIFEST_NAME}, or made under other settings); they are left "
+            "untouched: move them away, or pass another --out"
+        )
+    return existing
 
 
 def _overview(out_dir: Path, shards: Sequence[Sequence[int]], images: ToImages) -> Path | None:
@@ -1177,6 +1264,8 @@ def merge_shards(out_dir: str | Path, name: str = MERGED_NAME) -> Path:
     manifest = read_manifest(out_dir)
     if manifest is None:
         raise SamplingError(f"{out_dir} has no {MANIFEST_NAME}: not a diffsolve sample folder")
+    if inside_package(out_dir):
+        raise SamplingError(f"{out_dir} is inside the installed diffsolve package: not merged")
     seeds = parse_seeds(manifest.seeds)
     shards = seed_shards(seeds, manifest.shard_size)
     expected = {shard_path(out_dir, s[0]).name for s in shards}

@@ -297,6 +297,31 @@ def make_grid(
     return GRIDS[kind](schedule, steps, t_start, t_end)
 
 
+def _grid_times(grid: Sequence[float] | Tensor) -> Tensor:
+    """A grid's times as a 1-D float64 CPU tensor; a clear ``ValueError`` for a name, a
+    tensor of another shape or anything that is not numbers."""
+    if isinstance(grid, str | bytes):
+        raise ValueError(
+            f"grid: got the string {grid!r}, not time points; build a named grid with "
+            f"diffsolve.grids.make_grid(schedule, steps, {grid!r}) (kinds: "
+            f"{', '.join(GRIDS)}), or pass the times as a 1-D tensor"
+        )
+    try:
+        ts = grid.detach() if isinstance(grid, Tensor) else torch.as_tensor(grid, dtype=_F64)
+        ts = ts.to("cpu", _F64)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(
+            f"grid: expected time points (a 1-D tensor or a list of numbers), got "
+            f"{type(grid).__name__} ({str(err).splitlines()[0] if str(err) else err!r})"
+        ) from None
+    if ts.ndim != 1:
+        raise ValueError(
+            f"grid: expected a 1-D sequence of time points, got shape {tuple(ts.shape)}; "
+            "pass one grid (e.g. grid.flatten() if that is what is meant)"
+        )
+    return ts
+
+
 def validate_grid(
     schedule: NoiseSchedule, grid: Sequence[float] | Tensor, *, allow_increasing: bool = False
 ) -> Tensor:
@@ -306,11 +331,7 @@ def validate_grid(
     increasing when ``allow_increasing``, for inversion), lies in ``[0, t_max]`` and touches
     ``t = 0`` only as the final point of a decreasing grid.
     """
-    ts = (
-        torch.as_tensor(grid, dtype=_F64).detach().cpu().flatten()
-        if not isinstance(grid, Tensor)
-        else grid.detach().to("cpu", _F64).flatten()
-    )
+    ts = _grid_times(grid)
     if ts.numel() < 2:
         raise ValueError(f"grid: need at least 2 time points (1 step), got {ts.numel()}")
     if not torch.isfinite(ts).all():

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
@@ -12,7 +10,11 @@ from typing import Any
 
 from diffsolve.app.bench.runner import BenchResult, Row
 from diffsolve.app.bench.same_grid import SameGrid
-from diffsolve.app.files import write_bytes_atomic
+from diffsolve.app.files import PNG_SOFTWARE, write_atomic, write_bytes_atomic
+
+#: The ``format`` field of every JSON file ``diffsolve bench`` writes (how a rerun knows the
+#: file it may replace is its own).
+BENCH_FORMAT = "diffsolve-bench-1"
 
 
 def format_table(result: BenchResult) -> str:
@@ -131,8 +133,11 @@ def _table(
 
 
 def write_json(result: Any, path: str | Path) -> None:
-    """Write a result (anything with ``to_json()``) as JSON, atomically."""
-    write_bytes_atomic(path, json.dumps(result.to_json(), indent=2).encode())
+    """Write a result (anything with ``to_json()``, or a JSON-ready dict) as JSON, atomically,
+    marked with ``"format": BENCH_FORMAT``."""
+    data = result if isinstance(result, dict) else result.to_json()
+    marked = {"format": BENCH_FORMAT, **data}
+    write_bytes_atomic(path, (json.dumps(marked, indent=2) + "\n").encode())
 
 
 def plot(result: BenchResult, path: str | Path) -> None:
@@ -195,14 +200,14 @@ def plot(result: BenchResult, path: str | Path) -> None:
 
 
 def save_figure(fig: Any, path: str | Path) -> None:
-    """Write a matplotlib figure as PNG atomically (a temporary file, then a rename) and
-    close it."""
+    """Write a matplotlib figure as PNG atomically (:func:`~diffsolve.app.files.write_atomic`),
+    marked as diffsolve's (its ``Software`` text chunk), and close it."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp.name, path)
+    try:
+        write_atomic(
+            path, lambda f: fig.savefig(f, format="png", metadata={"Software": PNG_SOFTWARE})
+        )
+    finally:
+        plt.close(fig)

@@ -34,8 +34,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -415,8 +413,11 @@ def _bandwidth(requested: float | None, lambdas: Tensor) -> float:
     requested; a grid too coarse to resolve it is refused before any evaluation, never
     silently estimated per point (v3 is then far worse, with no sign of it)."""
     bandwidth = BANDWIDTH if requested is None else requested
-    if not bandwidth >= 0:
-        raise ValueError(f"bandwidth must be >= 0, got {requested!r}")
+    if not 0 <= bandwidth < math.inf:
+        raise ValueError(
+            f"bandwidth must be a finite number >= 0 (0: the paper's per-point estimator), "
+            f"got {requested!r}"
+        )
     if bandwidth > 0 and not effective_bandwidth(bandwidth, lambdas):
         span = abs(float(lambdas[-1] - lambdas[0]))
         needed = math.ceil(MIN_SPACINGS * span / bandwidth)
@@ -719,31 +720,22 @@ def tensor_digest(tensor: Tensor) -> str:
 
 
 def _save_checkpoint(target: Path, inputs: dict, sums: dict[str, Tensor], done: set[int]) -> None:
-    """Write the checkpoint atomically (a temporary ``.<name>.diffsolve-*.tmp`` beside it,
-    renamed into place), never over a file that is not one."""
+    """Write the checkpoint atomically (:func:`diffsolve.numerics.files.atomic_path`), never
+    over a file that is not one."""
     from safetensors.torch import save_file
 
-    target.parent.mkdir(parents=True, exist_ok=True)
+    from diffsolve.numerics.files import atomic_path
+
     if target.exists():
         _read_checkpoint(target, arrays=False)  # raises if it is not a diffsolve checkpoint
-    handle, tmp = tempfile.mkstemp(
-        dir=target.parent, prefix=f".{target.name}.diffsolve-", suffix=".tmp"
-    )
-    os.close(handle)
     meta = {
         "format": CHECKPOINT_FORMAT,
         "settings": json.dumps(inputs, sort_keys=True),
         "done": json.dumps(sorted(done)),
     }
-    try:
-        save_file(
-            {k: v.contiguous() for k, v in sums.items()} or {"empty": torch.zeros(1)},
-            tmp,
-            metadata=meta,
-        )
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    tensors = {k: v.contiguous() for k, v in sums.items()} or {"empty": torch.zeros(1)}
+    with atomic_path(target) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
 
 
 def _read_checkpoint(

@@ -19,7 +19,6 @@ Files are safetensors with arrays ``lambdas``, ``l``, ``s``, ``b`` and a JSON me
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -247,20 +246,23 @@ class EMS:
 
     # ---- files -------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Write a safetensors file atomically."""
+        """Write a safetensors file atomically (:func:`diffsolve.numerics.files.atomic_path`:
+        a ``.<name>.diffsolve-<random>.tmp`` beside it, renamed into place, the umask's
+        permissions)."""
         from safetensors.torch import save_file
 
+        from diffsolve.numerics.files import atomic_path
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
         tensors = {"lambdas": self.lambdas, **{n: getattr(self, n) for n in _ARRAYS}}
         meta = {
             "format": FORMAT,
             "diffsolve_ems": json.dumps({**self.metadata, "version": VERSION}),
         }
-        save_file({k: v.contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata=meta)
-        os.chmod(tmp, 0o644)  # safetensors creates 0600 files
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file(
+                {k: v.contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata=meta
+            )
         return path
 
 

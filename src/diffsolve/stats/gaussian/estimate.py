@@ -373,8 +373,11 @@ def _randomized_eigh(
 
 # ---- files --------------------------------------------------------------------------------
 def save_gaussian_stats(stats: GaussianStats, path: str | Path) -> None:
-    """Write ``stats`` to a safetensors file with its metadata."""
+    """Write ``stats`` to a safetensors file with its metadata, atomically and with the
+    umask's permissions (:func:`diffsolve.numerics.files.atomic_path`)."""
     from safetensors.torch import save_file
+
+    from diffsolve.numerics.files import atomic_path
 
     try:
         check_stats(stats.mean, stats.eigvals, stats.eigvecs, stats.data_shape)
@@ -395,8 +398,8 @@ def save_gaussian_stats(stats: GaussianStats, path: str | Path) -> None:
         "method": stats.method,
         "description": stats.description,
     }
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def read_gaussian_stats(path: str | Path) -> GaussianStats:
