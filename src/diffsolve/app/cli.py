@@ -271,10 +271,20 @@ def out_file_option(name: str) -> Callable[[F], F]:
 
 class SolverChoice(click.Choice):
     """``--solver``: ``auto`` or a registry name, read when the option is parsed (a solver
-    registered after this module was imported is a valid choice too)."""
+    registered after this module was imported is a valid choice too), or a prefixed name
+    such as ``schedule:FILE`` (a solver schedule, resolved when the run starts)."""
 
     def __init__(self) -> None:
         super().__init__([])
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        """A registry name, or ``PREFIX:ARGUMENT`` of a registered prefix as it is."""
+        from diffsolve.solvers.registry import PREFIXES
+
+        prefix, _, argument = str(value).partition(":")
+        if argument and prefix in PREFIXES:
+            return str(value)
+        return super().convert(value, param, ctx)
 
     @property
     def choices(self) -> list[str]:  # type: ignore[override]
@@ -379,8 +389,10 @@ def list_solvers() -> None:
     default="auto",
     type=SolverChoice(),
     metavar="NAME",
-    help="Solver (see `diffsolve solvers`); auto: dpm-solver-v3 where the model ships EMS, "
-    "else unipc-bh2-3.",
+    help="Solver (see `diffsolve solvers`), or schedule:FILE (a solver schedule from `diffsolve "
+    "tune --method solver-schedule`: its own times and NFE); auto: the solver schedule tuned "
+    "for the model at --nfe where its folder keeps one, else dpm-solver-v3 where the model "
+    "ships EMS, else unipc-bh2-3.",
 )
 @click.option("--nfe", default=10, type=click.IntRange(2, 1000), help="Model evaluations.")
 @click.option(
@@ -465,8 +477,9 @@ def list_solvers() -> None:
     "--tuned-schedule/--no-tuned-schedule",
     default=True,
     help="Use the step schedule tuned for this model, solver and NFE where its folder keeps "
-    "one (schedules/<solver>-nfe<N>.json; the demos ship theirs). --grid and --schedule win; "
-    "not with --teleport, guidance, --threshold or --dualfast (a note says so).",
+    "one (schedules/<solver>-nfe<N>.json; the demos ship theirs), and with --solver auto the "
+    "solver schedule for the NFE (schedules/solver-schedule-nfe<N>.json). --grid and "
+    "--schedule win; not with --teleport, guidance, --threshold or --dualfast (a note says so).",
 )
 def sample_command(
     model_name: str,
@@ -493,7 +506,9 @@ def sample_command(
 
     Where the model keeps a step schedule tuned for the solver and NFE
     (schedules/<solver>-nfe<N>.json in its folder) and nothing else sets the grid, the run
-    uses it as --schedule would, and says so.
+    uses it as --schedule would, and says so; with --solver auto a solver schedule kept
+    for the NFE (schedules/solver-schedule-nfe<N>.json) comes first, run as --solver
+    schedule:FILE would.
     """
     from diffsolve.app.conditioning import GuidanceSpec
     from diffsolve.app.scale import RunConfig, SamplingError, distributed, run_sampling
@@ -501,6 +516,8 @@ def sample_command(
     with usage_errors():
         if options["schedule"] is not None:
             options["nfe"] = _schedule_nfe(options["schedule"], options["nfe"])
+        elif options["solver"].startswith("schedule:"):
+            options["nfe"] = _schedule_nfe(options["solver"], options["nfe"])
         spec = GuidanceSpec(guidance, guidance_scale, threshold, dualfast)
         load = load_options(options)
         config = RunConfig(
@@ -530,14 +547,19 @@ def sample_command(
 
 
 def _schedule_nfe(path: str, nfe: int) -> int:
-    """The NFE of ``sample --schedule``: the file's, unless --nfe was given (then both
-    must agree, which the run checks)."""
+    """The NFE of ``sample --schedule FILE`` or ``--solver schedule:FILE``: the file's,
+    unless --nfe was given (then both must agree, which the run checks)."""
     from click.core import ParameterSource
 
     from diffsolve.ode.step_schedule import StepSchedule
+    from diffsolve.solvers.solver_schedule import load_solver_schedule
 
     given = click.get_current_context().get_parameter_source("nfe") is ParameterSource.COMMANDLINE
-    return nfe if given else StepSchedule.load(path).nfe
+    if given:
+        return nfe
+    if path.startswith("schedule:"):
+        return load_solver_schedule(path.partition(":")[2]).nfe
+    return StepSchedule.load(path).nfe
 
 
 @main.command("tune")

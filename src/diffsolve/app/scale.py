@@ -304,18 +304,23 @@ def _tuned_hint(existing: RunManifest, manifest: RunManifest) -> str:
         hashes = {json.loads(m.inputs).get("schedule") for m in (existing, manifest)}
         changed = len(hashes) > 1
         where = now.removeprefix("tuned:")
-        return f" (the tuned step schedule {where} changed since)" if changed else ""
+        return f" (the tuned {_kind(where)} {where} changed since)" if changed else ""
     if now.startswith("tuned:"):
         return (
-            f" (this run picks up the tuned step schedule {now.removeprefix('tuned:')}, the "
+            f" (this run picks up the tuned {_kind(now)} {now.removeprefix('tuned:')}, the "
             f"folder's run used {before or 'none'}: --no-tuned-schedule turns it off)"
         )
     if before.startswith("tuned:"):
         return (
-            f" (the folder's run used the tuned step schedule {before.removeprefix('tuned:')}, "
-            f"this one {now or 'none'})"
+            f" (the folder's run used the tuned {_kind(before)} {before.removeprefix('tuned:')}"
+            f", this one {now or 'none'})"
         )
     return ""
+
+
+def _kind(path: str) -> str:
+    """What a schedule file kept with a model holds, by its name."""
+    return "solver schedule" if Path(path).name.startswith("solver-schedule-") else "step schedule"
 
 
 def read_manifest(out_dir: str | Path) -> RunManifest | None:
@@ -506,7 +511,9 @@ class RunConfig:
     Attributes:
         model: Demo name or model folder.
         solver: Registry name, or ``"auto"``: :func:`~diffsolve.solvers.registry.default_solver`
-            (DPM-Solver-v3 where the model ships EMS). The manifest records the resolved name.
+            (DPM-Solver-v3 where the model ships EMS), after a tuned solver schedule kept
+            with the model; ``schedule:FILE`` runs a solver schedule (its own times and
+            NFE). The manifest records the resolved name (``schedule:<absolute path>``).
         nfe: Model-evaluation budget.
         grid: Grid kind, or ``None`` for the solver's default.
         seeds: Seed list text (``"0-49999"``).
@@ -525,8 +532,9 @@ class RunConfig:
         tuned_schedule: Pick up the tuned step schedule kept with the model for the solver
             and NFE (:mod:`diffsolve.app.schedules`) when no ``grid``, ``schedule`` or
             ``teleport`` fixes the grid and no guidance, thresholding or DualFast is asked
-            for. After :func:`resolve_method`: whether one was picked up (its path then in
-            ``schedule``).
+            for; with ``solver="auto"``, also the tuned solver schedule at the NFE. After
+            :func:`resolve_method`: whether one was picked up (its path then in
+            ``schedule``, which also names the file of ``solver="schedule:FILE"``).
         load: How to load the model (:class:`~diffsolve.app.loader.LoadOptions`: prediction
             type, scheduler config, shape, image size, prompts, statistics files).
     """
@@ -756,11 +764,13 @@ def run_inputs(config: RunConfig, model: LoadedModel) -> dict[str, str]:
     from diffsolve.solvers import registry
 
     files: dict[str, Path | None] = {}
-    if "ems" in registry.preset(config.solver).needs:
+    needs = registry.preset(config.solver).needs
+    if "ems" in needs:
         files["ems"] = model.ems_path
-    if config.schedule is not None:
+    if config.schedule is not None:  # a step or solver schedule file
         files["schedule"] = Path(config.schedule)
-    if config.teleport or (config.schedule is not None and _teleports(config.schedule)):
+    teleports = config.schedule is not None and _teleports(config.schedule)
+    if config.teleport or "gaussian" in needs or teleports:
         files["gaussian_stats"] = model.gaussian_stats_path
     if config.guidance.method == "classifier":
         from diffsolve.app.classifier import classifier_path
@@ -958,7 +968,8 @@ def resolve_method(
     config: RunConfig, model: LoadedModel, say: Callable[[str], None] | None = None
 ) -> tuple[RunConfig, Solver, Tensor]:
     """The solver and grid of a run: ``solver="auto"`` resolved (the manifest records the
-    name), a fitted schedule (``--schedule``, or the tuned one kept with the model) applied,
+    name; a tuned solver schedule kept with the model first), a fitted schedule
+    (``--schedule``, ``--solver schedule:FILE``, or the tuned one kept with the model) applied,
     what it needs from the model loaded once, teleportation wrapped around it. ``say`` gets
     one-line notes (the tuned schedule used, or not used and why; default: warnings only,
     through :func:`warnings.warn`)."""
@@ -967,7 +978,12 @@ def resolve_method(
 
     if config.schedule is not None:
         return _scheduled(replace(config, tuned_schedule=False), model)
+    if is_solver_schedule(config.solver):
+        return _solver_scheduled(replace(config, tuned_schedule=False), model)
     if config.solver == "auto":
+        picked = _tuned_solver_schedule(config, model, say)
+        if picked is not None:
+            return picked
         config = replace(config, solver=registry.default_solver(model.available()))
     tuned = _tuned(config, model, say)
     if tuned is not None:
@@ -995,6 +1011,9 @@ def _tuned_clash(config: RunConfig) -> tuple[str, str] | None:
     spec = config.guidance
     if config.load.ems is not None and "ems" in preset(config.solver).needs:
         return f"--ems {config.load.ems}", "it was fitted with the model folder's statistics"
+    if config.load.gaussian_stats is not None and "gaussian" in preset(config.solver).needs:
+        stats = config.load.gaussian_stats
+        return f"--gaussian-stats {stats}", "it was fitted with the model folder's statistics"
     if config.teleport:
         return f"--teleport {config.teleport:g}", "teleportation sets the grid"
     if spec.method != "none":
@@ -1072,6 +1091,65 @@ def _scheduled(
         )
     method, grid = schedule_solver(fitted, model)
     return replace(config, solver=fitted.solver, grid=f"schedule:{fitted.method}"), method, grid
+
+
+def is_solver_schedule(solver: str) -> bool:
+    """Whether a registry name is a solver-schedule file, ``schedule:FILE``."""
+    from diffsolve.solvers.solver_schedule import PREFIX
+
+    return solver.startswith(f"{PREFIX}:")
+
+
+def _solver_scheduled(config: RunConfig, model: LoadedModel) -> tuple[RunConfig, Solver, Tensor]:
+    """``--solver schedule:FILE``: the solver schedule's choices on its own times, the file
+    checked against the model (noise schedule, fingerprint, EMS digest; refused with a
+    ``--grid``, ``--teleport`` or ``--nfe`` that contradicts it). The manifest records the
+    solver as ``schedule:<absolute path>``, ``grid = "schedule:<method>"``, the times, and
+    the file's hash among the run's inputs (``schedule``)."""
+    from diffsolve.app.schedules import solver_schedule_setup
+
+    path = Path(config.solver.partition(":")[2]).expanduser().resolve()
+    clash = "--grid" if config.grid is not None else "--teleport" if config.teleport else None
+    if clash:
+        raise ValueError(
+            f"{clash} contradicts --solver {config.solver}: a solver schedule comes with its "
+            f"own times (and its own teleport); drop {clash}"
+        )
+    name = f"schedule:{path}"
+    fitted, method, grid = solver_schedule_setup(name, model, config.nfe)
+    config = replace(config, solver=name, grid=f"schedule:{fitted.method}", schedule=str(path))
+    return config, method, grid
+
+
+def _tuned_solver_schedule(
+    config: RunConfig, model: LoadedModel, say: Callable[[str], None] | None
+) -> tuple[RunConfig, Solver, Tensor] | None:
+    """The tuned solver schedule kept with the model at the run's NFE, for ``--solver
+    auto``, applied as ``--solver schedule:FILE`` would be; ``None`` when the run does not
+    pick one up (as :func:`_tuned`)."""
+    from diffsolve.app.schedules import find_tuned_solver_schedule
+
+    if not config.tuned_schedule or config.grid is not None:
+        return None
+    found = find_tuned_solver_schedule(model, config.nfe, say)
+    if found is None:
+        return None
+    named = replace(config, solver=f"schedule:{found.path.resolve()}")
+    clash = _tuned_clash(named)
+    if clash is not None:
+        option, why = clash
+        anyway = "" if config.teleport else f"; --solver {named.solver} applies it anyway"
+        _note(
+            say, f"not using the tuned solver schedule {found.where} with {option} ({why}{anyway})"
+        )
+        return None
+    try:
+        result = _solver_scheduled(named, model)
+    except (TypeError, ValueError) as err:
+        _note(say, found.skipped(str(err)), warning=True)
+        return None
+    _note(say, found.describe())
+    return result
 
 
 def run_manifest(

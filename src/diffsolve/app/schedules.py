@@ -15,6 +15,14 @@ one-line warning (for a shipped file that is a packaging bug), never applied and
 option fixes the grid itself (``--grid``, ``--schedule``, ``--teleport``) and the run is what
 the schedule was fitted for (no guidance, thresholding or DualFast); ``--no-tuned-schedule``
 turns the pickup off.
+
+A model folder may also hold *solver* schedules (a solving strategy per step, fitted by
+``diffsolve tune --method solver-schedule``; :mod:`diffsolve.solvers.solver_schedule`), one
+per NFE, at ``<model folder>/schedules/solver-schedule-nfe<N>.json``. With the default
+solver (``--solver auto``) ``diffsolve sample`` runs the one for its NFE as
+``--solver schedule:FILE`` would (:func:`find_tuned_solver_schedule`), under the same
+conditions, and says so with the file's held-out numbers; a file that does not fit the model
+is skipped with a one-line warning.
 """
 
 from __future__ import annotations
@@ -24,9 +32,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from torch import Tensor
+
 from diffsolve.app import loader
 from diffsolve.app.loader import LoadedModel
+from diffsolve.ode.plan import Solver
 from diffsolve.ode.step_schedule import StepSchedule
+from diffsolve.solvers.registry import setup_solver
+from diffsolve.solvers.solver_schedule import SolverSchedule, load_solver_schedule
 
 #: The folder of a model folder that holds its tuned step schedules.
 SCHEDULES_DIR = "schedules"
@@ -145,9 +158,108 @@ def _where(path: Path, model: str, shipped: bool) -> str:
     return f"{SCHEDULES_DIR}/{path.name} shipped with {model}" if shipped else str(path)
 
 
-def _skipped(path: Path, model: str, shipped: bool, reason: str) -> str:
+def _skipped(
+    path: Path, model: str, shipped: bool, reason: str, what: str = "step schedule"
+) -> str:
     fault = " (a packaging bug: please report it)" if shipped else ""
-    return f"skipping the tuned step schedule {_where(path, model, shipped)}{fault}: {reason}"
+    return f"skipping the tuned {what} {_where(path, model, shipped)}{fault}: {reason}"
+
+
+# ---------------------------------------------------------------------------------------
+# Solver schedules kept with a model
+def solver_schedule_filename(nfe: int) -> str:
+    """The file name of the tuned solver schedule at ``nfe``:
+    ``solver-schedule-nfe<nfe>.json``."""
+    return f"solver-schedule-nfe{nfe}.json"
+
+
+@dataclass(frozen=True)
+class TunedSolverSchedule:
+    """A tuned solver schedule found with a model (attributes as :class:`TunedSchedule`)."""
+
+    path: Path
+    schedule: SolverSchedule
+    model: str
+    shipped: bool
+
+    @property
+    def where(self) -> str:
+        """Where the file is, for messages (as :attr:`TunedSchedule.where`)."""
+        return _where(self.path, self.model, self.shipped)
+
+    def skipped(self, reason: str) -> str:
+        """The one-line warning for this file skipped because of ``reason``."""
+        return _skipped(self.path, self.model, self.shipped, reason, "solver schedule")
+
+    def describe(self) -> str:
+        """The one line ``diffsolve sample`` says when it uses this schedule: the file's
+        held-out RMSE to the reference against the best step schedule of one solver."""
+        fit = self.schedule.fit
+        tuned, best = fit.get("heldout_rmse"), fit.get("heldout_rmse_best_step_schedule")
+        errors = ""
+        if isinstance(tuned, (int, float)) and isinstance(best, (int, float)):
+            errors = f"held-out RMSE {tuned:.3g} vs {best:.3g} for the best step schedule; "
+        jump = ", after a Gaussian teleport" if self.schedule.teleport else ""
+        return (
+            f"using the tuned solver schedule {self.where}{jump} ({self.schedule.nfe} NFE; "
+            f"{errors}--solver NAME or --no-tuned-schedule to opt out)"
+        )
+
+
+def find_tuned_solver_schedule(
+    model: LoadedModel, nfe: int, warn: Callable[[str], None] | None = None
+) -> TunedSolverSchedule | None:
+    """The tuned solver schedule kept with ``model`` at ``nfe``
+    (``<model folder>/schedules/solver-schedule-nfe<nfe>.json``), or ``None``. A file that
+    is not a solver schedule, holds another NFE, was fitted to another noise schedule or
+    model, or needs statistics the model folder lacks is skipped: ``warn`` (default:
+    :func:`warnings.warn`) gets one line saying why. (The EMS digest is checked when the
+    run loads the EMS, :func:`solver_schedule_setup`.)"""
+    from diffsolve.app.tune import schedule_fingerprint
+
+    if model.folder is None:
+        return None
+    path = Path(model.folder) / SCHEDULES_DIR / solver_schedule_filename(nfe)
+    if not path.is_file():
+        return None
+    shipped = is_shipped(model)
+    try:
+        fitted = load_solver_schedule(path)
+        if fitted.nfe != nfe:
+            raise ValueError(
+                f"it holds a solver schedule for {fitted.nfe} NFE, not {nfe} (the file name "
+                "must say what it holds)"
+            )
+        missing = sorted(set(fitted.needs) - model.available())
+        if missing:
+            raise ValueError(f"it needs {' and '.join(missing)}, which the model folder lacks")
+        fitted.check(model.schedule, schedule_fingerprint(model))
+        fitted.grid(model.schedule)
+    except (OSError, ValueError) as err:
+        reason = str(err).removeprefix(f"solver schedule {path}: ")
+        _warn(warn, _skipped(path, model.name, shipped, reason, "solver schedule"))
+        return None
+    return TunedSolverSchedule(path, fitted, model.name, shipped)
+
+
+def solver_schedule_setup(
+    name: str, model: LoadedModel, nfe: int
+) -> tuple[SolverSchedule, Solver, Tensor]:
+    """The file, solver and grid of the registry name ``schedule:FILE`` for ``model``: the
+    file checked against the model (noise schedule, fingerprint, and the digest of the EMS
+    it integrates with), its needs loaded from the model, its own times."""
+    from diffsolve.app.tune import schedule_fingerprint
+
+    fitted = load_solver_schedule(name.partition(":")[2])
+    if nfe != fitted.nfe:
+        raise ValueError(
+            f"--nfe {nfe} contradicts --solver {name}: it spends {fitted.nfe} model "
+            f"evaluations; pass --nfe {fitted.nfe} or drop --nfe"
+        )
+    context = model.solver_context(fitted.needs)
+    fitted.check(model.schedule, schedule_fingerprint(model), context.ems)
+    solver, grid = setup_solver(name, model.schedule, nfe, context=context)
+    return fitted, solver, grid
 
 
 def _warn(warn: Callable[[str], None] | None, line: str) -> None:

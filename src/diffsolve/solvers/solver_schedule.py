@@ -56,7 +56,7 @@ from diffsolve.numerics.expint import ExpStep, taylor_weights
 from diffsolve.ode.grids import validate_grid
 from diffsolve.ode.model import Denoiser
 from diffsolve.ode.plan import Solver, State
-from diffsolve.ode.schedule import NoiseSchedule
+from diffsolve.ode.schedule import NoiseSchedule, schedule_from_config
 from diffsolve.solvers.dpm_solver import DPMSolver, ei_weights
 from diffsolve.solvers.dpm_solver_v3 import (
     DPMSolverV3,
@@ -534,10 +534,10 @@ class SolverSchedule:
         config = {k: v for k, v in schedule.to_config().items() if k != "shift"}
         mine = {k: v for k, v in self.noise_schedule.items() if k != "shift"}
         fix = "fit one for this model (`diffsolve tune --method solver-schedule`)"
-        if config != mine:
+        if config != mine and not _same_process(self.noise_schedule, schedule):
             raise ValueError(
                 f"solver schedule for {self.model or 'another model'} was fitted under the "
-                f"noise schedule {self.noise_schedule}, not {schedule.to_config()}; {fix}"
+                f"noise schedule {_named(self.noise_schedule)}, not {schedule!r}; {fix}"
             )
         if None not in (fingerprint, self.fingerprint) and fingerprint != self.fingerprint:
             raise ValueError(
@@ -559,6 +559,24 @@ class SolverSchedule:
     ) -> ScheduledSolver:
         """The :class:`ScheduledSolver` of the file's choices."""
         return ScheduledSolver(self.steps, ems, gaussian, self.teleport)
+
+
+def _same_process(config: dict[str, Any], schedule: NoiseSchedule) -> bool:
+    """Whether the schedule of ``config`` describes the same process as ``schedule``
+    (:meth:`~diffsolve.ode.schedule.NoiseSchedule.same_process`: a diffusers scheduler's
+    float32 :math:`\\bar\\alpha` for a model's float64 ones, a flow schedule's range)."""
+    try:
+        return schedule_from_config(config).same_process(schedule)
+    except (TypeError, ValueError, KeyError):
+        return False
+
+
+def _named(config: dict[str, Any]) -> str:
+    """A schedule config for messages (its ``repr``: no list of 1000 :math:`\\bar\\alpha`)."""
+    try:
+        return repr(schedule_from_config(config))
+    except (TypeError, ValueError, KeyError):
+        return str(config)
 
 
 _LOADED: dict[tuple[str, int, int], SolverSchedule] = {}
