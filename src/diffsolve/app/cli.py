@@ -575,9 +575,12 @@ def _schedule_nfe(path: str, nfe: int) -> int:
 @click.option(
     "--method",
     default="dp",
-    type=click.Choice(["dp", "search"]),
+    type=click.Choice(["dp", "search", "solver-schedule"]),
     help="dp: dynamic programming over candidate times; search: dp, then an evolutionary "
-    "search over times and solver options on held-out seeds.",
+    "search over times and solver options on held-out seeds; solver-schedule: a solver "
+    "decision per step (order, prediction, derivative estimate, corrector) searched with "
+    "the times and the teleport start (--solver is not used; sample with --solver "
+    "schedule:FILE).",
 )
 @click.option(
     "--cost",
@@ -599,6 +602,12 @@ def _schedule_nfe(path: str, nfe: int) -> int:
     default=None,
     type=click.IntRange(1, None),
     help="search: model evaluations (per sample, summed) [default: 60 schedules' worth].",
+)
+@click.option(
+    "--proposals",
+    default=None,
+    type=click.IntRange(1, None),
+    help="solver-schedule: schedules proposed by the evolution [default: 400].",
 )
 @seed_option("First fit seed; the held-out seeds follow.")
 @device_option()
@@ -644,10 +653,13 @@ def tune_command(
                 "fixed by --candidates and --trajectories); pass --method search, or drop "
                 "--budget"
             )
+        _check_tune_method(method, options)
         load = load_options(options)
         model = load_model(model_name, device=check_device(device), options=load)
         if check:
             _quick_check(model)
+        if method == "solver-schedule":
+            return _tune_solver_schedule(model, nfe, options, out)
         if solver == "auto":
             solver = default_solver(model.available())
         config = TuneConfig(
@@ -682,6 +694,58 @@ def tune_command(
         f"cost: {fitted.cost['model_evaluations']:,} model evaluations, "
         f"{fitted.cost['seconds']:.1f} s → {out}"
     )
+
+
+def _check_tune_method(method: str, options: dict[str, Any]) -> None:
+    """Options of another tuning method are refused, never ignored."""
+    given = click.get_current_context().get_parameter_source
+    if method != "solver-schedule" and options["proposals"] is not None:
+        raise ValueError("--proposals applies to --method solver-schedule only; drop it")
+    if method == "solver-schedule":
+        for name in ("solver", "cost", "candidates", "budget"):
+            if given(name) is ParameterSource.COMMANDLINE:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(
+                    f"{flag} does not apply to --method solver-schedule (it searches every "
+                    f"solver's decisions per step); drop {flag}"
+                )
+
+
+def _tune_solver_schedule(model: Any, nfe: int, options: dict[str, Any], out: Path) -> None:
+    """``tune --method solver-schedule``: search, write ``out``, report."""
+    from diffsolve.app.files import write_text_atomic
+    from diffsolve.app.solver_tune import SearchConfig, search_solver_schedule
+    from diffsolve.solvers.solver_schedule import describe_choice
+
+    given = click.get_current_context().get_parameter_source
+    settings = {
+        key: options[name]
+        for name, key in (("trajectories", "trajectories"), ("teacher_steps", "teacher_steps"))
+        if given(name) is ParameterSource.COMMANDLINE
+    }
+    config = SearchConfig(
+        proposals=options["proposals"] or SearchConfig.proposals,
+        seed=options["seed"],
+        teleport=options["teleport"],
+        **settings,
+    )
+    say = lambda line: click.echo(line, err=True)  # noqa: E731
+    fitted = search_solver_schedule(model, nfe, config, progress=say)
+    write_text_atomic(out, fitted.to_json())
+    fit = fitted.fit
+    jump = f", Gaussian teleport to t = {fitted.times[1]:.4g}" if fitted.teleport else ""
+    click.echo(f"solver schedule at {nfe} NFE ({fitted.method}, from {fit['start']}{jump}):")
+    for t, choice in zip(fitted.times[int(fitted.teleport) :], fitted.steps, strict=False):
+        click.echo(f"  t = {t:.4g}: {describe_choice(choice)}")
+    click.echo(
+        f"held-out RMSE to the teacher ({fit['check_seeds']}): {fit['check_rmse']:.4g}, its "
+        f"start {fit['check_rmse_start']:.4g} ({fit['check_rmse'] / fit['check_rmse_start']:.2f}x)"
+    )
+    click.echo(
+        f"cost: {fitted.cost['model_evaluations']:,} model evaluations, "
+        f"{fitted.cost['schedules']} schedules, {fitted.cost['seconds']:.1f} s → {out}"
+    )
+    click.echo(f"sample with: diffsolve sample --solver schedule:{out}")
 
 
 @main.command("check-model")

@@ -153,7 +153,7 @@ class TuneConfig:
         return list(range(first, first + size))
 
 
-class _Meter:
+class Meter:
     """A denoiser that counts per-sample model evaluations."""
 
     def __init__(self, model: Denoiser) -> None:
@@ -168,7 +168,7 @@ class _Meter:
 class _Replay:
     """Returns a known evaluation at ``(x, t)``, evaluates anything else."""
 
-    def __init__(self, model: _Meter, x: Tensor, t: float, prediction: Prediction) -> None:
+    def __init__(self, model: Meter, x: Tensor, t: float, prediction: Prediction) -> None:
         self.model, self.schedule = model, model.schedule
         self.x, self.t, self.prediction = x, t, prediction
 
@@ -188,7 +188,7 @@ class Teacher:
     target: Tensor
 
 
-def _rms(a: Tensor, b: Tensor, trim: float = 0.0) -> float:
+def rms_error(a: Tensor, b: Tensor, trim: float = 0.0) -> float:
     """RMSE of ``a`` to ``b``; ``trim``: without that share of the worst samples."""
     per = (a.double() - b.double()).pow(2).flatten(1).mean(1)
     if trim > 0.0:
@@ -201,7 +201,7 @@ def _candidates(schedule: NoiseSchedule, config: TuneConfig, t_start: float) -> 
     return grids.make_grid(schedule, config.candidates, config.candidate_grid, t_start)
 
 
-def run_teacher(model: _Meter, x: Tensor, times: Tensor, steps: int) -> Teacher:
+def run_teacher(model: Meter, x: Tensor, times: Tensor, steps: int) -> Teacher:
     """DPM-Solver++(3M) from ``x`` at ``times[0]`` through every candidate time (each
     interval split uniformly in λ) to clean data."""
     schedule = model.schedule
@@ -234,7 +234,7 @@ def _path_grid(times: Tensor, path: Sequence[int], positives: int) -> Tensor:
 
 
 def dp_student(
-    model: _Meter,
+    model: Meter,
     solver: Solver,
     teacher: Teacher,
     steps: int,
@@ -248,7 +248,7 @@ def dp_student(
 
     ``starts`` maps the candidates a path may start at to the samples there (default: the
     first candidate and the teacher's noise; teleportation adds later candidates and the
-    teleported noise). Errors are :func:`_rms` with ``trim``."""
+    teleported noise). Errors are :func:`rms_error` with ``trim``."""
     times, last = teacher.times, teacher.times.numel() - 1
     span = max(1, math.ceil(max_jump * last / max(1, steps - 1)))
     schedule = model.schedule
@@ -267,7 +267,7 @@ def dp_student(
             for j in range(i + 1, min(i + span, last - (steps - 1 - k)) + 1):
                 plan = solver.plan(schedule, _path_grid(times, [*path, j], steps))
                 moved = plan.step(replay, replace(state, owns_x_prev=False))
-                err = _rms(moved.x, teacher.states[j], trim)
+                err = rms_error(moved.x, teacher.states[j], trim)
                 if j not in best or err < best[j][0]:
                     best[j] = (err, [*path, j], moved)
         frontier = {j: (path, state) for j, (_, path, state) in best.items()}
@@ -276,14 +276,14 @@ def dp_student(
         plan = solver.plan(schedule, _path_grid(times, path, steps))
         while not state.done:
             state = plan.step(model, replace(state, owns_x_prev=False))
-        err = _rms(state.x, teacher.target, trim)
+        err = rms_error(state.x, teacher.target, trim)
         if final is None or err < final[0]:
             final = (err, path)
     assert final is not None
     return final[1]
 
 
-def dp_euler(model: _Meter, teacher: Teacher, steps: int, coeff: float) -> list[int]:
+def dp_euler(model: Meter, teacher: Teacher, steps: int, coeff: float) -> list[int]:
     """GITS: DDIM-jump costs between teacher states and the weighted recursion."""
     schedule, times = model.schedule, teacher.times
     m = times.numel()
@@ -294,8 +294,8 @@ def dp_euler(model: _Meter, teacher: Teacher, steps: int, coeff: float) -> list[
         for j in range(i + 1, m):
             a = float(sigma[j] / sigma[i])
             b = -float(alpha[j]) * math.expm1(-float(lam[j] - lam[i]))
-            cost[i, j] = _rms(a * teacher.states[i] + b * x0[i], teacher.states[j])
-    end = torch.tensor([_rms(x, teacher.target) for x in x0], dtype=_F64)
+            cost[i, j] = rms_error(a * teacher.states[i] + b * x0[i], teacher.states[j])
+    end = torch.tensor([rms_error(x, teacher.target) for x in x0], dtype=_F64)
     value, choice = [end], [torch.full((m,), -1, dtype=torch.long)]
     for _ in range(1, steps):  # value[k][j]: best cost from j with k + 1 evaluations left
         total = cost + coeff * value[-1][None, :]
@@ -338,7 +338,7 @@ class _Candidate:
 
 @dataclass
 class _Search:
-    model: _Meter
+    model: Meter
     x: Tensor
     target: Tensor
     nfe: int
@@ -363,7 +363,7 @@ class _Search:
         if plan.nfe != self.nfe:
             return math.inf
         out = sample(self.model, self.x, method, plan=plan, check_finite=False).x
-        err = _rms(out, self.target, self.trim)
+        err = rms_error(out, self.target, self.trim)
         return err if math.isfinite(err) else math.inf
 
     def propose(self, c: _Candidate, scale: float) -> _Candidate | None:
@@ -494,7 +494,7 @@ def _teleport_starts(
 
 
 def _fit_dp(
-    model: _Meter,
+    model: Meter,
     fit: Teacher,
     base: Solver,
     default: Tensor,
@@ -525,7 +525,7 @@ def _fit_dp(
 
 
 def _scores(
-    model: _Meter,
+    model: Meter,
     teacher: Teacher,
     nfe: int,
     gaussian: GaussianModel | None,
@@ -537,7 +537,7 @@ def _scores(
         return [scorer.score(c) for c in candidates]
 
 
-class _Teachers:
+class Teachers:
     """Teacher trajectories of the fit, search and check seeds (counting evaluations)."""
 
     def __init__(
@@ -545,11 +545,11 @@ class _Teachers:
     ) -> None:
         self.model, self.config, self.t_start, self.say = model, config, t_start, say
         self.times = _candidates(model.schedule, config, t_start)
-        self.meters: list[_Meter] = []
+        self.meters: list[Meter] = []
 
-    def __call__(self, which: Literal["fit", "search", "check"]) -> tuple[_Meter, Teacher]:
+    def __call__(self, which: Literal["fit", "search", "check"]) -> tuple[Meter, Teacher]:
         seeds, steps = self.config.seeds(which), self.config.teacher_steps
-        meter = _Meter(_denoiser(self.model, seeds))
+        meter = Meter(_denoiser(self.model, seeds))
         self.meters.append(meter)
         self.say(f"tune: teacher on {len(seeds)} {which} seeds, {steps} steps")
         with torch.inference_mode():
@@ -611,7 +611,7 @@ def tune_schedule(
     base, default = _solver(model, solver, nfe, context)
     _check_budget(solver, default, nfe, config)
     schedule: NoiseSchedule = model.schedule
-    teacher = _Teachers(model, config, float(default[0]), say)
+    teacher = Teachers(model, config, float(default[0]), say)
     gaussian = _gaussian(model) if config.teleport else None
     fit_model, fit = teacher("fit")
     say(f"tune: dp ({config.cost} cost) over {config.candidates + 1} candidate times")

@@ -128,6 +128,15 @@ class StepChoice:
         return self.corrector_order or self.order + 1
 
 
+def describe_choice(choice: StepChoice) -> str:
+    """One line for a step choice, e.g. ``order 2 f-space taylor, pseudo corrector (3
+    points), relax 0.92``."""
+    text = f"order {choice.order} {choice.space}-space {choice.predictor}"
+    if choice.corrector != "none":
+        text += f", {choice.corrector} corrector ({choice.points_corrected} points)"
+    return text + (f", relax {choice.relax:.3g}" if choice.relax != 1.0 else "")
+
+
 def _relaxed(w: tuple[float, ...], c0: float, base: int, relax: float) -> tuple[float, ...]:
     """Weights with the derivative part scaled by ``relax`` (``base``: the step's start)."""
     if relax == 1.0:
