@@ -609,6 +609,21 @@ def _schedule_nfe(path: str, nfe: int) -> int:
     type=click.IntRange(1, None),
     help="solver-schedule: schedules proposed by the evolution [default: 400].",
 )
+@click.option(
+    "--guidance",
+    default="none",
+    type=click.Choice(["none", "cfg", "apg"]),
+    help="solver-schedule: search under classifier-free (cfg) or adaptive projected (apg) "
+    "guidance of a class-conditional model (labels seed % classes): the guided denoiser is "
+    "the model.",
+)
+@click.option(
+    "--scale",
+    "guidance_scale",
+    default=1.0,
+    type=click.FloatRange(0, None),
+    help="solver-schedule: the guidance scale.",
+)
 @seed_option("First fit seed; the held-out seeds follow.")
 @device_option()
 @check_option()
@@ -699,8 +714,13 @@ def tune_command(
 def _check_tune_method(method: str, options: dict[str, Any]) -> None:
     """Options of another tuning method are refused, never ignored."""
     given = click.get_current_context().get_parameter_source
-    if method != "solver-schedule" and options["proposals"] is not None:
-        raise ValueError("--proposals applies to --method solver-schedule only; drop it")
+    if method != "solver-schedule":
+        for name in ("proposals", "guidance", "guidance_scale"):
+            if given(name) is ParameterSource.COMMANDLINE:
+                raise ValueError(
+                    f"--{name.removeprefix('guidance_').replace('_', '-')} applies to --method "
+                    "solver-schedule only; drop it"
+                )
     if method == "solver-schedule":
         for name in ("solver", "cost", "candidates", "budget"):
             if given(name) is ParameterSource.COMMANDLINE:
@@ -727,6 +747,8 @@ def _tune_solver_schedule(model: Any, nfe: int, options: dict[str, Any], out: Pa
         proposals=options["proposals"] or SearchConfig.proposals,
         seed=options["seed"],
         teleport=options["teleport"],
+        guidance=options["guidance"],
+        scale=options["guidance_scale"],
         **settings,
     )
     say = lambda line: click.echo(line, err=True)  # noqa: E731
@@ -745,7 +767,12 @@ def _tune_solver_schedule(model: Any, nfe: int, options: dict[str, Any], out: Pa
         f"cost: {fitted.cost['model_evaluations']:,} model evaluations, "
         f"{fitted.cost['schedules']} schedules, {fitted.cost['seconds']:.1f} s → {out}"
     )
-    click.echo(f"sample with: diffsolve sample --solver schedule:{out}")
+    guided = (
+        f" --guidance {config.guidance} --scale {config.scale:g}"
+        if config.guidance != "none"
+        else ""
+    )
+    click.echo(f"sample with: diffsolve sample --solver schedule:{out}{guided}")
 
 
 @main.command("check-model")
@@ -1235,7 +1262,7 @@ def _progress_file(checkpoint: str | None, out: Path) -> Path:
     """``ems --checkpoint`` (default ``<out>.partial``): never the result file (the run
     removes its checkpoint when done) and never inside the installed package; a file there
     that is not a diffsolve checkpoint is refused by the estimator, never overwritten."""
-    from diffsolve.app.files import inside_package
+    from diffsolve.app.files import inside_package, remove_stale_temps
     from diffsolve.app.scale import torchrun_world
     from diffsolve.stats.ems.compute import checkpoint_files
 
@@ -1245,11 +1272,14 @@ def _progress_file(checkpoint: str | None, out: Path) -> Path:
             f"--checkpoint {path} is inside the installed diffsolve package; give a path "
             f"elsewhere (default: {out}.partial)"
         )
-    if out.resolve() in {p.resolve() for p in checkpoint_files(path, torchrun_world()[1])}:
+    files = checkpoint_files(path, torchrun_world()[1])
+    if out.resolve() in {p.resolve() for p in files}:
         raise ValueError(
             f"--checkpoint {path} is the --out file: the run removes its checkpoint when done, "
             f"and the result with it; give another --checkpoint (default: {out}.partial)"
         )
+    for file in files:
+        remove_stale_temps(file)  # a killed run's; the checkpoint itself is resumed from
     return path
 
 

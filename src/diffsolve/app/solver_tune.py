@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from diffsolve.app.conditioning import GuidanceSpec
 from diffsolve.app.tune import Meter, Teachers, TuneConfig, rms_error, schedule_fingerprint
 from diffsolve.ode.plan import State
 from diffsolve.solvers.engine import MultistepStep, StepPlan, Update
@@ -87,6 +88,10 @@ class SearchConfig:
         teleport: Let starts begin with a Gaussian teleport (default: where the model has
             Gaussian statistics).
         batch_size: Samples per model call.
+        guidance: ``"none"``, or ``"cfg"``/``"apg"`` of a class-conditional model: the
+            search runs on the guided denoiser (labels ``seed % classes``), as ``sample
+            --guidance`` would sample.
+        scale: The guidance scale.
         margin: Relative RMSE improvement a proposal must make to be kept: improvements
             smaller than the seed set's noise are selection bias, not progress.
     """
@@ -98,6 +103,8 @@ class SearchConfig:
     teleport: bool | None = None
     batch_size: int = 512
     margin: float = 0.002
+    guidance: str = "none"
+    scale: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("proposals", "trajectories", "teacher_steps", "batch_size"):
@@ -106,6 +113,10 @@ class SearchConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if self.guidance not in ("none", "cfg", "apg"):
+            raise ValueError(f"guidance must be none, cfg or apg, got {self.guidance!r}")
+        if self.guidance == "none" and self.scale != 1.0:
+            raise ValueError(f"scale {self.scale} needs guidance cfg or apg")
 
 
 @dataclass
@@ -313,6 +324,27 @@ def search_starts(
 
 # ---------------------------------------------------------------------------------------
 # The search
+class GuidedModel:
+    """A loaded class-conditional model whose denoiser for a set of labels is the guided
+    one (:class:`~diffsolve.app.conditioning.GuidanceSpec`); everything else is the
+    model's."""
+
+    def __init__(self, loaded: Any, spec: Any) -> None:
+        if not getattr(loaded, "num_classes", None):
+            raise ValueError(
+                f"guidance {spec.method!r} needs a class-conditional model; "
+                f"{getattr(loaded, 'name', 'this model')!r} is not"
+            )
+        self.loaded, self.spec = loaded, spec
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loaded, name)
+
+    def conditional(self, class_labels: Tensor) -> Any:
+        """The guided denoiser for ``class_labels``."""
+        return self.spec.build(self.loaded, class_labels)
+
+
 def evolve(
     scorer: Scorer,
     start: Candidate,
@@ -370,6 +402,8 @@ def search_solver_schedule(
     config = config or SearchConfig()
     say = progress or (lambda line: None)
     began = time.perf_counter()
+    if config.guidance != "none":
+        model = GuidedModel(model, GuidanceSpec(config.guidance, config.scale))
     context, teleport = _context(model, config.teleport)
     starts = search_starts(model, nfe, context, teleport)
     if not starts:
