@@ -82,8 +82,11 @@ class SearchConfig:
 
     Attributes:
         proposals: Schedules proposed after the starts.
-        trajectories: Search seeds (and check seeds, disjoint).
-        teacher_steps: DPM-Solver++(3M) steps of the teacher.
+        trajectories: Search seeds (and check seeds, disjoint). With 128 a search on
+            ``digits`` at 5 NFE lowered the search seeds' RMSE by 27% and the check seeds'
+            by 2%; with 512, by 10% and 10%.
+        teacher_steps: DPM-Solver++(3M) steps of the teacher (150 agree with the 500-step
+            reference to ~1e-4 RMSE on the demos, far below the errors searched).
         seed: First search seed; the check seeds follow; also seeds the proposals.
         teleport: Let starts begin with a Gaussian teleport (default: where the model has
             Gaussian statistics).
@@ -97,8 +100,8 @@ class SearchConfig:
     """
 
     proposals: int = 400
-    trajectories: int = 256
-    teacher_steps: int = 300
+    trajectories: int = 512
+    teacher_steps: int = 150
     seed: int = 0
     teleport: bool | None = None
     batch_size: int = 512
