@@ -15,7 +15,9 @@ k-diffusion). So every fixed-grid diffsolve solver runs on k-diffusion's σ list
 signature, and :func:`samplers` gives one per registry name (``sample_<name>``, as
 k-diffusion's ``sample_dpmpp_2m``), so every registered solver is a k-diffusion sampler. A
 solver that needs model statistics (DPM-Solver-v3) takes them from ``context``; for EMS of an
-EDM model the EMS's own schedule is used, and the σ list must lie inside its range.
+EDM model the EMS's own schedule is used, and the σ list must lie inside its range. A solver
+schedule (``solver="schedule:FILE"``) applies its per-step choices on the σ list, which must
+have its number of steps.
 
 Nothing here imports k-diffusion. Differences from k-diffusion's ``sample_*`` functions: no
 progress bar unless ``disable=False`` (library code has no side effects), and the callback's
@@ -37,6 +39,7 @@ from diffsolve.ode.sampling import StepInfo, sample
 from diffsolve.ode.schedule import EDM, schedule_from_config
 from diffsolve.solvers import DPMSolverPP
 from diffsolve.solvers.registry import SOLVERS, SolverContext, preset
+from diffsolve.solvers.solver_schedule import PREFIX, ems_digest, load_solver_schedule
 
 __all__ = ["edm_schedule_for", "make_sampler", "resolve_solver", "sample_denoiser", "samplers"]
 
@@ -92,11 +95,34 @@ def resolve_solver(
     configured for a grid of ``steps`` steps (its needs read from ``context``)."""
     if isinstance(solver, Solver):
         return solver
+    if isinstance(solver, str) and solver.startswith(f"{PREFIX}:"):
+        return _solver_schedule(solver, steps, context)
     spec = preset(solver)
     for nfe in range(max(2, steps), 3 * steps + 2):
         if spec.steps(nfe) == steps:
             return spec.build(nfe, context)
     raise ValueError(f"solver {solver!r} cannot run on a grid of {steps} step(s)")
+
+
+def _solver_schedule(name: str, steps: int, context: SolverContext | None) -> Solver:
+    """A solver-schedule file (``schedule:FILE``) on a σ list of its number of steps: its
+    step choices apply per step on the user's σ (its own times are not used), with the EMS it
+    was fitted with where a step integrates v3's feature."""
+    fitted = load_solver_schedule(name.partition(":")[2])
+    needed = len(fitted.times) - 1
+    if steps != needed:
+        jump = " (a Gaussian teleport, then one per evaluation)" if fitted.teleport else ""
+        raise ValueError(
+            f"solver {name!r} takes {needed} steps{jump}, one choice per step: pass "
+            f"{needed + 1} sigmas (the last one 0 to return x0), not {steps + 1}"
+        )
+    ems = None if context is None else context.ems
+    if ems is not None and fitted.ems is not None and ems_digest(ems) != fitted.ems:
+        raise ValueError(
+            f"solver {name!r} was fitted with other EMS ({fitted.ems}) than the context's "
+            f"({ems_digest(ems)}); pass the EMS it was fitted with"
+        )
+    return preset(name).build(fitted.nfe, context)
 
 
 def sample_denoiser(
@@ -124,7 +150,10 @@ def sample_denoiser(
             "sigma_hat", "denoised"}`` (``x`` after the step).
         disable: Show a progress bar only when ``False``.
         solver: A :class:`~diffsolve.ode.plan.Solver` or a registry name; default
-            DPM-Solver++(2M) (:class:`~diffsolve.DPMSolverPP`, order 2).
+            DPM-Solver++(2M) (:class:`~diffsolve.DPMSolverPP`, order 2). ``schedule:FILE``
+            runs a solver schedule (``diffsolve tune --method solver-schedule``): its step
+            choices on ``sigmas``, which must have one step per choice (and one for its
+            teleport, which needs ``context.gaussian``).
         context: What a registry solver needs from the model (DPM-Solver-v3: ``ems``, made
             for diffsolve's EDM schedule).
         grad: Record autograd graphs (default: sample under ``no_grad``, as k-diffusion's

@@ -266,7 +266,7 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
         self._clipping = Clipping.from_config(c)
         self._solver_p = _predictor(c.get("solver_p"))
         self._solver_cls = self._algorithm()
-        self._needs = {need: self._load_need(need) for need in self._solver_cls.needs}
+        self._needs = {need: self._load_need(need) for need in self.solver_needs()}
         self._reset()
         self.build_solver(1 << 20)  # check the solver options now, not at the first loop
 
@@ -352,6 +352,15 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
             return self.solver_class
         name = self.mapping.algorithms[self.config.algorithm_type]
         return next(cls for cls in solver_classes() if cls.name == name)
+
+    def solver_needs(self) -> tuple[str, ...]:
+        """What the solver takes from the model (a ``<need>_path`` key loads each)."""
+        return tuple(self._solver_cls.needs)
+
+    def _files(self) -> list[str]:
+        """The config keys that name files :meth:`save_pretrained` copies next to the
+        config."""
+        return [f"{need}_path" for need in self.solver_needs()]
 
     def _load_need(self, need: str) -> Any:
         """Load the file ``<need>_path`` names and check it against the schedule."""
@@ -886,19 +895,20 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
     def save_pretrained(
         self, save_directory: str | os.PathLike[str], push_to_hub: bool = False, **kwargs: Any
     ) -> None:
-        """Save the config and copy each statistics file it names (``<need>_path``) next to
-        it, stored as a path relative to the folder, so the folder works on any machine."""
+        """Save the config and copy each file it names (the statistics' ``<need>_path``, a
+        solver schedule's file) next to it, stored as a path relative to the folder, so the
+        folder works on any machine."""
         folder = Path(save_directory)
         if folder.is_file():
             raise ValueError(f"save_pretrained: {folder} is a file, not a folder")
         folder.mkdir(parents=True, exist_ok=True)
         saved = {}
-        for need in self._solver_cls.needs:
-            source = self.config[f"{need}_path"]
+        for key in self._files():
+            source = self.config[key]
             target = folder / Path(source).name
             if Path(source).resolve() != target.resolve():
                 shutil.copyfile(source, target)
-            saved[f"{need}_path"] = target.name
+            saved[key] = target.name
         original = {k: self.config[k] for k in saved}
         self.register_to_config(**saved)
         try:
@@ -951,6 +961,26 @@ def scheduler_class(solver: type[Solver]) -> type[DiffsolveScheduler]:
     if not isinstance(mapping, DiffusersMapping):
         raise ValueError(f"{solver.__name__} declares no diffusers mapping")
     keys = scheduler_keys(solver)
+    summary = next(iter((solver.__doc__ or "").strip().splitlines()), solver.__name__)
+    doc = (
+        f"{solver.__name__} ({summary}) as a drop-in for diffusers' {mapping.sibling}. "
+        f"Config keys: {', '.join(keys)} (see :mod:`diffsolve.integrations.diffusers` and "
+        f":class:`{solver.__module__}.{solver.__name__}`)."
+    )
+    cls = adapter_class(DiffsolveScheduler, solver, mapping, keys, doc)
+    _GENERATED[solver] = cls
+    return cls
+
+
+def adapter_class(
+    base: type[DiffsolveScheduler],
+    solver: type[Solver],
+    mapping: DiffusersMapping,
+    keys: Mapping[str, Any],
+    doc: str,
+) -> type[DiffsolveScheduler]:
+    """A scheduler class ``mapping.scheduler`` derived from ``base``, whose constructor takes
+    the config ``keys`` (with their defaults) and registers them with diffusers."""
     signature = inspect.Signature(
         [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
         + [
@@ -966,15 +996,9 @@ def scheduler_class(solver: type[Solver]) -> type[DiffsolveScheduler]:
     init.__signature__ = signature  # type: ignore[attr-defined]
     init.__name__ = "__init__"
     init.__qualname__ = f"{mapping.scheduler}.__init__"
-    summary = next(iter((solver.__doc__ or "").strip().splitlines()), solver.__name__)
-    doc = (
-        f"{solver.__name__} ({summary}) as a drop-in for diffusers' {mapping.sibling}. "
-        f"Config keys: {', '.join(keys)} (see :mod:`diffsolve.integrations.diffusers` and "
-        f":class:`{solver.__module__}.{solver.__name__}`)."
-    )
-    cls = type(
+    return type(
         mapping.scheduler,
-        (DiffsolveScheduler,),
+        (base,),
         {
             "__init__": register_to_config(init),
             "__doc__": doc,
@@ -983,8 +1007,6 @@ def scheduler_class(solver: type[Solver]) -> type[DiffsolveScheduler]:
             "mapping": mapping,
         },
     )
-    _GENERATED[solver] = cls
-    return cls
 
 
 def scheduler_classes() -> dict[str, type[DiffsolveScheduler]]:
