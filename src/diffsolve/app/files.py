@@ -11,6 +11,7 @@ marker (:func:`made_by_diffsolve`) — or with ``--force``.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import struct
@@ -41,6 +42,7 @@ __all__ = [
     "inside_package",
     "made_by_diffsolve",
     "package_dir",
+    "remove_stale_temps",
     "save_npz_atomic",
     "stale_temp_files",
     "write_atomic",
@@ -77,7 +79,9 @@ def check_output(
     """The output file ``path`` of ``option`` (e.g. ``--json``), checked before any work:
     never inside the installed package, never a folder, and an existing file only with
     ``force`` or, with ``replace_own``, when diffsolve made it (:func:`made_by_diffsolve`).
-    Raises a one-line ``ValueError`` naming the option and the way out."""
+    Raises a one-line ``ValueError`` naming the option and the way out; once the file may be
+    written, temporary files a killed writer of it left are removed
+    (:func:`remove_stale_temps`)."""
     path = Path(path)
     name = example or path.name or "out"
     if inside_package(path):
@@ -87,18 +91,30 @@ def check_output(
         )
     if path.is_dir():
         raise ValueError(f"{option} {path} is a folder; give a file name, e.g. {path / name}")
-    if force or not (path.exists() or path.is_symlink()):
-        return path
-    if not replace_own:
+    exists = path.exists() or path.is_symlink()
+    if exists and not force and not replace_own:
         raise ValueError(
             f"{option} {path} exists; pass --force to replace it, or another {option}"
         )
-    if not made_by_diffsolve(path):
+    if exists and not force and not made_by_diffsolve(path):
         raise ValueError(
             f"{option} {path} exists and diffsolve did not make it (no diffsolve marker in "
             f"it); it is left untouched: pass --force to replace it, or another {option}"
         )
+    remove_stale_temps(path)
     return path
+
+
+def remove_stale_temps(path: str | Path) -> list[Path]:
+    """Remove the temporary files a killed diffsolve writer of ``path`` left beside it
+    (``.<name>.diffsolve-<random>.tmp``; no other file) and return them."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    stale = sorted(path.parent.glob(f".{glob.escape(path.name)}{TMP_MARK}*.tmp"))
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
 
 
 def made_by_diffsolve(path: str | Path) -> bool:
@@ -133,7 +149,7 @@ def _png_software(f: object) -> str:
         if len(header) < 8:
             return ""
         length, kind = struct.unpack(">I4s", header)
-        if kind in (b"IDAT", b"IEND"):
+        if kind in (b"IDAT", b"IEND") or length > _MAX_PROBE:
             return ""
         body = f.read(length)  # type: ignore[attr-defined]
         f.read(4)  # type: ignore[attr-defined]  # CRC

@@ -85,10 +85,11 @@ class StepSchedule:
             raise ValueError(f"{source}: malformed step schedule: {err}") from None
 
     def save(self, path: str | Path) -> Path:
-        """Write the schedule as JSON to ``path``."""
-        out = Path(path)
-        out.write_text(self.to_json())
-        return out
+        """Write the schedule as JSON to ``path``, atomically
+        (:func:`diffsolve.numerics.files.write_text_atomic`)."""
+        from diffsolve.numerics.files import write_text_atomic
+
+        return write_text_atomic(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> StepSchedule:
