@@ -380,6 +380,11 @@ def list_solvers() -> None:
     width = max(len(n) for n in SOLVERS)
     for name, spec in sorted(SOLVERS.items()):
         click.echo(f"{name:<{width}}  {spec.description}")
+    schedule = "schedule:FILE"
+    click.echo(
+        f"{schedule:<{width}}  a solver schedule (a solving strategy per step, its own times "
+        "and NFE) from `diffsolve tune --method solver-schedule`"
+    )
 
 
 @main.command("sample")
