@@ -53,6 +53,13 @@ def v3_copy(model, nfe: int = 5, **changes) -> SolverSchedule:
     return replace(fitted, **changes)
 
 
+def unipc_copy(model, nfe: int = 5) -> SolverSchedule:
+    """The solver schedule that copies unipc-bh2-3 at ``nfe`` (no statistics needed)."""
+    solver, grid = setup_solver("unipc-bh2-3", model.schedule, nfe)
+    steps = copy_solver(solver, model.schedule, grid)
+    return replace(v3_copy(model, nfe), steps=steps, times=tuple(grid.tolist()), ems=None)
+
+
 def write(fitted: SolverSchedule, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(fitted.to_json())
@@ -157,6 +164,14 @@ def test_sample_picks_up_a_solver_schedule_kept_with_the_model(digits, tmp_path)
     text = run(tmp_path / "thr", "--nfe", "5", "--threshold", "0.995", model=str(folder))
     assert f"not using the tuned solver schedule {path} with --threshold 0.995" in text
     assert manifest(tmp_path / "thr")["solver"] == "dpm-solver-v3"
+    # statistics given: v3 with them, not the schedule (which uses the folder's)
+    ems = str(folder / "ems.safetensors")
+    for fitted in (v3_copy(digits), unipc_copy(digits)):
+        write(fitted, path)
+        text = run(tmp_path / fitted.steps[0].space, "--nfe", "5", "--ems", ems, model=str(folder))
+        assert f"not using the tuned solver schedule {path} with --ems {ems}" in text, text
+        assert manifest(tmp_path / fitted.steps[0].space)["solver"] == "dpm-solver-v3"
+    write(v3_copy(digits), path)
     # a resume after the file changed is refused, naming it
     write(v3_copy(digits, fit={"heldout_rmse": 0.04}), path)
     text = run(tmp_path / "auto", "--nfe", "5", model=str(folder), code=2)

@@ -1136,6 +1136,8 @@ def _tuned_solver_schedule(
         return None
     named = replace(config, solver=f"schedule:{found.path.resolve()}")
     clash = _tuned_clash(named)
+    if clash is None and config.load.ems is not None:  # statistics asked for: v3's run
+        clash = f"--ems {config.load.ems}", "it does not use DPM-Solver-v3's statistics"
     if clash is not None:
         option, why = clash
         anyway = "" if config.teleport else f"; --solver {named.solver} applies it anyway"
