@@ -203,3 +203,25 @@ def test_a_solver_schedule_that_does_not_fit_is_skipped_with_one_line(
 def test_solvers_lists_the_schedule_prefix():
     listing = CliRunner().invoke(main, ["solvers"]).output
     assert "schedule:FILE" in listing and "tune --method solver-schedule" in listing
+
+
+def test_a_schedule_searched_under_guidance_is_for_that_guidance(tmp_path):
+    """A solver schedule searched on the guided denoiser (its ``config`` records guidance
+    and scale) is picked up by runs with that guidance and scale only."""
+    cond = load_model("digits-cond")
+    folder = tmp_path / "cond"
+    (folder / "schedules").mkdir(parents=True)
+    for name in DEMO_FILES:
+        shutil.copy(loader.demo_path("digits-cond") / name, folder / name)
+    fitted = replace(unipc_copy(cond), config={"guidance": "cfg", "scale": 2.0})
+    path = write(fitted, folder / "schedules" / NAME)
+    args = ("--nfe", "5", "--guidance", "cfg")
+    text = run(tmp_path / "s2", *args, "--scale", "2", model=str(folder))
+    assert f"using the tuned solver schedule {path}" in text
+    assert manifest(tmp_path / "s2")["solver"] == f"schedule:{path.resolve()}"
+    text = run(tmp_path / "s3", *args, "--scale", "3", model=str(folder))
+    line = f"not using the tuned solver schedule {path} with --guidance cfg --scale 3 (it was"
+    assert f"{line} fitted with --guidance cfg --scale 2" in text, text
+    text = run(tmp_path / "none", "--nfe", "5", model=str(folder))
+    assert f"{path} with no --guidance (it was fitted with --guidance cfg --scale 2" in text
+    assert manifest(tmp_path / "none")["solver"] == "dpm-solver-v3"

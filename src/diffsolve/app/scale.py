@@ -1121,6 +1121,26 @@ def _solver_scheduled(config: RunConfig, model: LoadedModel) -> tuple[RunConfig,
     return config, method, grid
 
 
+def _solver_schedule_clash(config: RunConfig, fitted: dict[str, Any]) -> tuple[str, str] | None:
+    """The option, and why, that keeps a tuned solver schedule from a run: those of step
+    schedules (:func:`_tuned_clash`), except that one searched under guidance (its settings
+    ``fitted``: ``guidance``, ``scale``) is for runs with that guidance and scale only; and
+    ``--ems`` (statistics asked for: DPM-Solver-v3's run)."""
+    spec = config.guidance
+    made = str(fitted.get("guidance", "none")), float(fitted.get("scale", 1.0))
+    run = (spec.method, float(spec.scale)) if spec.method != "none" else ("none", 1.0)
+    if run != made:
+        option = f"--guidance {spec.method} --scale {spec.scale:g}"
+        why = f"it was fitted with --guidance {made[0]} --scale {made[1]:g}"
+        if made[0] == "none":
+            why = "it was fitted to the unguided model"
+        return (option, why) if spec.method != "none" else ("no --guidance", why)
+    clash = _tuned_clash(replace(config, guidance=replace(spec, method="none", scale=1.0)))
+    if clash is None and config.load.ems is not None:
+        clash = f"--ems {config.load.ems}", "it does not use DPM-Solver-v3's statistics"
+    return clash
+
+
 def _tuned_solver_schedule(
     config: RunConfig, model: LoadedModel, say: Callable[[str], None] | None
 ) -> tuple[RunConfig, Solver, Tensor] | None:
@@ -1135,9 +1155,7 @@ def _tuned_solver_schedule(
     if found is None:
         return None
     named = replace(config, solver=f"schedule:{found.path.resolve()}")
-    clash = _tuned_clash(named)
-    if clash is None and config.load.ems is not None:  # statistics asked for: v3's run
-        clash = f"--ems {config.load.ems}", "it does not use DPM-Solver-v3's statistics"
+    clash = _solver_schedule_clash(named, found.schedule.config)
     if clash is not None:
         option, why = clash
         anyway = "" if config.teleport else f"; --solver {named.solver} applies it anyway"
