@@ -198,6 +198,8 @@ def test_a_solver_schedule_that_does_not_fit_is_skipped_with_one_line(
         assert manifest(tmp_path / case)["solver"] == "dpm-solver-v3"
     path.write_text("{broken")
     assert "not JSON" in run(tmp_path / "broken", "--nfe", "5")
+    write(v3_copy(digits, config={"scale": "high"}), path)
+    assert "its config (the search's settings) is malformed" in run(tmp_path / "cfg", "--nfe", "5")
 
 
 def test_solvers_lists_the_schedule_prefix():

@@ -230,6 +230,9 @@ def find_tuned_solver_schedule(
                 f"it holds a solver schedule for {fitted.nfe} NFE, not {nfe} (the file name "
                 "must say what it holds)"
             )
+        settings = fitted.config if isinstance(fitted.config, dict) else None
+        if settings is None or not isinstance(settings.get("scale", 1.0), (int, float)):
+            raise ValueError("its config (the search's settings) is malformed")
         missing = sorted(set(fitted.needs) - model.available())
         if missing:
             raise ValueError(f"it needs {' and '.join(missing)}, which the model folder lacks")
