@@ -108,6 +108,7 @@ class SearchConfig:
     margin: float = 0.002
     guidance: str = "none"
     scale: float = 1.0
+    metric: str = "rmse"
 
     def __post_init__(self) -> None:
         for name in ("proposals", "trajectories", "teacher_steps", "batch_size"):
@@ -182,7 +183,15 @@ class Scorer:
     target: Tensor
     ems: EMS | None = None
     gaussian: GaussianModel | None = None
+    metric: str = "rmse"
     scored: int = 0
+
+    def error(self, out: Tensor) -> float:
+        """``"rmse"``, or ``"mean"``: the mean per-sample RMS error (less ruled by the few
+        samples that change mode between the two solutions)."""
+        if self.metric == "rmse":
+            return rms_error(out, self.target)
+        return float((out.double() - self.target.double()).pow(2).flatten(1).mean(1).sqrt().mean())
 
     def solver(self, c: Candidate) -> ScheduledSolver:
         return ScheduledSolver(c.choices, self.ems, self.gaussian, c.teleport)
@@ -196,12 +205,12 @@ class Scorer:
             return replace(c, score=math.inf)
         start = 0 if reuse is None or reuse.plan is None else first_change(reuse.plan, plan)
         trace = list(reuse.trace[: start + 1]) if start else [plan.init(self.x)]
-        state = replace(trace[-1], owns_x_prev=False)
+        state = trace[-1]
         with torch.inference_mode():
-            while not state.done:
-                state = plan.step(self.model, state)
+            while not state.done:  # never in place: the trace's states are reused later
+                state = plan.step(self.model, replace(state, owns_x_prev=False))
                 trace.append(state)
-        err = rms_error(state.x, self.target)
+        err = self.error(state.x)
         return replace(c, score=err if math.isfinite(err) else math.inf, plan=plan, trace=trace)
 
 
@@ -414,7 +423,7 @@ def search_solver_schedule(
     teachers = Teachers(
         model, _tune_config(config), float(next(iter(starts.values())).times[0]), say
     )
-    scorer = Scorer(*_targets(teachers, "fit"), context.ems, context.gaussian)
+    scorer = Scorer(*_targets(teachers, "fit"), context.ems, context.gaussian, config.metric)
     scored = {name: scorer.score(c) for name, c in starts.items()}
     first = min(scored, key=lambda name: scored[name].score)
     say(f"tune: {len(scored)} starts; best {first} (RMSE {scored[first].score:.4g})")
@@ -426,7 +435,7 @@ def search_solver_schedule(
             say(f"tune: proposal {k}/{config.proposals}, RMSE {score:.4g}")
 
     best = evolve(scorer, scored[first], proposer, config.proposals, report, config.margin)
-    checker = Scorer(*_targets(teachers, "check"), context.ems, context.gaussian)
+    checker = Scorer(*_targets(teachers, "check"), context.ems, context.gaussian, config.metric)
     check, check_start = checker.score(best).score, checker.score(scored[first]).score
     kept, method = (best, "search") if check <= check_start else (scored[first], "start")
     if method == "start":

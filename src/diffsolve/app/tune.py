@@ -448,6 +448,11 @@ def _solver(
     model: Any, solver: str, nfe: int, context: SolverContext | None
 ) -> tuple[Solver, Tensor]:
     spec = preset(solver)
+    if spec.times is not None:
+        raise ValueError(
+            f"tune fits the step times of a registry solver; {solver} is a fitted solver "
+            "schedule with its own times: tune a new one with --method solver-schedule"
+        )
     if spec.solver is not None and spec.solver.stochastic:
         raise ValueError(
             f"tune fits step schedules of deterministic solvers to their ODE solution; "

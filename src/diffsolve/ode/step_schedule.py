@@ -76,6 +76,11 @@ class StepSchedule:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise ValueError(f"{source}: not JSON ({err.msg}, line {err.lineno})") from None
+        if isinstance(data, dict) and data.get("format") == "diffsolve-solver-schedule-1":
+            raise ValueError(
+                f"{source}: a solver schedule (a solver per step), not a step schedule; run "
+                f"it with --solver schedule:{source.removeprefix('schedule file ')}"
+            )
         if not isinstance(data, dict) or data.pop("format", None) != SCHEDULE_FORMAT:
             raise ValueError(f"{source}: not a diffsolve step schedule ({SCHEDULE_FORMAT})")
         try:
