@@ -114,3 +114,26 @@ def test_cli_tune_then_sample(tmp_path):
     assert refused.exit_code != 0 and "--cost does not apply" in refused.output
     refused = runner.invoke(main, ["tune", "--model", "digits", "--proposals", "3"])
     assert refused.exit_code != 0 and "--proposals applies to" in refused.output
+
+
+def test_bench_runs_a_solver_schedule_at_its_nfe_only(tmp_path):
+    from diffsolve.app.bench.runner import contestants
+    from diffsolve.solvers.registry import setup_solver
+    from diffsolve.solvers.solver_schedule import copy_solver
+
+    loaded = load_model("digits")
+    solver, grid = setup_solver("dpm-solver++-2m", loaded.schedule, 4)
+    schedule = SolverSchedule(
+        tuple(grid.tolist()), copy_solver(solver, loaded.schedule, grid), 4,
+        loaded.schedule.to_config(),
+    )  # fmt: skip
+    path = tmp_path / "s.json"
+    path.write_text(schedule.to_json())
+    (found,) = contestants([f"schedule:{path}"], loaded)
+    assert found.nfe == 4 and found.source == "diffsolve"
+    result = CliRunner().invoke(
+        main,
+        ["bench", "--model", "digits", "--nfe", "4,5", "--samples", "4", "--solvers",
+         f"schedule:{path},ddim", "--reference-steps", "50", "--no-overhead", "--no-check"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output

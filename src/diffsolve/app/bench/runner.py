@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -20,7 +20,14 @@ from diffsolve.ode import grids
 from diffsolve.ode.plan import Solver
 from diffsolve.ode.sampling import sample
 from diffsolve.solvers import DPMSolverPP, UniPC
-from diffsolve.solvers.registry import SOLVERS, SolverContext, lineup, setup_solver
+from diffsolve.solvers.registry import (
+    PREFIXES,
+    SOLVERS,
+    SolverContext,
+    lineup,
+    preset,
+    setup_solver,
+)
 
 if TYPE_CHECKING:
     from diffsolve.app.bench.same_grid import SameGrid
@@ -106,6 +113,8 @@ class Contestant:
     #: Draws fresh noise (an SDE sampler): also measured by its FD to the reference ODE's
     #: samples, where per-sample RMSE does not apply.
     stochastic: bool = False
+    #: The only NFE it runs at (a fitted solver schedule); ``None``: every NFE.
+    nfe: int | None = None
 
 
 def _ours(name: str, context: SolverContext, grid_kind: str | None = None) -> Contestant:
@@ -118,7 +127,7 @@ def _ours(name: str, context: SolverContext, grid_kind: str | None = None) -> Co
 
 
 def _is_stochastic(name: str) -> bool:
-    solver = SOLVERS[name].solver
+    solver = preset(name).solver
     return bool(solver is not None and solver.stochastic)
 
 
@@ -174,6 +183,10 @@ def _contestant(
         if base not in twins:
             raise ValueError(f"{name}: no diffusers twin for {base!r}; twins: {sorted(twins)}")
         return _twin(twins[base], context)
+    fixed = preset(name) if base.partition(":")[0] in PREFIXES else None
+    if fixed is not None and fixed.times is not None:  # a solver-schedule file
+        nfe = len(fixed.times) - 1 - int(fixed.options_for(0).get("teleport", False))
+        return replace(_ours(name, context), nfe=nfe)
     if base in SOLVERS:
         if grid_kind and grid_kind not in grids.GRIDS:
             raise ValueError(f"{name}: grid must be one of {sorted(grids.GRIDS)}")
@@ -259,7 +272,11 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
         return row
 
     for contestant in runs:
-        result.results += [measure_at(contestant, nfe) for nfe in config.nfes]
+        result.results += [
+            measure_at(contestant, nfe)
+            for nfe in config.nfes
+            if contestant.nfe is None or contestant.nfe == nfe
+        ]
     for name in v3s:
         section = run_same_grid(name, context, result.results, measure_at, config.nfes, model)
         result.same_grid.append(section)
