@@ -3,6 +3,8 @@ traceback (issue 24's reproductions)."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -73,8 +75,8 @@ def test_ems_labels_on_an_unconditional_model_are_refused(tmp_path):
 def _invoke(*args: object) -> object:
     result = CliRunner().invoke(main, [str(a) for a in args])
     assert result.exception is None or isinstance(result.exception, SystemExit), result.output
-    if result.exit_code:
-        assert result.output.count("Error:") == 1, result.output
+    if result.exit_code:  # one error line (an exception's name in the message aside)
+        assert len(re.findall(r"^Error: ", result.output, re.M)) == 1, result.output
     return result
 
 
@@ -180,3 +182,26 @@ def test_a_grid_is_one_sequence_of_times(grid, message):
     wrapped = ModelWrapper(model, VPLinear(), "x0", "t")
     with pytest.raises(ValueError, match="grid"):
         sample(wrapped, torch.zeros(2, 3), DDIM(), grid)
+
+
+def test_the_inversion_sweep_runs_its_default_solvers():
+    """DPM-Solver-fast's per-step orders did not fit the sweep's grid: the default sweep was
+    refused at every NFE (found by the CLI property run)."""
+    from diffsolve.app.bench.sweeps import inversion_sweep
+
+    result = inversion_sweep("gaussian", None, [3, 5], samples=4)
+    fast = [r for r in result["rows"] if r["solver"] == "dpm-solver-fast"]
+    assert [r["steps"] for r in fast] == [3, 5] and all(r["rmse"] < 1 for r in fast)
+
+
+def test_a_derivative_path_the_model_cannot_take_is_a_one_line_error(tmp_path):
+    """``ems --jvp forward`` on a network with flash attention (no forward AD) ended in a
+    traceback (found by the CLI property run)."""
+    from tiny_folders import ddpm_folder
+
+    model = ddpm_folder(tmp_path / "ddpm")
+    args = ["ems", "--model", str(model), "--samples", "2", "--grid", "4", "--bandwidth", "0"]
+    args += ["--data-samples", "4", "--jvp", "forward", "--no-check"]
+    result = _invoke(*args, "--out", tmp_path / "e.safetensors")
+    assert result.exit_code == 2 and "forward JVP failed" in result.output
+    assert "try jvp='auto'" in result.output and not (tmp_path / "e.safetensors").exists()

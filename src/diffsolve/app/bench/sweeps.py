@@ -200,11 +200,14 @@ def inversion_sweep(
 def _round_trip(
     loaded: LoadedModel, name: str, steps: int, images: Tensor, context: SolverContext
 ) -> Tensor:
-    """Images → noise → images with solver ``name`` on its grid of ``steps`` steps."""
+    """Images → noise → images with solver ``name`` on its grid of ``steps`` steps (a
+    solver with per-step orders, DPM-Solver-fast, takes ``steps`` as its evaluations and
+    its orders decide its steps)."""
     solver, _ = setup_solver(name, loaded.schedule, steps, context=context)
     kind = preset(name).grid_kind(steps)
     t_clean = loaded.schedule.default_range[1]
-    grid = grids.make_grid(loaded.schedule, steps, kind, None, t_clean)
+    orders = getattr(solver, "orders", None)
+    grid = grids.make_grid(loaded.schedule, len(orders or ()) or steps, kind, None, t_clean)
     with torch.inference_mode():
         if hasattr(solver, "reconstruct"):
             x_t, x_next = solver.invert(loaded.denoiser, images, grid)

@@ -340,6 +340,12 @@ def _is_out_of_memory(err: BaseException) -> bool:
     return (oom is not None and isinstance(err, oom)) or "out of memory" in str(err).lower()
 
 
+class JVPError(RuntimeError, ValueError):
+    """The requested derivative path (or every path) fails on this model: a one-line
+    message naming the paths to try (a ``ValueError`` too: the command line reports it as
+    a usage error, not a traceback)."""
+
+
 class JVP:
     """Jacobian-vector products of ``fn(x, t)`` by a named path, or the first that works.
 
@@ -390,7 +396,7 @@ class JVP:
             if self.mode == "auto" or _is_out_of_memory(err):
                 raise
             others = [p for p in PATHS if p != self.path]
-            raise RuntimeError(
+            raise JVPError(
                 f"the {self.path} JVP failed for this model ({_reason(err)}); try jvp='auto' "
                 f"or one of {others}"
             ) from err
@@ -415,7 +421,7 @@ class JVP:
                 logger.info("EMS derivatives: %s", describe(name, self.failures))
             return out, tangent
         listed = "; ".join(f"{name}: {reason}" for name, reason in self.failures.items())
-        raise RuntimeError(f"no derivative path works for this model ({listed})")
+        raise JVPError(f"no derivative path works for this model ({listed})")
 
 
 def describe(path: str, failures: dict[str, str] | None = None) -> str:
@@ -431,6 +437,7 @@ __all__ = [
     "PATHS",
     "DerivativePath",
     "FiniteDifference",
+    "JVPError",
     "JVPMode",
     "PathName",
     "derivative_paths",
