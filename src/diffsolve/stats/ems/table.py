@@ -281,8 +281,7 @@ def _evaluate(
     chunk = max(1, CHUNK_ELEMENTS // rows)
     for c0 in range(0, dims, chunk):
         cols = slice(c0, min(dims, c0 + chunk))
-        stats = [a.flatten(1)[:, cols].to(device, _F64) for a in (ems.one_minus_l, ems.s, ems.b)]
-        stats[0] = 1.0 - stats[0]  # l
+        stats = _cumulatives(ems, lam_e, cols, device)
         points, steps, step_moments = _chunk(lam_e, stats, at_points, at_pieces, powers, pieces)
         for target, value in zip(out_points, points, strict=True):
             target[:, cols] = value
@@ -296,6 +295,36 @@ def _evaluate(
     )
 
 
+#: Largest size of the cumulative statistics kept on an EMS between tables (a search builds
+#: thousands of tables on one EMS; an SD-sized EMS is recomputed per table instead).
+CUMULATIVE_CACHE_BYTES = 64 << 20
+
+
+def _cumulatives(ems: EMS, lam_e: Tensor, cols: slice, device: torch.device) -> tuple[Tensor, ...]:
+    """:math:`l, s, L, S, q = e^{-S} b, B` on the EMS nodes for the dimensions ``cols``:
+    computed once per EMS where they are small, else per chunk."""
+    key = ("cumulatives", str(device))
+    full = ems.cache.get(key)
+    if (
+        full is None
+        and ems.lambdas.numel() * math.prod(ems.data_shape) * 48 <= CUMULATIVE_CACHE_BYTES
+    ):
+        full = ems.cache[key] = _cumulatives_of(ems, lam_e, slice(None), device)
+    if full is not None:
+        return tuple(a[:, cols] for a in full)
+    return _cumulatives_of(ems, lam_e, cols, device)
+
+
+def _cumulatives_of(
+    ems: EMS, lam_e: Tensor, cols: slice, device: torch.device
+) -> tuple[Tensor, ...]:
+    l, s, b = (a.flatten(1)[:, cols].to(device, _F64) for a in (ems.one_minus_l, ems.s, ems.b))
+    l = 1.0 - l
+    big_l, big_s = _cumulative(l, lam_e), _cumulative(s, lam_e)
+    q = torch.exp(-big_s) * b
+    return l, s, big_l, big_s, q, _cumulative(q, lam_e)
+
+
 def _chunk(
     lam_e: Tensor,
     stats: list[Tensor],
@@ -304,11 +333,8 @@ def _chunk(
     powers: Tensor,
     pieces: _Pieces,
 ) -> tuple[list[Tensor], list[Tensor], Tensor]:
-    """:func:`_evaluate` on one chunk of dimensions."""
-    l, s, b = stats
-    big_l, big_s = _cumulative(l, lam_e), _cumulative(s, lam_e)
-    q = torch.exp(-big_s) * b
-    big_b = _cumulative(q, lam_e)
+    """:func:`_evaluate` on one chunk of dimensions (``stats``: :func:`_cumulatives`)."""
+    l, s, big_l, big_s, q, big_b = stats
     rho, big_e = l + s, big_l + big_s
     # at the grid points
     l_p = at_points.rate(l)[0]
