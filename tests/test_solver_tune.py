@@ -66,6 +66,14 @@ def test_reused_steps_give_the_fresh_score_exactly(digits):
         checked += 1
 
 
+def test_a_proposal_reading_more_history_than_the_incumbent_kept(digits):
+    scorer, starts = _scorer(digits)
+    c = scorer.score(starts["dpm-solver++-2m"])  # keeps two evaluations
+    wider = replace(c.choices[3], order=3, corrector="taylor", corrector_order=4)
+    proposal = Candidate(c.times, (*c.choices[:3], wider, *c.choices[4:]))
+    assert scorer.score(proposal, reuse=c).score == scorer.score(proposal).score
+
+
 def test_first_change_finds_the_changed_step(digits):
     scorer, starts = _scorer(digits)
     c = scorer.score(starts["dpm-solver++-2m"])

@@ -203,7 +203,9 @@ class Scorer:
             plan = self.solver(c).plan(self.model.schedule, c.times)
         except ValueError:
             return replace(c, score=math.inf)
-        start = 0 if reuse is None or reuse.plan is None else first_change(reuse.plan, plan)
+        start = 0
+        if reuse is not None and reuse.plan is not None and reuse.plan.memory >= plan.memory:
+            start = first_change(reuse.plan, plan)  # (kept histories are long enough)
         trace = list(reuse.trace[: start + 1]) if start else [plan.init(self.x)]
         state = trace[-1]
         with torch.inference_mode():
