@@ -315,7 +315,7 @@ def draw_gaussian_stats(data: Any, world: World) -> Case:
     eight = model not in ("py", "ddpm")
     sources = [None, None, "self", *_only(eight, ["digits", "data.npy", "imgs"])]
     _opt(data, a, "--data", [*sources, B("bad.npz")])
-    _opt(data, a, "--data-samples", [None, 4, 8, B(1)])
+    _opt(data, a, "--data-samples", [4, 8, 16, B(1)])
     _opt(data, a, "--seed", [None, None, 2])
     _opt(data, a, "--rank", [None, None, 1, 3, B(0)])
     names = ["g.safetensors", "fresh.st", "fresh.st", B("gs.safetensors")]
@@ -464,9 +464,9 @@ COMMANDS = {
     "sample": (draw_sample, 30),
     "bench": (draw_bench, 20),
     "tune": (draw_tune, 12),
-    "ems": (draw_ems, 10),
+    "ems": (draw_ems, 7),
     "gaussian-stats": (draw_gaussian_stats, 10),
-    "check-model": (draw_check_model, 8),
+    "check-model": (draw_check_model, 5),
     "merge": (draw_merge, 6),
     "solvers": (lambda data, world: Case("solvers", ["solvers"]), 1),
 }

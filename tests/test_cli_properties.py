@@ -187,6 +187,7 @@ def test_every_command_and_option_is_safe(tmp_path_factory, monkeypatch, capsys)
     counts: collections.Counter[str] = collections.Counter()
     reasons: collections.Counter[str] = collections.Counter()
     examples: dict[str, str] = {}
+    timing: collections.Counter[str] = collections.Counter()
     problems: list[str] = []
     slowest = [0.0, ""]
 
@@ -214,6 +215,7 @@ def test_every_command_and_option_is_safe(tmp_path_factory, monkeypatch, capsys)
         if found:
             counts["cases with a problem"] += 1
             problems.append(f"{' '.join(case.args)} (env {case.env}): {'; '.join(found)}")
+        timing[case.command] += seconds
         if seconds > slowest[0]:
             slowest[:] = [seconds, " ".join(case.args)]
         cli_cases.clean_fresh(world, case)
@@ -224,6 +226,7 @@ def test_every_command_and_option_is_safe(tmp_path_factory, monkeypatch, capsys)
         "cases": CASES,
         "seconds": round(time.perf_counter() - started, 1),
         "slowest": slowest,
+        "seconds_by_command": {k: round(v, 1) for k, v in timing.most_common()},
         "counts": dict(sorted(counts.items())),
         "problems": problems[:50],
         "refusals": {k: [n, examples[k]] for k, n in reasons.most_common()},

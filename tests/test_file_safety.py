@@ -349,3 +349,27 @@ def test_made_by_diffsolve_reads_markers_only(tmp_path, content, own):
     assert made_by_diffsolve(path) is own
     assert made_by_diffsolve(demo_path("gaussian") / "ems.safetensors")
     assert not made_by_diffsolve(demo_path("digits") / "model.safetensors")
+
+
+# ---------------------------------------------------------------------------------------
+# README "Guarantees": the process count does not change a sample
+def test_two_processes_give_the_same_bits_as_one(tmp_path):
+    """At one thread per process (torchrun's default) the samples of a 2-rank run equal a
+    single process's bit for bit: a shard's batches do not depend on the ranks."""
+    import subprocess
+    import sys
+
+    args = ["sample", "--model", "digits", "--solver", "unipc-bh2-3", "--nfe", "4"]
+    args += ["--seeds", "0-9", "--shard-size", "4", "--batch-size", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command = [*launch, "--nproc_per_node", "2", "-m", "diffsolve", *args]
+    done = subprocess.run(
+        [*command, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env,
+        timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    run(*args, "--out", tmp_path / "one", code=0)  # this process: one thread (single_thread)
+    one, two = (np.load(tmp_path / name / "samples.npz") for name in ("one", "two"))
+    with one, two:
+        assert np.array_equal(one["samples"], two["samples"])
