@@ -629,6 +629,13 @@ def _schedule_nfe(path: str, nfe: int) -> int:
     type=click.FloatRange(0, None),
     help="solver-schedule: the guidance scale.",
 )
+@click.option(
+    "--metric",
+    default="rmse",
+    type=click.Choice(["rmse", "mean"]),
+    help="solver-schedule: what the search lowers: the RMSE to the teacher, or the mean "
+    "per-sample error (lowers the median more, the RMSE less; BENCHMARKS.md §16).",
+)
 @seed_option("First fit seed; the held-out seeds follow.")
 @device_option()
 @check_option()
@@ -720,7 +727,7 @@ def _check_tune_method(method: str, options: dict[str, Any]) -> None:
     """Options of another tuning method are refused, never ignored."""
     given = click.get_current_context().get_parameter_source
     if method != "solver-schedule":
-        for name in ("proposals", "guidance", "guidance_scale"):
+        for name in ("proposals", "guidance", "guidance_scale", "metric"):
             if given(name) is ParameterSource.COMMANDLINE:
                 raise ValueError(
                     f"--{name.removeprefix('guidance_').replace('_', '-')} applies to --method "
@@ -754,6 +761,7 @@ def _tune_solver_schedule(model: Any, nfe: int, options: dict[str, Any], out: Pa
         teleport=options["teleport"],
         guidance=options["guidance"],
         scale=options["guidance_scale"],
+        metric=options["metric"],
         **settings,
     )
     say = lambda line: click.echo(line, err=True)  # noqa: E731
