@@ -37,6 +37,8 @@ def main(models: list[str]) -> None:
         if loaded.num_classes:
             denoiser = loaded.conditional(torch.tensor(list(SEEDS)) % loaded.num_classes)
         for path in sorted((demo_path(name) / "schedules").glob("*.json")):
+            if path.name.startswith("solver-schedule"):  # scripts/ship_solver_schedules.py
+                continue
             solver_name, _, nfe = path.stem.rpartition("-nfe")
             found = find_tuned_schedule(loaded, solver_name, int(nfe))
             assert found is not None, path

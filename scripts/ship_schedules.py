@@ -100,6 +100,8 @@ def recheck(args: argparse.Namespace) -> None:
         return rmse(out, reference), median_error(out, reference)
 
     for path in sorted((demo_path(args.recheck) / "schedules").glob("*.json")):
+        if path.name.startswith("solver-schedule"):  # scripts/ship_solver_schedules.py
+            continue
         fitted = StepSchedule.load(path)
         if args.solver and fitted.solver != args.solver:
             continue

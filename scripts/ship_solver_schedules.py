@@ -7,7 +7,8 @@ the same NFE and every untuned configuration of the bench line-up's solvers on t
 grids, and diffusers' best from ``docs/bench/bench10000-<model>.json`` (same seeds, same
 reference). With ``--ship`` a file whose held-out RMSE beats the best shipped step schedule is
 copied to ``<demo>/schedules/solver-schedule-nfe<N>.json`` with its held-out numbers in
-``fit``; a file that does not is not shipped (and a shipped one for that NFE is removed).
+``fit`` when its median is no higher and its FD at most 1% higher too; a file that does not
+is not shipped (and a shipped one for that NFE is removed).
 
     OMP_NUM_THREADS=1 python scripts/ship_solver_schedules.py --model digits \\
         --reference REF.pt --json rows.jsonl [--ship] FILE...
@@ -139,8 +140,17 @@ def report(
     if not args.ship:
         return
     target = demo_path(args.model) / "schedules" / f"solver-schedule-nfe{nfe}.json"
-    if ratio >= 1.0:
-        print(f"  not shipped: no better than {against[0]}")
+    worse = [
+        what
+        for what, mine_v, theirs, slack in (
+            ("RMSE", mine[0], against[1][0], 1.0),
+            ("median", mine[1], against[1][1], 1.0),
+            ("FD", mine[2], against[1][2], 1.01),
+        )
+        if mine_v >= theirs * slack
+    ]
+    if worse:
+        print(f"  not shipped: {', '.join(worse)} no better than {against[0]}")
         target.unlink(missing_ok=True)
         return
     fit = {
@@ -150,6 +160,8 @@ def report(
         "heldout_median": mine[1],
         "heldout_rmse_best_step_schedule": against[1][0],
         "heldout_median_best_step_schedule": against[1][1],
+        "heldout_fd": mine[2],
+        "heldout_fd_best_step_schedule": against[1][2],
         "best_step_schedule": against[0],
     }
     target.write_text(replace(fitted, fit=fit).to_json())
