@@ -26,7 +26,7 @@ from diffsolve.app.solver_tune import (
 from diffsolve.app.tune import Meter
 from diffsolve.solvers.solver_schedule import SolverSchedule
 
-TINY = SearchConfig(proposals=12, trajectories=16, teacher_steps=24)
+TINY = SearchConfig(proposals=12, trajectories=16, check_trajectories=16, teacher_steps=24)
 
 
 @pytest.fixture(scope="module")

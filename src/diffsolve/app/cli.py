@@ -599,7 +599,13 @@ def _schedule_nfe(path: str, nfe: int) -> int:
     help="Let the schedule start with analytic Gaussian teleportation (0 NFE) where that "
     "measures better [default: on when the model has gaussian_stats.safetensors].",
 )
-@int_option("--trajectories", 128, 1, "Teacher trajectories (fit seeds); also each held-out set.")
+@int_option(
+    "--trajectories",
+    128,
+    1,
+    "Teacher trajectories (fit seeds); also each held-out set (solver-schedule: search "
+    "seeds, default 512, and four times as many check seeds).",
+)
 @int_option("--candidates", 60, 2, "Candidate intervals of the dp (candidates + 1 times).")
 @int_option("--teacher-steps", 300, 2, "DPM-Solver++(3M) steps of the teacher (at least).")
 @click.option(
@@ -751,10 +757,12 @@ def _tune_solver_schedule(model: Any, nfe: int, options: dict[str, Any], out: Pa
 
     given = click.get_current_context().get_parameter_source
     settings = {
-        key: options[name]
-        for name, key in (("trajectories", "trajectories"), ("teacher_steps", "teacher_steps"))
+        name: options[name]
+        for name in ("trajectories", "teacher_steps")
         if given(name) is ParameterSource.COMMANDLINE
     }
+    if "trajectories" in settings:  # check seeds: four times the search seeds
+        settings["check_trajectories"] = 4 * settings["trajectories"]
     config = SearchConfig(
         proposals=options["proposals"] or SearchConfig.proposals,
         seed=options["seed"],
