@@ -311,7 +311,7 @@ def test_a_bandwidth_the_grid_cannot_resolve_is_refused_not_dropped():
             compute_ems(untouched, data, samples=8, grid_size=8, bandwidth=bandwidth)
     coarse = compute_ems(denoiser, data, samples=8, grid_size=8, bandwidth=0)
     assert coarse.metadata["bandwidth"] == 0.0
-    with pytest.raises(ValueError, match="bandwidth must be >= 0"):
+    with pytest.raises(ValueError, match="bandwidth must be a finite number >= 0"):
         compute_ems(denoiser, data, samples=8, grid_size=8, bandwidth=-1.0)
 
 

@@ -229,6 +229,7 @@ def _writers(tmp_path: Path) -> dict[str, object]:
         "bench.json": lambda p: write_json({"ok": True}, p),
         "schedule.json": schedule.save,
         "samples.npz": lambda p: save_npz_atomic(p, x=np.zeros(2)),
+        "copied.safetensors": lambda p: writer.copy_atomic(ems, p),  # save_pretrained's
     }
 
 

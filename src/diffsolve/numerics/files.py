@@ -13,6 +13,7 @@ methods write where they are told.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ __all__ = [
     "TMP_MARK",
     "atomic_path",
     "atomic_temp",
+    "copy_atomic",
     "file_mode",
     "stale_temp_files",
     "write_atomic",
@@ -89,3 +91,9 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """:func:`write_atomic` of text (UTF-8)."""
     return write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def copy_atomic(source: str | Path, path: str | Path) -> Path:
+    """Copy the file ``source`` to ``path`` through :func:`write_atomic`."""
+    with open(source, "rb") as src:
+        return write_atomic(path, lambda f: shutil.copyfileobj(src, f))

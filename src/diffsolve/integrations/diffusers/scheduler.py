@@ -7,7 +7,6 @@ import contextlib
 import inspect
 import math
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
@@ -49,6 +48,7 @@ from diffsolve.integrations.diffusers.timesteps import (
     sibling_steps,
     solver_time,
 )
+from diffsolve.numerics.files import copy_atomic
 from diffsolve.ode import grids
 from diffsolve.ode.model import ModelWrapper, Prediction, normalize_prediction
 from diffsolve.ode.plan import Plan, Solver, State
@@ -897,7 +897,8 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
     ) -> None:
         """Save the config and copy each file it names (the statistics' ``<need>_path``, a
         solver schedule's file) next to it, stored as a path relative to the folder, so the
-        folder works on any machine."""
+        folder works on any machine (each copy written atomically,
+        :mod:`diffsolve.numerics.files`)."""
         folder = Path(save_directory)
         if folder.is_file():
             raise ValueError(f"save_pretrained: {folder} is a file, not a folder")
@@ -907,7 +908,7 @@ class DiffsolveScheduler(SchedulerMixin, ConfigMixin):
             source = self.config[key]
             target = folder / Path(source).name
             if Path(source).resolve() != target.resolve():
-                shutil.copyfile(source, target)
+                copy_atomic(source, target)
             saved[key] = target.name
         original = {k: self.config[k] for k in saved}
         self.register_to_config(**saved)
