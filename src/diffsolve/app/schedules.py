@@ -193,12 +193,14 @@ class TunedSolverSchedule:
 
     def describe(self) -> str:
         """The one line ``diffsolve sample`` says when it uses this schedule: the file's
-        held-out RMSE to the reference against the best step schedule of one solver."""
+        held-out RMSE to the reference against the best shipped configuration of one
+        solver (``fit["best_step_schedule"]``: its name)."""
         fit = self.schedule.fit
         tuned, best = fit.get("heldout_rmse"), fit.get("heldout_rmse_best_step_schedule")
         errors = ""
         if isinstance(tuned, (int, float)) and isinstance(best, (int, float)):
-            errors = f"held-out RMSE {tuned:.3g} vs {best:.3g} for the best step schedule; "
+            rival = fit.get("best_step_schedule") or "the best step schedule"
+            errors = f"held-out RMSE {tuned:.3g} vs {best:.3g} for {rival}; "
         jump = ", after a Gaussian teleport" if self.schedule.teleport else ""
         return (
             f"using the tuned solver schedule {self.where}{jump} ({self.schedule.nfe} NFE; "
