@@ -458,8 +458,9 @@ def search_solver_schedule(
     best = evolve(scorer, scored[first], proposer, config.proposals, report, config.margin)
     checker = Scorer(*_targets(teachers, "check"), context.ems, context.gaussian, config.metric)
     check, check_start = checker.score(best).score, checker.score(scored[first]).score
-    kept, method = (best, "search") if check <= check_start else (scored[first], "start")
-    if method == "start":
+    improved = best is not scored[first] and check <= check_start
+    kept, method = (best, "search") if improved else (scored[first], "start")
+    if method == "start" and best is not scored[first]:
         say("tune: the search lost to its start on the check seeds, keeping the start")
     fit = {
         "search_rmse": best.score,
