@@ -31,8 +31,12 @@ def main(path: str) -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for (model, nfe, seed), row in sorted(rows.items()):
-        shipped = [x for x in (row["best_step"], row["best_untuned"]) if x]
-        name, values = min(shipped, key=lambda kv: kv[1][0])  # step schedule or default grid
+        shipped = [
+            (f"{kv[0]} ({kind})", kv[1])
+            for kv, kind in ((row["best_step"], "tuned steps"), (row["best_untuned"], "default"))
+            if kv
+        ]
+        name, values = min(shipped, key=lambda kv: kv[1][0])
         ratio = row["rmse"] / values[0]
         median = row["median"] / values[1]
         cost = row["cost"]
