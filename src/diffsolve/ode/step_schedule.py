@@ -13,6 +13,7 @@ another model is refused with a one-line error, never silently applied.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,17 +73,14 @@ class StepSchedule:
     @classmethod
     def from_json(cls, text: str, source: str = "schedule file") -> StepSchedule:
         """Parse :meth:`to_json` output; a clear ``ValueError`` for anything else."""
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{source}: not JSON ({err.msg}, line {err.lineno})") from None
-        if isinstance(data, dict) and data.get("format") == "diffsolve-solver-schedule-1":
-            raise ValueError(
-                f"{source}: a solver schedule (a solver per step), not a step schedule; run "
-                f"it with --solver schedule:{source.removeprefix('schedule file ')}"
-            )
-        if not isinstance(data, dict) or data.pop("format", None) != SCHEDULE_FORMAT:
-            raise ValueError(f"{source}: not a diffsolve step schedule ({SCHEDULE_FORMAT})")
+        solver_schedule = (
+            "a solver schedule (a solver per step), not a step schedule; run it with "
+            f"--solver schedule:{source.removeprefix('schedule file ')}"
+        )
+        data = read_json_format(
+            text, source, SCHEDULE_FORMAT, "step schedule",
+            {"diffsolve-solver-schedule-1": solver_schedule},
+        )  # fmt: skip
         try:
             data["times"] = tuple(float(t) for t in data["times"])
             return cls(**data)
@@ -121,6 +119,25 @@ class StepSchedule:
         """The grid as a validated float64 tensor, after :meth:`check`."""
         self.check(schedule, fingerprint)
         return validate_grid(schedule, self.times)
+
+
+def read_json_format(
+    text: str, source: str, fmt: str, what: str, others: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """The fields (without ``format``) of a diffsolve JSON file of format ``fmt``; a
+    one-line ``ValueError`` naming ``source`` for anything else (``what``: the kind of file
+    expected; ``others``: a message per format of another kind of file)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{source}: not JSON ({err.msg}, line {err.lineno})") from None
+    found = data.get("format") if isinstance(data, dict) else None
+    if others and found in others:
+        raise ValueError(f"{source}: {others[found]}")
+    if found != fmt:
+        raise ValueError(f"{source}: not a diffsolve {what} ({fmt})")
+    data.pop("format")
+    return data
 
 
 def _process(config: dict[str, Any]) -> dict[str, Any]:

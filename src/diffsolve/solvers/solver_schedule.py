@@ -57,6 +57,7 @@ from diffsolve.ode.grids import validate_grid
 from diffsolve.ode.model import Denoiser
 from diffsolve.ode.plan import Solver, State
 from diffsolve.ode.schedule import NoiseSchedule, schedule_from_config
+from diffsolve.ode.step_schedule import read_json_format
 from diffsolve.solvers.dpm_solver import DPMSolver, ei_weights
 from diffsolve.solvers.dpm_solver_v3 import (
     DPMSolverV3,
@@ -513,14 +514,13 @@ class SolverSchedule:
     @classmethod
     def from_json(cls, text: str, source: str = "solver schedule") -> SolverSchedule:
         """Parse :meth:`to_json` output; a clear ``ValueError`` for anything else."""
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{source}: not JSON ({err.msg}, line {err.lineno})") from None
-        if not isinstance(data, dict) or data.pop("format", None) != SOLVER_SCHEDULE_FORMAT:
-            raise ValueError(
-                f"{source}: not a diffsolve solver schedule ({SOLVER_SCHEDULE_FORMAT})"
-            )
+        step_schedule = (
+            "a step schedule (one solver's times), not a solver schedule: use --schedule"
+        )
+        data = read_json_format(
+            text, source, SOLVER_SCHEDULE_FORMAT, "solver schedule",
+            {"diffsolve-step-schedule-1": step_schedule},
+        )  # fmt: skip
         try:
             return cls(**data)
         except (TypeError, KeyError, ValueError) as err:
