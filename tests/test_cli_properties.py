@@ -15,7 +15,7 @@ no file outside its ``--out``/``--json``/``--plot``/``--checkpoint`` (or their d
 created, changed or removed — in the working folder, the installed package (its ``.py``
 sources aside) and the model folders — and no file of the user's is replaced without
 ``--force``. ``DIFFSOLVE_PROPERTY_CASES`` sets the number of invocations (default 100; the
-recorded run in BENCHMARKS.md §16 used 10,000), ``DIFFSOLVE_PROPERTY_TIMEOUT`` the seconds
+recorded run in BENCHMARKS.md §17 used 10,000), ``DIFFSOLVE_PROPERTY_TIMEOUT`` the seconds
 per invocation (default 120), ``DIFFSOLVE_PROPERTY_REPORT`` a JSON file for the counts.
 """
 
